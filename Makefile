@@ -1,0 +1,30 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRITON_INTERPRET := 1
+
+.PHONY: install test demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch comes first, pinned, so pip takes the local CUDA build (it brings triton) instead of resolving a newer one
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e .[test,demo,viz]
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python examples/distill_python.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

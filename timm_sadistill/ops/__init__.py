@@ -1,0 +1,109 @@
+"""SA ops with a fused Triton path and a plain PyTorch fallback.
+
+Every op takes ``backend='auto' | 'triton' | 'torch'``. ``auto`` runs the Triton kernels for CUDA tensors
+when triton imports and PyTorch otherwise; ``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1``
+was set before triton was first imported (that is how CI checks the kernels).
+"""
+import functools
+import os
+from typing import Tuple
+
+import torch
+
+from . import reference
+
+__all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms', 'sa_loss', 'triton_available', 'BACKENDS']
+
+BACKENDS = ('auto', 'triton', 'torch')
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend '{backend}'; use one of {', '.join(BACKENDS)}.")
+    if backend == 'torch':
+        return False
+    if backend == 'auto':
+        return x.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'.")
+    if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        raise RuntimeError(
+            f"backend='triton' got a tensor on {x.device}; move it to CUDA, or set TRITON_INTERPRET=1 before "
+            "triton is first imported to run the kernels on the CPU, or use backend='torch'."
+        )
+    return True
+
+
+def _check_features(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor (float32, float16, bfloat16 or float64), got {x.dtype}.")
+
+
+def _check_pair(s: torch.Tensor, t: torch.Tensor) -> None:
+    _check_features('s', s)
+    _check_features('t', t)
+    if s.shape != t.shape:
+        raise ValueError(
+            f"s and t must have the same shape, got s {tuple(s.shape)} and t {tuple(t.shape)}; "
+            "project and resize the student features to the teacher's (a connector) first."
+        )
+    if s.device != t.device:
+        raise ValueError(f"s and t must be on the same device, got s on {s.device} and t on {t.device}.")
+
+
+def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W): mean_c |x|^p, L2-normalised over positions (float32)."""
+    _check_features('x', x)
+    if _use_triton(backend, x):
+        from . import sa_triton
+        return sa_triton.spatial_attention(x, p)
+    return reference.spatial_attention(x, p)
+
+
+def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, backend: str = 'auto') -> torch.Tensor:
+    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax(t_bc/tau) || softmax(s_bc/tau)) over H*W positions."""
+    _check_pair(s, t)
+    if _use_triton(backend, s):
+        from . import sa_triton
+        return sa_triton.spatial_kl(s, t, tau)
+    return reference.spatial_kl(s, t, tau)
+
+
+def sa_loss_terms(
+        s: torch.Tensor,
+        t: torch.Tensor,
+        tau: float = 4.0,
+        p: float = 2.0,
+        backend: str = 'auto',
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(L_dist, L_att) of one stage pair from one pass over s and t; t takes no gradient on the Triton path."""
+    _check_pair(s, t)
+    if _use_triton(backend, s):
+        from . import sa_triton
+        return sa_triton.sa_loss_terms(s, t, tau, p)
+    return reference.sa_loss_terms(s, t, tau, p)
+
+
+def sa_loss(
+        s: torch.Tensor,
+        t: torch.Tensor,
+        tau: float = 4.0,
+        p: float = 2.0,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        backend: str = 'auto',
+) -> torch.Tensor:
+    """Scalar alpha * L_dist + beta * L_att (DESIGN section 1, steps 2-4) for one stage pair."""
+    dist, att = sa_loss_terms(s, t, tau, p, backend=backend)
+    return alpha * dist + beta * att
