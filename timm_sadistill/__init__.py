@@ -1,0 +1,16 @@
+"""timm-sadistill: spatial-attention-map distillation (SA) and classic baselines for timm models."""
+from . import ops
+from .losses import ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss  # registers the losses
+from ._registry import create_distill_loss, get_distill_loss_class, list_distill_losses, register_distill_loss
+from ._features import FeatureTaps, StageInfo, list_stages, pair_stages
+from .tasks import DistillTask, SADistillTask, create_distill_task
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ops',
+    'DistillLoss', 'SADistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss',
+    'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
+    'FeatureTaps', 'StageInfo', 'list_stages', 'pair_stages',
+    'DistillTask', 'SADistillTask', 'create_distill_task',
+]

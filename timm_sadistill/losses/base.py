@@ -1,0 +1,64 @@
+"""The `DistillLoss` base class every distillation loss derives from."""
+from typing import ClassVar, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ['DistillLoss']
+
+
+class DistillLoss(nn.Module):
+    """Base of all distillation losses.
+
+    A loss is called with the five inputs below and returns a dict of named, already weighted scalar terms whose
+    sum is its loss. Its connectors (student -> teacher projections) are submodules built in ``__init__`` from
+    the channel counts, so they train with the student and are saved with the task.
+
+    ``forward(student_feats, teacher_feats, student_logits, teacher_logits, target=None)``:
+        student_feats: list of (B, Cs_k, Hs_k, Ws_k), one per distilled stage pair k.
+        teacher_feats: list of (B, Ct_k, Ht_k, Wt_k), same length.
+        student_logits, teacher_logits: (B, K).
+        target: (B,) class indices or (B, K) soft targets; only losses that need labels read it.
+
+    Class attributes:
+        stage_policy: which stage pairs ``auto`` gives this loss: ``'all'``, ``'last'``, ``'middle'`` or
+            ``'none'`` (logits only: no features are tapped at all).
+        loss_name: the registry name, set by `register_distill_loss`.
+    """
+    stage_policy: ClassVar[str] = 'all'
+    loss_name: ClassVar[str] = ''
+
+    def __init__(self, student_channels: Sequence[int] = (), teacher_channels: Sequence[int] = ()):
+        super().__init__()
+        if len(student_channels) != len(teacher_channels):
+            raise ValueError(
+                f"student_channels and teacher_channels must have one entry per stage pair, got "
+                f"{list(student_channels)} and {list(teacher_channels)}."
+            )
+        if self.stage_policy != 'none' and not student_channels:
+            raise ValueError(
+                f"{type(self).__name__} distils features: pass student_channels and teacher_channels, one per "
+                "stage pair (a task fills them in from its stage taps)."
+            )
+        self.student_channels: List[int] = [int(c) for c in student_channels]
+        self.teacher_channels: List[int] = [int(c) for c in teacher_channels]
+
+    def check_features(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> None:
+        """Raise a clear error when the features do not match the channels this loss was built for."""
+        got_s = [f.shape[1] for f in student_feats]
+        got_t = [f.shape[1] for f in teacher_feats]
+        if got_s != self.student_channels or got_t != self.teacher_channels:
+            raise ValueError(
+                f"{type(self).__name__} was built for student channels {self.student_channels} and teacher channels "
+                f"{self.teacher_channels}, got features with {got_s} and {got_t}."
+            )
+
+    def forward(
+            self,
+            student_feats: Sequence[torch.Tensor],
+            teacher_feats: Sequence[torch.Tensor],
+            student_logits: torch.Tensor,
+            teacher_logits: torch.Tensor,
+            target: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError

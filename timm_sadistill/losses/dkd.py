@@ -1,0 +1,58 @@
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022)."""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._registry import register_distill_loss
+from .base import DistillLoss
+
+__all__ = ['DKDLoss']
+
+_MASK_LOGIT = 1000.0  # subtracted from the target logit to take it out of the non-target softmax, as the authors do
+
+
+@register_distill_loss('dkd')
+class DKDLoss(DistillLoss):
+    """DKD: ``alpha * TCKD + beta * NCKD`` on (B, K) logits with labels y (B,).
+
+    TCKD = tau^2 * KL([p^T_y, 1 - p^T_y] || [p^S_y, 1 - p^S_y]) (binary target vs rest, batch mean);
+    NCKD = tau^2 * KL(p^T_{k != y} || p^S_{k != y}) over the non-target classes renormalised (batch mean),
+    with p = softmax(logits / tau). Soft (B, K) targets (mixup/cutmix) use their argmax as y. The authors'
+    linear warm-up of the loss weight over the first epochs is left to the training schedule.
+
+    Reference: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (defaults alpha 1, beta 8, tau 4).
+    Terms: ``{'dkd_tckd', 'dkd_nckd'}``. Needs ``target``.
+    """
+    stage_policy = 'none'
+
+    def __init__(
+            self,
+            student_channels: Sequence[int] = (),
+            teacher_channels: Sequence[int] = (),
+            alpha: float = 1.0,
+            beta: float = 8.0,
+            temperature: float = 4.0,
+    ):
+        super().__init__(student_channels, teacher_channels)
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+
+    def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
+                target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if target is None:
+            raise ValueError("DKD needs the labels: pass target=(B,) class indices (the task passes its target).")
+        labels = target.argmax(dim=-1) if target.dim() == 2 else target
+        tau = self.temperature
+        s = student_logits.float() / tau
+        t = teacher_logits.float() / tau
+        gt = F.one_hot(labels.long(), s.shape[-1]).bool()
+        p_s, p_t = s.softmax(-1), t.softmax(-1)
+        binary_s = torch.stack([(p_s * gt).sum(-1), (p_s * ~gt).sum(-1)], dim=-1)
+        binary_t = torch.stack([(p_t * gt).sum(-1), (p_t * ~gt).sum(-1)], dim=-1)
+        tckd = F.kl_div(binary_s.clamp_min(1e-12).log(), binary_t, reduction='batchmean') * tau ** 2
+        log_q_s = F.log_softmax(s - _MASK_LOGIT * gt, dim=-1)
+        log_q_t = F.log_softmax(t - _MASK_LOGIT * gt, dim=-1)
+        nckd = F.kl_div(log_q_s, log_q_t, reduction='batchmean', log_target=True) * tau ** 2
+        return {'dkd_tckd': self.alpha * tckd, 'dkd_nckd': self.beta * nckd}

@@ -1,0 +1,42 @@
+"""Logit knowledge distillation (Hinton, Vinyals & Dean 2015)."""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._registry import register_distill_loss
+from .base import DistillLoss
+
+__all__ = ['KDLoss', 'kd_divergence']
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), mean over the batch; logits (B, K), math in float32."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * temperature ** 2
+
+
+@register_distill_loss('kd')
+class KDLoss(DistillLoss):
+    """KD: ``weight * tau^2 * KL(softmax(t/tau) || softmax(s/tau))`` on (B, K) logits, batch mean.
+
+    Reference: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
+    Terms: ``{'kd'}``. Uses logits only (no stage taps).
+    """
+    stage_policy = 'none'
+
+    def __init__(
+            self,
+            student_channels: Sequence[int] = (),
+            teacher_channels: Sequence[int] = (),
+            temperature: float = 4.0,
+            weight: float = 1.0,
+    ):
+        super().__init__(student_channels, teacher_channels)
+        self.temperature = temperature
+        self.weight = weight
+
+    def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
+                target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        return {'kd': self.weight * kd_divergence(student_logits, teacher_logits, self.temperature)}

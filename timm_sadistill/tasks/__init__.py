@@ -1,0 +1,5 @@
+from .distill import DistillTask, DistillTrainableModule, resolve_loss_weights, resolve_teacher
+from .sa import SADistillTask
+from .factory import create_distill_task
+
+__all__ = ['DistillTask', 'DistillTrainableModule', 'SADistillTask', 'create_distill_task', 'resolve_loss_weights', 'resolve_teacher']

@@ -1,0 +1,312 @@
+"""`DistillTask`: feature and logit distillation as a `timm.task.TrainingTask`."""
+import logging
+import os
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.task import DistillationTeacher, TrainingTask
+from timm.utils.model import unwrap_model
+
+from .._features import FeatureTaps, StagesArg, pair_stages
+from .._registry import create_distill_loss, get_distill_loss_class
+from ..losses.base import DistillLoss
+
+try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
+    from timm.task.classification import resolve_classification_loss
+except ImportError:  # pragma: no cover - older timm
+    resolve_classification_loss = None
+
+__all__ = ['DistillTask', 'DistillTrainableModule', 'resolve_teacher', 'resolve_loss_weights']
+
+_logger = logging.getLogger(__name__)
+
+
+class DistillTrainableModule(nn.Module):
+    """Everything that trains: the student (inside its stage taps) and the loss with its connectors.
+
+    The distillation loss runs inside ``forward`` so that DDP, ``torch.compile`` and EMA see one module that owns
+    every trainable parameter, as timm's ``FeatureDistillationTrainableModule`` does.
+    """
+
+    def __init__(self, student_taps: FeatureTaps, distill_loss: DistillLoss):
+        super().__init__()
+        self.student_taps = student_taps
+        self.distill_loss = distill_loss
+
+    @property
+    def student(self) -> nn.Module:
+        return self.student_taps.model
+
+    def no_weight_decay(self):
+        student = unwrap_model(self.student)
+        if not hasattr(student, 'no_weight_decay'):
+            return set()
+        return {'student_taps.model.' + name for name in student.no_weight_decay()}
+
+    def forward(
+            self,
+            input: torch.Tensor,
+            teacher_feats: Sequence[torch.Tensor],
+            teacher_logits: torch.Tensor,
+            target: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """-> (student logits (B, K), the loss's weighted terms)."""
+        logits, feats = self.student_taps(input)
+        return logits, self.distill_loss(feats, teacher_feats, logits, teacher_logits, target)
+
+
+def resolve_loss_weights(
+        distill_loss_weight: Optional[float],
+        task_loss_weight: Optional[float],
+) -> Tuple[float, float]:
+    """(task weight, distill weight) by timm's rules: a distill weight alone keeps the task weight at 1, a task
+    weight alone makes the distill weight 1 - task weight, neither gives 1 and 1."""
+    if distill_loss_weight is not None:
+        return (1.0 if task_loss_weight is None else task_loss_weight), distill_loss_weight
+    if task_loss_weight is not None:
+        return task_loss_weight, 1.0 - task_loss_weight
+    return 1.0, 1.0
+
+
+def resolve_teacher(
+        teacher: Union[str, nn.Module, DistillationTeacher],
+        student: nn.Module,
+        pretrained_path: Optional[str] = None,
+        pretrained: bool = False,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> DistillationTeacher:
+    """A frozen `DistillationTeacher` from a model name, a module or a teacher.
+
+    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint); only ``pretrained=True``
+    lets timm fetch them from the hub. The number of classes and input channels follow the student.
+    """
+    if isinstance(teacher, DistillationTeacher):
+        resolved = teacher
+    elif isinstance(teacher, str):
+        if pretrained_path:
+            if not os.path.isfile(pretrained_path):
+                raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
+                                        f"teacher's .safetensors or .pth file.")
+        elif not pretrained:
+            raise ValueError(
+                f"Teacher '{teacher}' is given by name without weights: pass teacher_pretrained_path=<checkpoint> "
+                "(safetensors or timm .pth), or teacher_pretrained=True to download its weights from the hub."
+            )
+        base = unwrap_model(student)
+        try:
+            resolved = DistillationTeacher(
+                teacher, num_classes=base.num_classes, in_chans=getattr(base, 'in_chans', 3),
+                pretrained_path=pretrained_path, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                device=device, dtype=dtype,
+            )
+        except RuntimeError as e:
+            if not pretrained_path:
+                raise
+            raise ValueError(
+                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {base.num_classes} classes; "
+                f"check --teacher / the student's num_classes. Details: {str(e).splitlines()[0]}"
+            ) from e
+    elif isinstance(teacher, nn.Module):
+        resolved = DistillationTeacher(teacher, device=device, dtype=dtype)
+    else:
+        raise TypeError(f"teacher must be a model name, an nn.Module or a DistillationTeacher, got {type(teacher).__name__}.")
+    resolved.eval()
+    resolved.requires_grad_(False)
+    return resolved
+
+
+class DistillTask(TrainingTask):
+    """Distil a frozen teacher into a student with any registered distillation loss.
+
+    ``out = task(x, y)`` returns ``{'loss', 'output', 'task_loss', 'kd_loss', <each term of the loss>}`` with
+    ``kd_loss`` the sum of the loss's terms and ``loss = task_loss_weight * task_loss + distill_loss_weight * kd_loss``.
+
+    The teacher stays frozen (eval mode through ``train()``, no gradients); its input is renormalised when the two
+    models' mean/std differ. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
+    from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
+
+    Args:
+        student_model: the timm model to train.
+        teacher_model: a model name (weights from ``teacher_pretrained_path``), an nn.Module or a DistillationTeacher.
+        loss: registered loss name (``tsd.list_distill_losses()``) or a built `DistillLoss`.
+        criterion, criterion_kwargs: the task loss, as in timm's tasks (cross-entropy by default).
+        teacher_pretrained_path: checkpoint for a teacher given by name.
+        teacher_pretrained: allow a teacher given by name to load weights from the hub.
+        teacher_pretrained_cfg_overlay: timm pretrained cfg overrides for a teacher given by name.
+        distill_loss_weight, task_loss_weight: weights, with timm's rules (`resolve_loss_weights`).
+        temperature: logit temperature for losses that have one (None keeps the loss's default).
+        student_stages, teacher_stages: stages to distil: ``'auto'``, names, indices or submodule paths.
+        img_size: input size for ``'auto'`` pairing (default: the student's).
+        device, dtype, verbose: as in timm's tasks.
+        **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``).
+    """
+
+    def __init__(
+            self,
+            student_model: nn.Module,
+            teacher_model: Union[str, nn.Module, DistillationTeacher],
+            loss: Union[str, DistillLoss] = 'sa',
+            criterion: Optional[nn.Module] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            teacher_pretrained_path: Optional[str] = None,
+            teacher_pretrained: bool = False,
+            teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+            distill_loss_weight: Optional[float] = None,
+            task_loss_weight: Optional[float] = None,
+            temperature: Optional[float] = None,
+            student_stages: StagesArg = 'auto',
+            teacher_stages: StagesArg = 'auto',
+            img_size: Optional[Union[int, Sequence[int]]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+            **loss_kwargs,
+    ):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.teacher = resolve_teacher(
+            teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
+            teacher_pretrained_cfg_overlay, self.device, self.dtype,
+        )
+        if criterion is None and resolve_classification_loss is not None:
+            criterion = resolve_classification_loss(None, self.device, criterion_kwargs=criterion_kwargs)
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
+
+        policy = loss.stage_policy if isinstance(loss, DistillLoss) else get_distill_loss_class(loss).stage_policy
+        s_stages, t_stages = pair_stages(
+            student_model, self.teacher.model, student_stages, teacher_stages, img_size=img_size, policy=policy,
+        )
+        student_taps = FeatureTaps(student_model, s_stages, img_size=img_size)
+        # The teacher's weights are registered once, under self.teacher; its taps only read them.
+        object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=img_size))
+        if isinstance(loss, str):
+            if temperature is not None:
+                loss_kwargs['temperature'] = temperature
+            loss = create_distill_loss(
+                loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels, **loss_kwargs,
+            )
+        elif loss_kwargs or temperature is not None:
+            raise TypeError("Loss options go to create_distill_loss; a built loss takes none here.")
+        self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device))
+
+        base = unwrap_model(student_model)
+        cfg = getattr(base, 'pretrained_cfg', None) or {}
+        mean = cfg.get('mean', (0.485, 0.456, 0.406))
+        std = cfg.get('std', (0.229, 0.224, 0.225))
+        self.register_buffer('student_mean', torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('student_std', torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
+
+        if self.verbose:
+            pairs = ', '.join(f'{s.name}->{t.name}' for s, t in zip(student_taps.stages, self.teacher_taps.stages))
+            _logger.info(
+                f"{type(self).__name__}: loss={type(loss).__name__}, stages [{pairs or 'logits only'}], "
+                f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}"
+            )
+
+    @property
+    def distill_loss(self) -> DistillLoss:
+        return unwrap_model(self.trainable_module).distill_loss
+
+    @property
+    def student_stages(self):
+        return unwrap_model(self.trainable_module).student_taps.stages
+
+    @property
+    def teacher_stages(self):
+        return self.teacher_taps.stages
+
+    def train(self, mode: bool = True) -> 'DistillTask':
+        """Set the training mode; the teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'DistillTask':
+        """Wrap student and connectors in DDP; the frozen teacher stays unwrapped."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self.teacher.requires_grad_(False)
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the student eval path, the trainable module and the teacher's taps; returns the eval model."""
+        trainable = unwrap_model(self.trainable_module)
+        self.eval_model = torch.compile(trainable.student, backend=backend, mode=mode, **compile_kwargs)
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        object.__setattr__(self, 'teacher_taps', torch.compile(self.teacher_taps, backend=backend, mode=mode, **compile_kwargs))
+        return self.eval_model
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """The bare student (through DDP, compile and EMA wrappers), or the compiled eval model."""
+        resolved = super().get_eval_model(module=module, ema=ema)
+        current = resolved
+        while current is not None:
+            if isinstance(current, DistillTrainableModule):
+                return current.student
+            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
+        return resolved
+
+    def _loss_of(self, module: Optional[nn.Module], ema: bool) -> Optional[DistillLoss]:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        if module is None:
+            return None
+        current = module
+        while not isinstance(current, DistillTrainableModule):
+            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
+            if current is None:
+                raise RuntimeError(f"{type(module).__name__} holds no DistillTrainableModule.")
+        return current.distill_loss
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The loss's connectors (and any other loss state): ``{'distill_loss': state_dict}``."""
+        loss = self._loss_of(module, ema)
+        if loss is None:
+            return {}
+        state = loss.state_dict()
+        return {'distill_loss': state} if state else {}
+
+    def load_task_state(
+            self,
+            state: Optional[Dict[str, Any]],
+            strict: bool = True,
+            module: Optional[nn.Module] = None,
+            ema: bool = False,
+    ) -> None:
+        loss = self._loss_of(module, ema)
+        if loss is None:
+            raise RuntimeError("Cannot load EMA task state before setup_ema()." if ema else "No trainable module.")
+        loss_state = (state or {}).get('distill_loss')
+        if loss_state is None:
+            if strict and any(True for _ in loss.state_dict()):
+                raise RuntimeError(
+                    f"The checkpoint has no connector state for {type(loss).__name__}; load it with strict=False "
+                    "to start the connectors afresh."
+                )
+            return
+        loss.load_state_dict(loss_state, strict=strict)
+
+    def get_clip_parameters(self, exclude_head: bool = False) -> Iterable[nn.Parameter]:
+        trainable = unwrap_model(self.trainable_module)
+        parameters = list(trainable.student.parameters())
+        if exclude_head:
+            parameters = parameters[:-2]
+        return parameters + list(trainable.distill_loss.parameters())
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """input (B, C, H, W), target (B,) or (B, K) -> {'loss', 'output', 'task_loss', 'kd_loss', terms...}."""
+        with torch.no_grad():
+            teacher_input = self.teacher.normalize_input(input, self.student_mean, self.student_std)
+            teacher_logits, teacher_feats = self.teacher_taps(teacher_input)
+        logits, terms = self.trainable_module(input, teacher_feats, teacher_logits, target)
+        task_loss = self.criterion(logits, target)
+        kd_loss = torch.stack([v.float() for v in terms.values()]).sum()
+        return {
+            'loss': self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss,
+            'output': logits,
+            'task_loss': task_loss,
+            'kd_loss': kd_loss,
+            **terms,
+        }
