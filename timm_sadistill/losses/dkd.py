@@ -9,8 +9,6 @@ from .base import DistillLoss
 
 __all__ = ['DKDLoss']
 
-_MASK_LOGIT = 1000.0  # subtracted from the target logit to take it out of the non-target softmax, as the authors do
-
 
 @register_distill_loss('dkd')
 class DKDLoss(DistillLoss):
@@ -52,7 +50,9 @@ class DKDLoss(DistillLoss):
         binary_s = torch.stack([(p_s * gt).sum(-1), (p_s * ~gt).sum(-1)], dim=-1)
         binary_t = torch.stack([(p_t * gt).sum(-1), (p_t * ~gt).sum(-1)], dim=-1)
         tckd = F.kl_div(binary_s.clamp_min(1e-12).log(), binary_t, reduction='batchmean') * tau ** 2
-        log_q_s = F.log_softmax(s - _MASK_LOGIT * gt, dim=-1)
-        log_q_t = F.log_softmax(t - _MASK_LOGIT * gt, dim=-1)
-        nckd = F.kl_div(log_q_s, log_q_t, reduction='batchmean', log_target=True) * tau ** 2
+        # The authors subtract 1000 from the target logit; masking it out exactly avoids float32 cancellation.
+        log_q_s = s.masked_fill(gt, float('-inf')).log_softmax(dim=-1)
+        log_q_t = t.masked_fill(gt, float('-inf')).log_softmax(dim=-1)
+        log_ratio = torch.where(gt, torch.zeros_like(log_q_t), log_q_t - log_q_s)
+        nckd = (log_q_t.exp() * log_ratio).sum(-1).mean() * tau ** 2
         return {'dkd_tckd': self.alpha * tckd, 'dkd_nckd': self.beta * nckd}
