@@ -211,7 +211,7 @@ class FeatureTaps(nn.Module):
         base.eval()  # a probe must not move BatchNorm running statistics
         try:
             with torch.no_grad():
-                _, feats = self._forward_hooks(base, probe, paths)
+                _, feats = self._run_with_hooks(base, probe, paths)
         finally:
             base.train(was_training)
         found = {
@@ -233,7 +233,7 @@ class FeatureTaps(nn.Module):
             f"sequence; pick another stage ({_valid_names_message(self.model)})."
         )
 
-    def _forward_hooks(self, runner: nn.Module, x: torch.Tensor, paths: List[str]):
+    def _run_with_hooks(self, runner: nn.Module, x: torch.Tensor, paths: List[str]):
         modules = dict(unwrap_model(self.model).named_modules())
         captured: Dict[str, torch.Tensor] = {}
 
@@ -257,7 +257,7 @@ class FeatureTaps(nn.Module):
         if not self.stages:
             return self.model(x), []
         if self.use_hooks:
-            return self._forward_hooks(self.model, x, self.names)
+            return self._run_with_hooks(self.model, x, self.names)
         base = unwrap_model(self.model)
         indices = sorted({s.index for s in self.stages})
         final, intermediates = base.forward_intermediates(x, indices=indices, output_fmt='NCHW')
