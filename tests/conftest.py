@@ -34,13 +34,13 @@ def pattern_data():
     return make_pattern_images()
 
 
-def train_steps(task_or_model, images, labels, steps: int, lr: float = 0.05, batch_size: int = 16, seed: int = 0):
-    """Plain SGD steps over shuffled mini-batches; returns the list of result dicts (detached floats)."""
+def train_steps(task_or_model, images, labels, steps: int, lr: float = 1e-3, batch_size: int = 16, seed: int = 0):
+    """AdamW steps over shuffled mini-batches; returns the list of result dicts (detached floats)."""
     from timm_sadistill import DistillTask
     torch.manual_seed(seed)
     is_task = isinstance(task_or_model, DistillTask)
     module = task_or_model.trainable_module if is_task else task_or_model
-    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     task_or_model.train()
     history = []
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +55,7 @@ def train_steps(task_or_model, images, labels, steps: int, lr: float = 0.05, bat
         opt.zero_grad()
         out['loss'].backward()
         opt.step()
-        history.append({k: float(v) for k, v in out.items() if k != 'output'})
+        history.append({k: float(v.detach()) for k, v in out.items() if k != 'output'})
     return history
 
 
@@ -68,7 +68,7 @@ def trained_teachers(pattern_data):
     for name in ('resnet18', 'test_convnext'):
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=4)
-        train_steps(model, images, labels, steps=30, lr=0.02)
+        train_steps(model, images, labels, steps=30, lr=3e-3)
         model.eval()
         teachers[name] = model
     return teachers
