@@ -1,0 +1,40 @@
+"""Every example runs as is; the wheel holds the package and the console script."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / 'examples').glob('*.py'))
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    return env
+
+
+@pytest.mark.parametrize('example', EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_example_runs(example):
+    args = ['--steps', '12'] if example.name == 'distill_python.py' else []
+    proc = subprocess.run([sys.executable, str(example), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'step' in proc.stdout and 'Traceback' not in proc.stderr
+
+
+def test_wheel_holds_package_and_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--quiet', '-w', str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel, = tmp_path.glob('timm_sadistill-*.whl')
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith('entry_points.txt'))
+    for module in ('__init__.py', '_features.py', '_registry.py', 'losses/sa.py', 'tasks/distill.py', 'ops/reference.py'):
+        assert f'timm_sadistill/{module}' in names
+    assert not any(n.startswith(('tests/', 'examples/', 'benchmarks/')) for n in names)
+    assert 'timm-sadistill = timm_sadistill.cli:main' in entry_points

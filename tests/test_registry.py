@@ -1,0 +1,47 @@
+"""The loss registry, as timm's model registry."""
+import pytest
+import torch
+
+import timm_sadistill as tsd
+
+
+def test_builtin_losses_are_registered():
+    assert tsd.list_distill_losses() == ['at', 'cwd', 'dkd', 'fitnet', 'kd', 'sa']
+    assert tsd.get_distill_loss_class('sa') is tsd.SADistillLoss
+    assert isinstance(tsd.create_distill_loss('sa', student_channels=[64, 128], teacher_channels=[256, 512], tau=4.0),
+                      tsd.SADistillLoss)
+
+
+def test_third_party_loss_registers_and_duplicates_are_refused():
+    @tsd.register_distill_loss('test_logit_l2')
+    class LogitL2(tsd.DistillLoss):
+        stage_policy = 'none'
+
+        def forward(self, student_feats, teacher_feats, student_logits, teacher_logits, target=None):
+            return {'logit_l2': (student_logits - teacher_logits).pow(2).mean()}
+
+    try:
+        assert 'test_logit_l2' in tsd.list_distill_losses()
+        loss = tsd.create_distill_loss('test_logit_l2')
+        terms = loss([], [], torch.ones(2, 3), torch.zeros(2, 3))
+        assert float(terms['logit_l2']) == 1.0
+        with pytest.raises(ValueError, match=r"'test_logit_l2' is already registered by .*LogitL2; pick another name"):
+            tsd.register_distill_loss('test_logit_l2')(LogitL2)
+        with pytest.raises(ValueError, match="'sa' is already registered"):
+            tsd.register_distill_loss('sa')(LogitL2)
+    finally:
+        from timm_sadistill import _registry
+        _registry._LOSSES.pop('test_logit_l2', None)
+
+
+def test_unknown_names_and_bad_classes_are_clear_errors():
+    with pytest.raises(ValueError, match="Unknown distillation loss 'nope'; registered: at, cwd, dkd, fitnet, kd, sa"):
+        tsd.create_distill_loss('nope')
+    with pytest.raises(TypeError, match='DistillLoss subclasses'):
+        tsd.register_distill_loss('plain')(torch.nn.MSELoss)
+    with pytest.raises(ValueError, match='non-empty string'):
+        tsd.register_distill_loss('')
+    with pytest.raises(ValueError, match="Unknown connector 'mlp'; use one of bottleneck, conv1x1, identity, regressor"):
+        tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], connector='mlp')
+    with pytest.raises(ValueError, match="Unknown AT mode"):
+        tsd.create_distill_loss('at', student_channels=[4], teacher_channels=[8], mode='fancy')
