@@ -3,7 +3,7 @@ from . import ops
 from .losses import ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss  # registers the losses
 from ._registry import create_distill_loss, get_distill_loss_class, list_distill_losses, register_distill_loss
 from ._features import FeatureTaps, StageInfo, list_stages, pair_stages
-from .tasks import DistillTask, SADistillTask, create_distill_task
+from .tasks import DistillTask, NonFiniteLossError, SADistillTask, create_distill_task, guard_finite_loss
 
 __version__ = '0.1.0'
 
@@ -12,5 +12,5 @@ __all__ = [
     'DistillLoss', 'SADistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
     'FeatureTaps', 'StageInfo', 'list_stages', 'pair_stages',
-    'DistillTask', 'SADistillTask', 'create_distill_task',
+    'DistillTask', 'SADistillTask', 'create_distill_task', 'NonFiniteLossError', 'guard_finite_loss',
 ]

@@ -1,0 +1,79 @@
+"""Half precision, non-finite features and determinism of the library's tasks."""
+import pytest
+import timm
+import torch
+
+import timm_sadistill as tsd
+from conftest import train_steps
+
+METHODS = ['sa', 'kd', 'at', 'fitnet', 'cwd', 'dkd']
+
+
+@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+@pytest.mark.parametrize('method', METHODS)
+def test_autocast_training_is_finite(method, amp_dtype, pattern_data):
+    images, labels = pattern_data
+    torch.manual_seed(0)
+    student = timm.create_model('test_resnet', num_classes=4)
+    teacher = timm.create_model('test_convnext', num_classes=4)
+    task = tsd.create_distill_task(method, student, teacher, img_size=64, verbose=False)
+    optimizer = torch.optim.AdamW(task.trainable_module.parameters(), lr=1e-3)
+    task.train()
+    for step in range(3):
+        x, y = images[step * 8:(step + 1) * 8], labels[step * 8:(step + 1) * 8]
+        with torch.autocast('cpu', dtype=amp_dtype):
+            out = task(x, y)
+        assert all(torch.isfinite(v).all() for k, v in out.items()), {k: v for k, v in out.items() if k != 'output'}
+        assert out['kd_loss'].dtype == torch.float32
+        optimizer.zero_grad()
+        out['loss'].backward()
+        assert all(torch.isfinite(p.grad).all() for p in task.trainable_module.parameters() if p.grad is not None)
+        optimizer.step()
+
+
+def _poisoned_task():
+    torch.manual_seed(0)
+    student = timm.create_model('test_resnet', num_classes=4)
+    teacher = timm.create_model('resnet18', num_classes=4)
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)
+    # an inf in the teacher's layer2 output: what an fp16 overflow looks like
+    teacher.layer2.register_forward_hook(lambda m, i, o: o.index_fill(1, torch.tensor([0]), float('inf')))
+    return task
+
+
+def test_nonfinite_teacher_stage_is_named(pattern_data):
+    images, labels = pattern_data
+    task = _poisoned_task()
+    x, y = images[:4], labels[:4]
+    out = task(x, y)
+    with pytest.raises(tsd.NonFiniteLossError, match=r"teacher stage 'layer2' \(4, 128, 8, 8\): .*inf.*--skip-nonfinite"):
+        tsd.guard_finite_loss(task, out, x, y)
+
+
+def test_nonfinite_step_is_skipped_with_a_warning(pattern_data, caplog):
+    images, labels = pattern_data
+    task = _poisoned_task()
+    x, y = images[:4], labels[:4]
+    with caplog.at_level('WARNING'):
+        assert tsd.guard_finite_loss(task, task(x, y), x, y, skip=True) is False
+    assert "teacher stage 'layer2'" in caplog.text and 'Skipping this step' in caplog.text
+
+
+def test_finite_loss_passes_the_guard_without_diagnosis(pattern_data, monkeypatch):
+    images, labels = pattern_data
+    task = tsd.create_distill_task('kd', timm.create_model('test_resnet', num_classes=4),
+                                   timm.create_model('resnet18', num_classes=4), verbose=False)
+    monkeypatch.setattr(tsd.tasks.nonfinite, 'diagnose_nonfinite', lambda *a: pytest.fail('diagnosed a finite loss'))
+    assert tsd.guard_finite_loss(task, task(images[:4], labels[:4]), images[:4], labels[:4])
+
+
+def test_same_seed_same_losses(pattern_data):
+    images, labels = pattern_data
+
+    def run():
+        torch.manual_seed(123)
+        task = tsd.create_distill_task('sa', timm.create_model('test_resnet', num_classes=4),
+                                       timm.create_model('resnet18', num_classes=4), img_size=64, verbose=False)
+        return train_steps(task, images, labels, steps=3)
+
+    assert run() == run()

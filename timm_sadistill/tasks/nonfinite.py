@@ -1,0 +1,69 @@
+"""Non-finite losses: a check on the scalar loss each step, and a diagnosis that names the culprit after a failure.
+
+The per-step check reads one scalar, so it costs nothing measurable; only when it fails does `diagnose_nonfinite`
+run the forward again to find the first tensor (input, a teacher or student stage, logits, a loss term) that
+holds NaN or inf.
+"""
+import logging
+from typing import Dict, List
+
+import torch
+
+__all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'guard_finite_loss']
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss is NaN or inf; the message names the tensors that are."""
+
+
+def _describe(name: str, x: torch.Tensor) -> str:
+    x = x.detach()
+    return f"{name} {tuple(x.shape)}: {int(torch.isnan(x).sum())} NaN, {int(torch.isinf(x).sum())} inf"
+
+
+@torch.no_grad()
+def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[str]:
+    """Re-run ``task`` on the batch and list every non-finite tensor along the way, in forward order.
+
+    Works for `DistillTask` (input, teacher stages and logits, student stages and logits, each loss term) and for
+    any timm task (input, output and every term of its result).
+    """
+    from .distill import DistillTask
+    found = []
+    if not torch.isfinite(input).all():
+        found.append(_describe('input', input))
+    if isinstance(task, DistillTask):
+        teacher_input = task.teacher.normalize_input(input, task.student_mean, task.student_std)
+        teacher_logits, teacher_feats = task.teacher_taps(teacher_input)
+        for stage, feat in zip(task.teacher_stages, teacher_feats):
+            if not torch.isfinite(feat).all():
+                found.append(_describe(f"teacher stage '{stage.name}'", feat))
+        if not torch.isfinite(teacher_logits).all():
+            found.append(_describe('teacher logits', teacher_logits))
+        trainable = task.get_trainable_module()
+        student_taps = getattr(trainable, 'module', trainable).student_taps
+        logits, feats = student_taps(input)
+        for stage, feat in zip(task.student_stages, feats):
+            if not torch.isfinite(feat).all():
+                found.append(_describe(f"student stage '{stage.name}'", feat))
+    result: Dict[str, torch.Tensor] = task(input, target)
+    for key, value in result.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            found.append(_describe('student logits' if key == 'output' else f"loss term '{key}'", value))
+    return found
+
+
+def guard_finite_loss(task, result: Dict[str, torch.Tensor], input: torch.Tensor, target: torch.Tensor,
+                      skip: bool = False) -> bool:
+    """True when ``result['loss']`` is finite. Otherwise name the culprits, then warn and return False (``skip``,
+    the caller drops the step) or raise `NonFiniteLossError`."""
+    if torch.isfinite(result['loss'].detach()):
+        return True
+    culprits = diagnose_nonfinite(task, input, target) or ['loss (no single tensor is non-finite: check the weights)']
+    message = 'Non-finite training loss; ' + '; '.join(culprits)
+    if skip:
+        _logger.warning(message + '. Skipping this step (--skip-nonfinite).')
+        return False
+    raise NonFiniteLossError(message + '. Lower the learning rate, use bf16 instead of fp16, or pass --skip-nonfinite.')
