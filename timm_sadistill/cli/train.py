@@ -349,7 +349,7 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     sa_options = {option: getattr(args, flag) for flag, option in SA_OPTIONS.items() if getattr(args, flag) is not None}
     if sa_options and args.distill != 'sa':
         flags = ', '.join('--' + flag.replace('_', '-') for flag, option in SA_OPTIONS.items() if option in sa_options)
-        raise UsageError(f"{flags} only apply to --distill sa (got --distill {args.distill}); drop them or use sa.")
+        raise UsageError(f"{flags}: SA options, but the method is --distill {args.distill}; drop them or use --distill sa.")
     return dict(
         teacher_pretrained_path=args.teacher_checkpoint,
         teacher_pretrained=args.teacher_pretrained,
@@ -371,6 +371,9 @@ def _check_distill_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
     if not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
+    if not args.teacher_checkpoint and not args.teacher_pretrained:
+        raise UsageError(f"Teacher '{args.teacher}' has no weights: pass --teacher-checkpoint FILE (.safetensors or timm "
+                         ".pth), or --teacher-pretrained to download them from the hub.")
     if args.kd_temperature is not None and not loss_accepts(args.distill, 'temperature'):
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
 
