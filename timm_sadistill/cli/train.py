@@ -746,8 +746,9 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+        # pass broadcast_buffers only to turn it off: newer torch warns whenever it is given
+        ddp_kwargs = {'broadcast_buffers': False} if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
 
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
     decreasing_metric = eval_metric == 'loss'
