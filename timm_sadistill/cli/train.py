@@ -42,7 +42,7 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 from .._registry import get_distill_loss_class, list_distill_losses
 from ..losses.connectors import list_connectors
 from ..tasks import create_distill_task
-from .checkpoint import AtomicCheckpointSaver, atomic_write, save_safetensors_atomic
+from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
 from .errors import UsageError
 from .progress import ProgressBar
 
@@ -765,9 +765,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         )
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
-        with atomic_write(os.path.join(output_dir, 'args.yaml')) as tmp_path:
-            with open(tmp_path, 'w') as f:
-                f.write(args_text)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
