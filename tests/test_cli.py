@@ -76,8 +76,9 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='module')
 def teacher_run(workdir) -> Path:
-    """A teacher trained with the same tool (--distill none): its output folder."""
-    result = run_cli(['train', '--data-dir', 'data', '--model', TEACHER, '--distill', 'none', '--epochs', '1',
+    """A teacher trained with the same tool (--distill none), one flag set by a -c YAML: its output folder."""
+    (workdir / 'teacher.yaml').write_text('hflip: 0.25\nepochs: 1\n')
+    result = run_cli(['train', '-c', 'teacher.yaml', '--data-dir', 'data', '--model', TEACHER, '--distill', 'none',
                       '--output', 'out', '--experiment', 'teacher'] + COMMON_FLAGS, workdir)
     check_ok(result)
     return workdir / 'out' / 'teacher'
@@ -100,6 +101,9 @@ def test_teacher_run_writes_timm_output_folder(teacher_run):
 
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'model.safetensors'):
         assert (teacher_run / name).is_file(), name
+    import yaml
+
+    assert yaml.safe_load((teacher_run / 'args.yaml').read_text())['hflip'] == 0.25  # from the -c config file
     rows = read_summary(teacher_run)
     assert [r['epoch'] for r in rows] == ['0']
     assert {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'} <= set(rows[0])

@@ -334,10 +334,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
 
 
 def loss_accepts(name: str, option: str) -> bool:
-    """Whether the task or loss registered as ``name`` takes keyword ``option`` (e.g. 'temperature')."""
-    from ..tasks.factory import _TASK_CLASSES
-    cls = _TASK_CLASSES.get(name, get_distill_loss_class(name))
-    return option in inspect.signature(cls.__init__).parameters
+    """Whether the loss registered as ``name`` takes keyword ``option`` (e.g. 'temperature')."""
+    return option in inspect.signature(get_distill_loss_class(name).__init__).parameters
 
 
 def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
