@@ -7,6 +7,7 @@ import importlib
 import sys
 from typing import List, Optional
 
+from ..tasks.nonfinite import NonFiniteLossError
 from .errors import UsageError
 
 __all__ = ['main', 'UsageError', 'SUBCOMMANDS']
@@ -19,7 +20,7 @@ SUBCOMMANDS = {
 
 # Errors that mean "the user asked for something that cannot work" (the library raises these with messages that
 # name the problem and the fix); anything else is a bug and keeps its traceback.
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, TypeError)
+USER_ERRORS = (UsageError, NonFiniteLossError, ValueError, FileNotFoundError, TypeError)
 
 
 def _usage() -> str:

@@ -41,7 +41,7 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._registry import get_distill_loss_class, list_distill_losses
 from ..losses.connectors import list_connectors
-from ..tasks import create_distill_task
+from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
 from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
 from .errors import UsageError
 from .progress import ProgressBar
@@ -58,10 +58,6 @@ DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 # --sa-* flag -> SADistillTask option
 SA_OPTIONS = {'sa_tau': 'tau', 'sa_p': 'p', 'sa_alpha': 'alpha', 'sa_beta': 'beta', 'sa_kd_weight': 'kd_weight',
               'sa_connector': 'connector'}
-
-
-class NonFiniteLossError(UsageError):
-    """The training loss became NaN or infinite (and --skip-nonfinite was not given)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,7 +532,8 @@ def train_one_epoch(
             loss = result['loss']
             terms = _scalar_terms(result)
             if not _all_ranks_finite(loss, args):
-                bad = ', '.join(k for k, v in terms.items() if not torch.isfinite(v)) or 'loss'
+                # the check above reads one scalar; only now is the culprit (stage, tensor, term) looked for
+                bad = describe_nonfinite(task, input, target)
                 if not args.skip_nonfinite:
                     raise NonFiniteLossError(
                         f"Non-finite loss at epoch {epoch}, batch {batch_idx}: {bad}. Lower --lr, check the data, "

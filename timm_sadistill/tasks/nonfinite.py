@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import torch
 
-__all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'guard_finite_loss']
+__all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'describe_nonfinite', 'guard_finite_loss']
 
 _logger = logging.getLogger(__name__)
 
@@ -55,14 +55,21 @@ def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[
     return found
 
 
+def describe_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> str:
+    """`diagnose_nonfinite` as one line for an error message."""
+    culprits = diagnose_nonfinite(task, input, target)
+    if not culprits:
+        return 'no tensor of this batch is non-finite in this process (another rank, or the weighted sum overflowed)'
+    return '; '.join(culprits)
+
+
 def guard_finite_loss(task, result: Dict[str, torch.Tensor], input: torch.Tensor, target: torch.Tensor,
                       skip: bool = False) -> bool:
     """True when ``result['loss']`` is finite. Otherwise name the culprits, then warn and return False (``skip``,
     the caller drops the step) or raise `NonFiniteLossError`."""
     if torch.isfinite(result['loss'].detach()):
         return True
-    culprits = diagnose_nonfinite(task, input, target) or ['loss (no single tensor is non-finite: check the weights)']
-    message = 'Non-finite training loss; ' + '; '.join(culprits)
+    message = 'Non-finite training loss; ' + describe_nonfinite(task, input, target)
     if skip:
         _logger.warning(message + '. Skipping this step (--skip-nonfinite).')
         return False
