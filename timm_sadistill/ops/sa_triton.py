@@ -26,7 +26,8 @@ t.requires_grad). x of `spatial_attention` does get one.
 Strides are passed to the kernels, so NCHW and channels-last inputs are read in place; only a layout in
 which the H*W positions are not one stride apart is copied to contiguous first.
 """
-from typing import NamedTuple, Optional, Tuple
+import contextlib
+from typing import ContextManager, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -239,6 +240,11 @@ def _flat(x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     return x, (x.stride(0), x.stride(1), x.stride(3))
 
 
+def _on_device_of(x: torch.Tensor) -> ContextManager:
+    # Triton launches on the current CUDA device, which need not be the one holding the tensors
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(c: int, n: int, strides: Tuple[int, int, int]) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_N) with the tile's long side along the contiguous dimension, so loads coalesce."""
     channels_last = strides[1] < strides[2]
@@ -273,24 +279,24 @@ def _forward(s: torch.Tensor, t: Optional[torch.Tensor], tau: float, p: float, d
     kl = torch.empty(bsz, n_cblk, **f32) if pair else None
     part_s = torch.empty(bsz, n_cblk, n, **f32) if do_att else None
     part_t = torch.empty(bsz, n_cblk, n, **f32) if do_att and pair else None
-    _sa_fwd_kernel[(bsz, n_cblk)](
-        s, t, lse_s, lse_t, kl, part_s, part_t,
-        c, n, *s_strides, *t_strides,
-        1.0 / tau, float(p), tau * tau / (bsz * c),
-        PAIR=pair, DO_ATT=do_att, P_IS_TWO=p == 2,
-        BLOCK_C=block_c, BLOCK_N=block_n,
-    )
-    if not do_att:
-        return _Stats(lse_s, lse_t, kl, None, None, None)
-    map_s = torch.empty(bsz, n, **f32)
-    map_t = torch.empty(bsz, n, **f32) if pair else None
-    norm_s = None if pair else torch.empty(bsz, **f32)
-    att = torch.empty(bsz, **f32) if pair else None
-    _attention_finish_kernel[(bsz,)](
-        part_s, part_t, map_s, map_t, norm_s, att,
-        n_cblk, n, 1.0 / c, 1.0 / bsz, _NORM_EPS,
-        PAIR=pair, BLOCK_N=min(triton.next_power_of_2(n), 1024),
-    )
+    map_s = torch.empty(bsz, n, **f32) if do_att else None
+    map_t = torch.empty(bsz, n, **f32) if do_att and pair else None
+    norm_s = torch.empty(bsz, **f32) if do_att and not pair else None
+    att = torch.empty(bsz, **f32) if do_att and pair else None
+    with _on_device_of(s):
+        _sa_fwd_kernel[(bsz, n_cblk)](
+            s, t, lse_s, lse_t, kl, part_s, part_t,
+            c, n, *s_strides, *t_strides,
+            1.0 / tau, float(p), tau * tau / (bsz * c),
+            PAIR=pair, DO_ATT=do_att, P_IS_TWO=p == 2,
+            BLOCK_C=block_c, BLOCK_N=block_n,
+        )
+        if do_att:
+            _attention_finish_kernel[(bsz,)](
+                part_s, part_t, map_s, map_t, norm_s, att,
+                n_cblk, n, 1.0 / c, 1.0 / bsz, _NORM_EPS,
+                PAIR=pair, BLOCK_N=min(triton.next_power_of_2(n), 1024),
+            )
     return _Stats(lse_s, lse_t, kl, map_s, norm_s, att)
 
 
@@ -306,13 +312,14 @@ def _backward(
     ds = torch.empty_like(s)
     _, d_strides = _flat(ds)
     block_c, block_n = _blocks(c, n, s_strides)
-    _sa_bwd_kernel[(bsz, triton.cdiv(c, block_c), triton.cdiv(n, block_n))](
-        s, t, ds, lse_s, lse_t, g_dist, w,
-        c, n, *s_strides, *t_strides, *d_strides,
-        1.0 / tau, float(p), tau / (bsz * c),
-        DO_KL=g_dist is not None, DO_ATT=w is not None, P_IS_TWO=p == 2,
-        BLOCK_C=block_c, BLOCK_N=block_n,
-    )
+    with _on_device_of(s):
+        _sa_bwd_kernel[(bsz, triton.cdiv(c, block_c), triton.cdiv(n, block_n))](
+            s, t, ds, lse_s, lse_t, g_dist, w,
+            c, n, *s_strides, *t_strides, *d_strides,
+            1.0 / tau, float(p), tau / (bsz * c),
+            DO_KL=g_dist is not None, DO_ATT=w is not None, P_IS_TWO=p == 2,
+            BLOCK_C=block_c, BLOCK_N=block_n,
+        )
     return ds
 
 
