@@ -46,17 +46,21 @@ _TILE = 2048
 def _abs_pow(x, p, P_IS_TWO: tl.constexpr):
     # p == 2, the default, is exact and skips the exp2/log2 pair
     if P_IS_TWO:
-        return x * x
-    return tl.exp2(p * tl.log2(tl.abs(x)))
+        y = x * x
+    else:
+        y = tl.exp2(p * tl.log2(tl.abs(x)))
+    return y
 
 
 @triton.jit
 def _abs_pow_grad(x, p, P_IS_TWO: tl.constexpr):
     if P_IS_TWO:
-        return 2.0 * x
-    # subgradient 0 at x == 0, where sign(x) is 0 and |x|^(p-1) may be inf or nan
-    mag = p * tl.exp2((p - 1.0) * tl.log2(tl.abs(x)))
-    return tl.where(x > 0.0, mag, tl.where(x < 0.0, -mag, 0.0))
+        y = 2.0 * x
+    else:
+        # subgradient 0 at x == 0, where sign(x) is 0 and |x|^(p-1) may be inf or nan
+        mag = p * tl.exp2((p - 1.0) * tl.log2(tl.abs(x)))
+        y = tl.where(x > 0.0, mag, tl.where(x < 0.0, -mag, 0.0))
+    return y
 
 
 @triton.jit
