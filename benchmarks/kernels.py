@@ -20,16 +20,18 @@ import torch
 from timm_sadistill import ops
 from timm_sadistill.ops import reference
 
-# (C, H, W) of ResNet-50 stages 2-4 and of a ViT-B/16 token grid, at 224 px
+# (C, H, W, channels_last) of ResNet-50 stages 2-4 (NCHW) and of a ViT-B/16 token grid at 224 px: its (B, N, C)
+# tokens viewed as (B, C, H, W) without a copy are channels-last
 GPU_SHAPES = {
-    'resnet50 stage 2': (512, 28, 28),
-    'resnet50 stage 3': (1024, 14, 14),
-    'resnet50 stage 4': (2048, 7, 7),
-    'vit-b/16 grid': (768, 14, 14),
+    'resnet50 stage 2': (512, 28, 28, False),
+    'resnet50 stage 3': (1024, 14, 14, False),
+    'resnet50 stage 4': (2048, 7, 7, False),
+    'vit-b/16 tokens': (768, 14, 14, True),
 }
 CPU_SHAPES = {
-    'resnet50 stage 2 (C/8)': (64, 28, 28),
-    'resnet50 stage 4 (C/8)': (256, 7, 7),
+    'resnet50 stage 2 (C/8)': (64, 28, 28, False),
+    'resnet50 stage 4 (C/8)': (256, 7, 7, False),
+    'vit-b/16 tokens (C/8)': (96, 14, 14, True),
 }
 # HBM peak in GB/s, matched against torch.cuda.get_device_name()
 PEAK_GBS = {'H200': 4800.0, 'H100': 3350.0}
@@ -148,10 +150,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     emit(*header)
     for bsz in batches:
-        for stage, (c, h, w) in shapes.items():
+        for stage, (c, h, w, channels_last) in shapes.items():
             g = torch.Generator(device=device).manual_seed(0)
-            s = torch.randn(bsz, c, h, w, generator=g, device=device).to(dtype).requires_grad_()
-            t = torch.randn(bsz, c, h, w, generator=g, device=device).to(dtype)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            s, t = (torch.randn(bsz, c, h, w, generator=g, device=device).to(dtype, memory_format=layout)
+                    for _ in range(2))
+            s.requires_grad_()
             moved = 5 * s.numel() * s.element_size()
             eager_ms = eager_mib = None
             for name, fn in impls.items():
@@ -160,8 +164,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                 if name == 'eager':
                     eager_ms, eager_mib = ms, mib
                 gbs = moved / ms / 1e6 if cuda else None
+                shape = f'({bsz}, {c}, {h}, {w})' + (' NHWC' if channels_last else '')
                 row = [
-                    f'({bsz}, {c}, {h}, {w})', stage, name, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
+                    shape, stage, name, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
                     _fmt(mib, '.0f'), _fmt(mib / eager_mib if mib is not None and eager_mib else None, '.2f'),
                     _fmt(gbs, '.0f'), _fmt(gbs / peak * 100 if gbs is not None and peak else None, '.0f'),
                 ]

@@ -89,7 +89,8 @@ def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') ->
 
 
 def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, backend: str = 'auto') -> torch.Tensor:
-    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax(t_bc/tau) || softmax(s_bc/tau)) over H*W positions."""
+    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax(t_bc/tau) || softmax(s_bc/tau)) over H*W positions; t takes no
+    gradient on the Triton path."""
     _check_pair(s, t)
     _check_positive(tau=tau)
     if _use_triton(backend, s, t):

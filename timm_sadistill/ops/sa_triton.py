@@ -10,8 +10,8 @@ rows of one sample and walks the N positions in BLOCK_N tiles, so
     registers until the row is done, and
   * the column sums of |x|^p over the program's BLOCK_C channels go to a (B, ceil(C / BLOCK_C), N) float32
     partial buffer that `_attention_finish_kernel` (grid (B,)) sums in a fixed order. That keeps the result
-    deterministic, unlike atomics, for an extra write + read of 4 / (BLOCK_C * itemsize) of the input reads
-    (3 % for bfloat16 channels-last, 6 % for bfloat16 NCHW).
+    deterministic, unlike atomics, at the cost of writing and reading back 4 bytes per BLOCK_C input
+    elements: 4 / (BLOCK_C * itemsize) of the input bytes (3 % for bfloat16 channels-last, 6 % for NCHW).
 The finishing kernel turns the channel means into the normalised maps, L_att and dL_att/dA^s, all (B, N).
 
 Backward: `_sa_bwd_kernel`, grid (B, ceil(C / BLOCK_C), ceil(N / BLOCK_N)); every tile is independent. It
@@ -23,8 +23,10 @@ where A^s_b(i) = mean_c |s_{b,c,i}|^p is the map before normalisation. Saved for
 The teacher t takes no gradient here (it is a distillation target; the backward returns None for it, even if
 t.requires_grad). x of `spatial_attention` does get one.
 
-Strides are passed to the kernels, so NCHW and channels-last inputs are read in place; only a layout in
-which the H*W positions are not one stride apart is copied to contiguous first.
+Strides are passed to the kernels, so NCHW and channels-last inputs (a ViT's (B, N, C) tokens viewed as
+(B, C, H, W) are channels-last) are read in place; only a layout in which the H*W positions are not one stride
+apart is copied to contiguous first. Block sizes are fixed heuristics (`_blocks`), not autotuned: autotuning
+does not run under the interpreter, and the partial buffer's shape depends on BLOCK_C.
 """
 import contextlib
 from typing import ContextManager, NamedTuple, Optional, Tuple
@@ -37,8 +39,8 @@ __all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms']
 
 # F.normalize's default: the smallest norm an attention map is divided by
 _NORM_EPS = 1e-12
-# elements per (BLOCK_C, BLOCK_N) tile: with two inputs in float32 that is 32 registers each per thread
-# at 4 warps, which leaves room for the softmax state
+# elements per (BLOCK_C, BLOCK_N) tile: 16 float32 values per thread and input at the default 4 warps,
+# which leaves registers for the softmax state and lets several programs share an SM
 _TILE = 2048
 
 
@@ -397,7 +399,9 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tens
     return SpatialKLFunction.apply(s, t.detach(), tau)
 
 
-def sa_loss_terms(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def sa_loss_terms(
+        s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L_dist, L_att), two float32 scalars, from one read of s and t (forward) and one of s, t plus a write of
     ds (backward); t takes no gradient."""
     return SALossTermsFunction.apply(s, t.detach(), tau, p)
