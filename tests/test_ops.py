@@ -118,6 +118,19 @@ def test_sa_loss_terms_mixed_and_copied_layouts():
         _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
 
 
+def test_sa_loss_terms_mixed_dtypes():
+    """A bfloat16 student (autocast) against a float32 teacher: each input is read in its own dtype."""
+    s, t = _features((2, 6, 5, 7))
+    s_tri, s_ref = _leaf(s, torch.bfloat16), _leaf(s.bfloat16(), torch.float32)
+    dist, att = ops.sa_loss_terms(s_tri, t, backend='triton')
+    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t)
+    torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
+    torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
+    (dist + att).backward()
+    (dist_ref + att_ref).backward()
+    _assert_grad_close(s_tri.grad, s_ref.grad, torch.bfloat16)
+
+
 @pytest.mark.parametrize('shape', SHAPES + [(1, 2, 112, 112)])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_spatial_attention_matches_reference(shape, dtype):

@@ -34,6 +34,7 @@ from typing import ContextManager, NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms']
 
@@ -340,6 +341,7 @@ class SpatialAttentionFunction(torch.autograd.Function):
         return fwd.map_s
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no backward of their own
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
         x, a, norm = ctx.saved_tensors
         # (B, N) work: dL/dA = (g - a (a . g)) / max(||A||, eps), no projection below eps (F.normalize's clamp)
@@ -360,6 +362,7 @@ class SpatialKLFunction(torch.autograd.Function):
         return fwd.kl.sum()
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no backward of their own
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         s, t, lse_s, lse_t = ctx.saved_tensors
         return _backward(s, t, lse_s, lse_t, grad, None, ctx.tau, 2.0), None, None
@@ -381,6 +384,7 @@ class SALossTermsFunction(torch.autograd.Function):
         return fwd.kl.sum(), fwd.att.sum()
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no backward of their own
     def backward(ctx, g_dist: Optional[torch.Tensor], g_att: Optional[torch.Tensor]):
         s, t, lse_s, lse_t, w = ctx.saved_tensors
         if g_dist is None and g_att is None:
