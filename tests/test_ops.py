@@ -19,7 +19,7 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 SHAPES = [
     (3, 5, 7, 9),  # odd sizes, masked tails on both axes
-    (2, 70, 3, 3),  # several channel blocks
+    (2, 70, 11, 13),  # several channel blocks and position blocks in both layouts
     (2, 1, 6, 5),  # C = 1
     (2, 3, 1, 1),  # 1x1 maps
 ]
