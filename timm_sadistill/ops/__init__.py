@@ -15,6 +15,8 @@ from . import reference
 __all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms', 'sa_loss', 'triton_available', 'BACKENDS']
 
 BACKENDS = ('auto', 'triton', 'torch')
+# what the Triton kernels read; float64 (gradcheck) stays on the reference
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,13 +28,19 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
+def _use_triton(backend: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'; use one of {', '.join(BACKENDS)}.")
     if backend == 'torch':
         return False
     if backend == 'auto':
-        return x.is_cuda and triton_available()
+        return x.is_cuda and all(y.dtype in TRITON_DTYPES for y in (x, *others)) and triton_available()
+    for y in (x, *others):
+        if y.dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' supports {', '.join(str(d) for d in TRITON_DTYPES)}, got {y.dtype}; "
+                "use backend='torch' for it."
+            )
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'.")
     if not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
@@ -48,6 +56,14 @@ def _check_features(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor (float32, float16, bfloat16 or float64), got {x.dtype}.")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}.")
+
+
+def _check_positive(**params: float) -> None:
+    for name, value in params.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}.")
 
 
 def _check_pair(s: torch.Tensor, t: torch.Tensor) -> None:
@@ -65,6 +81,7 @@ def _check_pair(s: torch.Tensor, t: torch.Tensor) -> None:
 def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W): mean_c |x|^p, L2-normalised over positions (float32)."""
     _check_features('x', x)
+    _check_positive(p=p)
     if _use_triton(backend, x):
         from . import sa_triton
         return sa_triton.spatial_attention(x, p)
@@ -72,9 +89,11 @@ def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') ->
 
 
 def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, backend: str = 'auto') -> torch.Tensor:
-    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax(t_bc/tau) || softmax(s_bc/tau)) over H*W positions."""
+    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax(t_bc/tau) || softmax(s_bc/tau)) over H*W positions; t takes no
+    gradient on the Triton path."""
     _check_pair(s, t)
-    if _use_triton(backend, s):
+    _check_positive(tau=tau)
+    if _use_triton(backend, s, t):
         from . import sa_triton
         return sa_triton.spatial_kl(s, t, tau)
     return reference.spatial_kl(s, t, tau)
@@ -89,7 +108,8 @@ def sa_loss_terms(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L_dist, L_att) of one stage pair from one pass over s and t; t takes no gradient on the Triton path."""
     _check_pair(s, t)
-    if _use_triton(backend, s):
+    _check_positive(tau=tau, p=p)
+    if _use_triton(backend, s, t):
         from . import sa_triton
         return sa_triton.sa_loss_terms(s, t, tau, p)
     return reference.sa_loss_terms(s, t, tau, p)

@@ -1,0 +1,183 @@
+"""Forward + backward time and peak memory of one SA stage loss (L_dist + L_att), per implementation.
+
+Rows: the eager PyTorch reference, `torch.compile` of it, and the fused Triton ops (GPU only), each timed in the
+same run so the ratios to eager compare like with like. On a GPU it also reports the achieved bandwidth over
+the bytes that have to move (forward reads s and t; backward reads s and t and writes ds: 5 * B*C*H*W *
+itemsize) as a fraction of the device peak.
+
+    python benchmarks/kernels.py [--small] [--batch 64 256] [--peak-gbs 4800] [--out results.md]
+
+On a CPU it runs small shapes (eager vs compiled) and says that the Triton rows need a GPU.
+"""
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from timm_sadistill import ops
+from timm_sadistill.ops import reference
+
+# (C, H, W, channels_last) of ResNet-50 stages 2-4 (NCHW) and of a ViT-B/16 token grid at 224 px: its (B, N, C)
+# tokens viewed as (B, C, H, W) without a copy are channels-last
+GPU_SHAPES = {
+    'resnet50 stage 2': (512, 28, 28, False),
+    'resnet50 stage 3': (1024, 14, 14, False),
+    'resnet50 stage 4': (2048, 7, 7, False),
+    'vit-b/16 tokens': (768, 14, 14, True),
+}
+CPU_SHAPES = {
+    'resnet50 stage 2 (C/8)': (64, 28, 28, False),
+    'resnet50 stage 4 (C/8)': (256, 7, 7, False),
+    'vit-b/16 tokens (C/8)': (96, 14, 14, True),
+}
+# HBM peak in GB/s, matched against torch.cuda.get_device_name()
+PEAK_GBS = {'H200': 4800.0, 'H100': 3350.0}
+
+Step = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _fwd_bwd(fn: Step, s: torch.Tensor, t: torch.Tensor) -> None:
+    # a fresh .grad each time, so the timing has no gradient accumulation in it
+    s.grad = None
+    dist, att = fn(s, t)
+    (dist + att).backward()
+
+
+def _time_ms(fn: Step, s: torch.Tensor, t: torch.Tensor, warmup: int, iters: int) -> float:
+    """Median of `iters` timed steps: robust to a busy machine and to the odd allocator or clock hiccup."""
+    for _ in range(warmup):
+        _fwd_bwd(fn, s, t)
+    times = []
+    for _ in range(iters):
+        if s.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _fwd_bwd(fn, s, t)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            _fwd_bwd(fn, s, t)
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mib(fn: Step, s: torch.Tensor, t: torch.Tensor) -> Optional[float]:
+    """Peak memory one step allocates on top of what was already allocated (the inputs), in MiB."""
+    if not s.is_cuda:
+        return None
+    s.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _fwd_bwd(fn, s, t)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def _peak_gbs(arg: Optional[float]) -> Optional[float]:
+    if arg is not None:
+        return arg
+    name = torch.cuda.get_device_name()
+    return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return 'n/a' if value is None else format(value, spec)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--small', action='store_true', help='small CPU-sized shapes (automatic without a GPU)')
+    parser.add_argument('--batch', type=int, nargs='+', help='batch sizes (default 64 256 on GPU, 4 with --small)')
+    parser.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'],
+                        help='feature dtype (default bfloat16 on GPU, float32 on CPU)')
+    parser.add_argument('--tau', type=float, default=4.0)
+    parser.add_argument('--p', type=float, default=2.0)
+    parser.add_argument('--iters', type=int, help='timed iterations, median reported (default 20 on GPU, 10 on CPU)')
+    parser.add_argument('--peak-gbs', type=float, help=f'device peak bandwidth in GB/s (default by name: {PEAK_GBS})')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='CPU threads (default 1: OpenMP on a small or shared machine is mostly noise)')
+    parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
+    parser.add_argument('--out', help='also write the markdown table to this file')
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device('cuda' if cuda else 'cpu')
+    small = args.small or not cuda
+    shapes = CPU_SHAPES if small else GPU_SHAPES
+    batches = args.batch or ([4] if small else [64, 256])
+    dtype = getattr(torch, args.dtype or ('bfloat16' if cuda else 'float32'))
+    iters = args.iters or (20 if cuda else 10)
+    peak = _peak_gbs(args.peak_gbs) if cuda else None
+    tau, p = args.tau, args.p
+    if not cuda:
+        torch.set_num_threads(args.threads)
+
+    impls: Dict[str, Step] = {'eager': lambda s, t: reference.sa_loss_terms(s, t, tau, p)}
+    if cuda:
+        impls['triton'] = lambda s, t: ops.sa_loss_terms(s, t, tau, p, backend='triton')
+    if not args.no_compile:
+        # last, so its compile time cannot hold up the other rows; one graph per shape (no dynamic-shape
+        # kernels), so each row gets the kernel it would in training
+        impls['torch.compile'] = torch.compile(lambda s, t: reference.sa_loss_terms(s, t, tau, p), dynamic=False)
+
+    env = f'{torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"}, torch {torch.__version__}'
+    try:
+        import triton
+        env += f', triton {triton.__version__}'
+    except ImportError:
+        pass
+    header = [
+        f'# SA stage loss (L_dist + L_att), forward + backward, {dtype} ({env})',
+        '',
+        '| shape (B, C, H, W) | stage | impl | ms | speedup vs eager | peak extra MiB | memory vs eager '
+        '| GB/s | % of peak |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    # rows go out as they are measured, to stdout and --out, so a run cut short still leaves its table
+    out = open(args.out, 'w') if args.out else None
+
+    def emit(*lines: str) -> None:
+        for stream in (sys.stdout, out):
+            if stream is not None:
+                stream.write(''.join(line + '\n' for line in lines))
+                stream.flush()
+
+    emit(*header)
+    for bsz in batches:
+        for stage, (c, h, w, channels_last) in shapes.items():
+            g = torch.Generator(device=device).manual_seed(0)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            s, t = (torch.randn(bsz, c, h, w, generator=g, device=device).to(dtype, memory_format=layout)
+                    for _ in range(2))
+            s.requires_grad_()
+            moved = 5 * s.numel() * s.element_size()
+            eager_ms = eager_mib = None
+            for name, fn in impls.items():
+                ms = _time_ms(fn, s, t, warmup=3, iters=iters)
+                mib = _peak_mib(fn, s, t)
+                if name == 'eager':
+                    eager_ms, eager_mib = ms, mib
+                gbs = moved / ms / 1e6 if cuda else None
+                shape = f'({bsz}, {c}, {h}, {w})' + (' NHWC' if channels_last else '')
+                row = [
+                    shape, stage, name, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
+                    _fmt(mib, '.0f'), _fmt(mib / eager_mib if mib is not None and eager_mib else None, '.2f'),
+                    _fmt(gbs, '.0f'), _fmt(gbs / peak * 100 if gbs is not None and peak else None, '.0f'),
+                ]
+                emit('| ' + ' | '.join(row) + ' |')
+            del s, t
+    if not cuda:
+        emit('', 'The Triton rows need a CUDA GPU; on a CPU the kernels only run (slowly) in the interpreter, '
+                 'which says nothing about their speed. Memory is n/a on CPU.')
+    if out is not None:
+        out.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
