@@ -1,6 +1,7 @@
 import os
 
-# Before anything imports triton (timm does): run the kernels on the CPU, and never reach the hub.
+# Before anything imports triton (timm does): run the kernels on the CPU (a GPU run sets TRITON_INTERPRET=0
+# explicitly), and never reach the hub.
 os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
