@@ -279,3 +279,93 @@ def test_timm_train_runs_the_real_timm_train_py(workdir, teacher_run, tmp_path):
     check_ok(result)
     checkpoint = torch.load(tmp_path / 'real' / 'last.pth.tar', map_location='cpu', weights_only=False)
     assert 'distill_loss' in checkpoint['task_state']  # only our task carries connector state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Robustness: kills, corrupted files, bad data folders, determinism
+
+
+def _file_digests(folder: Path) -> Dict[str, str]:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_run_killed_during_an_epoch_resumes_from_the_last_complete_checkpoint(workdir, tmp_path):
+    output = tmp_path / 'out'
+    flags = ['train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--epochs', '3', '--output', str(output),
+             '--experiment', 'killed'] + COMMON_FLAGS
+    process = subprocess.Popen([sys.executable, '-m', 'timm_sadistill'] + flags, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = output / 'killed'
+    try:
+        deadline = time.monotonic() + 240
+        # epoch 0 is saved: the run is now inside epoch 1
+        while not ((folder / 'last.pth.tar').exists() and (folder / 'model_best.pth.tar').exists()):
+            assert process.poll() is None and time.monotonic() < deadline, 'epoch 0 never finished'
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    best_before = torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)
+    result = run_cli(flags + ['--resume', str(folder / 'last.pth.tar')], tmp_path)
+    check_ok(result)
+    assert [r['epoch'] for r in read_summary(folder)] == ['0', '1', '2']
+    assert torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)['epoch'] == 2
+    assert best_before['epoch'] in (0, 1)
+    torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)
+
+
+def test_corrupted_checkpoints_are_clear_errors_and_nothing_is_overwritten(workdir, teacher_run, tmp_path):
+    import shutil
+
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path / 'out' / 'teacher'
+    shutil.copytree(teacher_run, folder)
+    data = (folder / 'last.pth.tar').read_bytes()
+    (folder / 'last.pth.tar').write_bytes(data[:len(data) // 2])
+    before = _file_digests(folder)
+    resume = run_cli(['train', '--data-dir', str(workdir / 'data'), '--model', TEACHER, '--epochs', '2',
+                      '--output', str(tmp_path / 'out'), '--experiment', 'teacher',
+                      '--resume', str(folder / 'last.pth.tar')] + COMMON_FLAGS, tmp_path)
+    assert resume.returncode == 2 and 'Traceback' not in resume.stderr
+    assert 'cannot be read: it is truncated or not a checkpoint' in resume.stderr
+    assert _file_digests(folder) == before
+
+    weights = (teacher_run / 'model.safetensors').read_bytes()
+    (tmp_path / 'truncated.safetensors').write_bytes(weights[:len(weights) // 3])
+    save_file(timm.create_model(STUDENT, num_classes=NUM_CLASSES).state_dict(), str(tmp_path / 'other_arch.safetensors'))
+    for checkpoint, expected in (('truncated.safetensors', 'cannot be read'), ('other_arch.safetensors', 'does not fit')):
+        result = run_cli(['train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--distill', 'sa',
+                          '--teacher', TEACHER, '--teacher-checkpoint', str(tmp_path / checkpoint), '--epochs', '1',
+                          '--output', str(tmp_path / 'out'), '--experiment', 'student'] + COMMON_FLAGS, tmp_path)
+        assert result.returncode == 2 and expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert not (tmp_path / 'out' / 'student').exists()
+
+
+@pytest.mark.parametrize('problem,expected', [
+    ('stray file', "notes.txt' is not an image"),
+    ('empty class', "has no images; add images or remove the folder"),
+])
+def test_bad_data_folders_are_clear_errors(problem, expected, tmp_path):
+    data = write_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
+    if problem == 'stray file':
+        (data / 'train' / 'class1' / 'notes.txt').write_text('not an image')
+    else:
+        (data / 'validation' / 'class9').mkdir()
+    result = run_cli(['train', '--data-dir', str(data), '--model', STUDENT, '--epochs', '1',
+                      '--output', str(tmp_path / 'out')] + COMMON_FLAGS, tmp_path)
+    assert result.returncode == 2 and expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
+
+
+def test_same_seed_gives_the_same_losses(workdir, teacher_run, tmp_path):
+    runs = []
+    for name in ('a', 'b'):
+        result = run_cli(['train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--distill', 'sa',
+                          '--teacher', TEACHER, '--teacher-checkpoint', str(teacher_run / 'model.safetensors'),
+                          '--epochs', '2', '--seed', '7', '--output', str(tmp_path), '--experiment', name] + COMMON_FLAGS,
+                         tmp_path)
+        check_ok(result)
+        runs.append([{k: v for k, v in row.items() if k != 'lr'} for row in read_summary(tmp_path / name)])
+    assert runs[0] == runs[1] and len(runs[0]) == 2

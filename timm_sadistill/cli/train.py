@@ -32,6 +32,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from timm import utils
 from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -39,6 +40,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
+from .._checkpoint import check_checkpoint_readable
 from .._registry import get_distill_loss_class, list_distill_losses
 from ..losses.connectors import list_connectors
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
@@ -392,6 +394,30 @@ def _check_images(dataset, rank: int, world_size: int) -> None:
             raise UsageError(f"Cannot decode image '{path}' ({type(e).__name__}); remove or replace the file.") from e
 
 
+def _check_class_folders(split_root: str) -> None:
+    """Each class folder holds at least one image and nothing that is not one (hidden files aside).
+
+    timm's folder reader derives the classes from the files it finds, so an empty class folder silently shifts the
+    class indices and a stray file is silently ignored; both deserve a stop with the path instead.
+    """
+    image_exts = get_img_extensions(as_set=True)
+    for class_name in sorted(os.listdir(split_root)):
+        class_dir = os.path.join(split_root, class_name)
+        if not os.path.isdir(class_dir):
+            continue
+        images = 0
+        for dirpath, _, filenames in os.walk(class_dir):
+            for name in filenames:
+                if name.startswith('.'):
+                    continue
+                if os.path.splitext(name)[1].lower() not in image_exts:
+                    raise UsageError(f"'{os.path.join(dirpath, name)}' is not an image ({', '.join(sorted(image_exts))}); "
+                                     "move it out of the data folder.")
+                images += 1
+        if not images:
+            raise UsageError(f"Class folder '{class_dir}' has no images; add images or remove the folder.")
+
+
 def _create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]):
     if args.data and not args.data_dir:
         args.data_dir = args.data
@@ -400,6 +426,10 @@ def _create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]):
             raise UsageError("No data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders).")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
+        for split in filter(None, (args.train_split, args.val_split)):
+            split_root = os.path.join(args.data_dir, split)
+            if os.path.isdir(split_root):
+                _check_class_folders(split_root)
     input_img_mode = 'RGB' if data_config['input_size'][0] == 3 else 'L'
     common = dict(root=args.data_dir, class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
     dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed, **common)
@@ -694,6 +724,9 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     utils.random_seed(args.seed, args.rank)
 
+    for flag, path in (('--initial-checkpoint', args.initial_checkpoint), ('--resume', args.resume)):
+        if path:  # before anything is created or written: a bad file must not cost the output folder
+            check_checkpoint_readable(path, f'{flag} checkpoint')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     model = create_model(
         args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,

@@ -8,6 +8,7 @@ import torch.nn as nn
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
+from .._checkpoint import check_checkpoint_readable
 from .._features import FeatureTaps, StagesArg, pair_stages
 from .._registry import create_distill_loss, get_distill_loss_class
 from ..losses.base import DistillLoss
@@ -90,6 +91,7 @@ def resolve_teacher(
             if not os.path.isfile(pretrained_path):
                 raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
                                         f"teacher's .safetensors or .pth file.")
+            check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
         elif not pretrained:
             raise ValueError(
                 f"Teacher '{teacher}' is given by name without weights: pass teacher_pretrained_path=<checkpoint> "

@@ -1,0 +1,41 @@
+"""A cheap readability check for checkpoint files, so a truncated or corrupted file gets a clear error.
+
+Telling "cannot be read" apart from "does not fit the model" matters: the fixes differ (another file vs another
+architecture or class count), and load_state_dict errors alone do not say which it is.
+"""
+import os
+import zipfile
+
+__all__ = ['CheckpointReadError', 'check_checkpoint_readable']
+
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is missing, truncated or not a checkpoint."""
+
+
+def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
+    """Raise `CheckpointReadError` unless ``path`` is a complete safetensors file or torch zip archive.
+
+    Reads only headers (the safetensors metadata or the zip central directory), never the tensors. Legacy
+    (non-zip) torch pickles cannot be checked without loading them and pass.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"{what} '{path}' does not exist; pass the path of an existing checkpoint file.")
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+        if magic == _ZIP_MAGIC:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        elif path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                f.keys()
+    except Exception as e:  # zipfile, safetensors and the OS raise unrelated types for the same problem
+        raise CheckpointReadError(
+            f"{what} '{path}' cannot be read: it is truncated or not a checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}). Pass another file, e.g. model_best.pth.tar or an earlier "
+            "checkpoint-N.pth.tar from the same folder."
+        ) from e
