@@ -1,11 +1,9 @@
 """`SADistillTask`: the SA method as a timm training task, with SA's options spelled out."""
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Optional, Union
 
-import torch
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
-from .._features import StagesArg
 from .distill import DistillTask
 
 __all__ = ['SADistillTask']
@@ -16,7 +14,8 @@ class SADistillTask(DistillTask):
 
     ``loss = task_loss_weight * CE + distill_loss_weight * (sa_dist + sa_att + sa_kd)``; see `SADistillLoss` for the
     formulas and shapes. SA options left at None take `SADistillLoss`'s defaults, the ones the benchmark ablation
-    measured. ``temperature`` is the logit KD temperature of SA's ``kd_weight`` term.
+    measured. Every other argument (criterion, teacher_pretrained_path, weights, ``temperature`` of the logit KD
+    term, student_stages, teacher_stages, img_size, device, ...) is `DistillTask`'s.
 
     Example:
         >>> task = SADistillTask(student, 'resnet50', teacher_pretrained_path='t.safetensors', img_size=224)
@@ -27,17 +26,6 @@ class SADistillTask(DistillTask):
             self,
             student_model: nn.Module,
             teacher_model: Union[str, nn.Module, DistillationTeacher],
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            teacher_pretrained_path: Optional[str] = None,
-            teacher_pretrained: bool = False,
-            teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            temperature: Optional[float] = None,
-            student_stages: StagesArg = 'auto',
-            teacher_stages: StagesArg = 'auto',
-            img_size: Optional[Union[int, Sequence[int]]] = None,
             tau: Optional[float] = None,
             p: Optional[float] = None,
             alpha: Optional[float] = None,
@@ -45,17 +33,10 @@ class SADistillTask(DistillTask):
             kd_weight: Optional[float] = None,
             connector: Optional[str] = None,
             backend: Optional[str] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-            verbose: bool = True,
+            **task_kwargs,
     ):
         sa_options = dict(tau=tau, p=p, alpha=alpha, beta=beta, kd_weight=kd_weight, connector=connector, backend=backend)
-        super().__init__(
-            student_model, teacher_model, loss='sa', criterion=criterion, criterion_kwargs=criterion_kwargs,
-            teacher_pretrained_path=teacher_pretrained_path, teacher_pretrained=teacher_pretrained,
-            teacher_pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
-            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight, temperature=temperature,
-            student_stages=student_stages, teacher_stages=teacher_stages, img_size=img_size,
-            device=device, dtype=dtype, verbose=verbose,
-            **{k: v for k, v in sa_options.items() if v is not None},
-        )
+        if 'loss' in task_kwargs:
+            raise TypeError("SADistillTask always uses the 'sa' loss; use DistillTask(loss=...) for another one.")
+        super().__init__(student_model, teacher_model, loss='sa', **task_kwargs,
+                         **{k: v for k, v in sa_options.items() if v is not None})
