@@ -189,7 +189,8 @@ def save_attention_maps(
         task: DistillTask,
         images: Union[torch.Tensor, Iterable],
         path: str,
-        max_images: int = 4,
+        max_images: Optional[int] = 4,
+        titles: Optional[Sequence[str]] = None,
 ) -> str:
     """`attention_maps` + `render_attention_maps` for a few images, denormalised with the task's student mean/std.
 
@@ -197,7 +198,8 @@ def save_attention_maps(
         task: an SA task.
         images: (B, C, H, W) normalised images, or a loader yielding ``(images, targets)`` (its first batch is used).
         path: a ``.png`` file, or a folder that receives ``attention_maps.png``.
-        max_images: at most this many images (rows).
+        max_images: at most this many images (rows); None keeps all.
+        titles: one label per image shown.
 
     Returns:
         the path of the PNG written.
@@ -208,10 +210,12 @@ def save_attention_maps(
         if batch is None:
             raise ValueError("The loader given to save_attention_maps is empty; pass images or a non-empty loader.")
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-    images = images[:max_images]
+    if max_images is not None:
+        images = images[:max_images]
     if not path.lower().endswith('.png'):
         path = os.path.join(path, DEFAULT_FILENAME)
     maps = attention_maps(task, images)
     return render_attention_maps(
         images, maps, path, mean=task.student_mean.flatten().tolist(), std=task.student_std.flatten().tolist(),
+        titles=titles,
     )

@@ -106,11 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     teacher = create_model(args.teacher, num_classes=model.num_classes, in_chans=getattr(model, 'in_chans', 3))
     loss_cls = get_distill_loss_class(args.distill)
     policy = loss_cls.stage_policy
-    print(f"\n{args.distill} pairs chosen by auto (policy '{policy}'), {args.model} -> {args.teacher} at {_hw(img_size)}:")
     if policy == 'none':
-        print(f"none: {args.distill} distils logits only.")
+        print(f"\n{args.distill} distils logits only: no stage pairs.")
         return 0
     pairs = pair_stages(model, teacher, img_size=img_size, policy=policy)
+    print(f"\n{args.distill} pairs chosen by auto (policy '{policy}'), {args.model} -> {args.teacher} at {_hw(img_size)}:")
     print(_table(('student', 'teacher', 'reduction', 'map', 'connector'),
                  _pair_rows(loss_cls, pairs, stage_map_sizes(teacher, img_size))))
     return 0
