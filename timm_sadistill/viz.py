@@ -19,7 +19,7 @@ from . import ops
 from .losses.sa import SADistillLoss
 from .tasks.distill import DistillTask
 
-__all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps']
+__all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps', 'require_matplotlib']
 
 DEFAULT_FILENAME = 'attention_maps.png'
 
@@ -104,7 +104,8 @@ def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
     return result
 
 
-def _import_matplotlib():
+def require_matplotlib() -> type:
+    """matplotlib's `Figure` class; ImportError saying how to install the viz extra when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
@@ -141,7 +142,7 @@ def render_attention_maps(
     Returns:
         path.
     """
-    Figure = _import_matplotlib()
+    Figure = require_matplotlib()
     images = images.detach().float().cpu()
     num_images, channels = images.shape[:2]
     if titles is not None and len(titles) != num_images:
@@ -204,7 +205,7 @@ def save_attention_maps(
     Returns:
         the path of the PNG written.
     """
-    _import_matplotlib()  # fail before any forward pass when the picture cannot be drawn
+    require_matplotlib()  # fail before any forward pass when the picture cannot be drawn
     if not isinstance(images, torch.Tensor):
         batch = next(iter(images), None)
         if batch is None:
