@@ -30,6 +30,15 @@ def run_cli(module: str, *args: str, cwd=None, prelude: str = '') -> subprocess.
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.fixture(scope='module')
+def teacher(pattern_data) -> torch.nn.Module:
+    """A small teacher fitted to the pattern data (test_resnet: seconds on a CPU, where resnet18 takes a minute)."""
+    torch.manual_seed(1)
+    model = timm.create_model('test_resnet', num_classes=4)
+    train_steps(model, *pattern_data, steps=30, lr=3e-3)
+    return model.eval()
+
+
 def sa_task(teacher: torch.nn.Module, seed: int = 0) -> tsd.DistillTask:
     torch.manual_seed(seed)
     student = timm.create_model('test_resnet', num_classes=4)
@@ -81,8 +90,8 @@ def test_stages_unknown_model_is_a_clean_error():
 # ---------------------------------------------------------------- attention maps
 
 
-def test_attention_maps_are_what_the_loss_compares(trained_teachers, pattern_data):
-    task = sa_task(trained_teachers['resnet18'])
+def test_attention_maps_are_what_the_loss_compares(teacher, pattern_data):
+    task = sa_task(teacher)
     images = pattern_data[0][:6]
     maps = attention_maps(task, images)
     assert [(m.student_stage, m.teacher_stage) for m in maps] == [(s.name, t.name) for s, t in
@@ -101,12 +110,12 @@ def test_attention_maps_are_what_the_loss_compares(trained_teachers, pattern_dat
     torch.testing.assert_close(torch.stack([m.att.mean() for m in maps]).mean() * maps[0].beta, out['sa_att'])
 
 
-def test_distilled_student_matches_the_teacher_maps_better(trained_teachers, pattern_data):
+def test_distilled_student_matches_the_teacher_maps_better(teacher, pattern_data):
     """Looked at as a person would: after a few dozen SA steps the student's maps are closer to the teacher's."""
-    task = sa_task(trained_teachers['resnet18'])
+    task = sa_task(teacher)
     held_out = make_pattern_images(per_class=3, seed=1)[0]
     before = attention_maps(task, held_out)
-    train_steps(task, *pattern_data, steps=40, lr=1e-3)
+    train_steps(task, *pattern_data, steps=30, lr=1e-3)
     after = attention_maps(task, held_out)
     loss_before = torch.stack([m.loss.mean() for m in before]).mean()
     loss_after = torch.stack([m.loss.mean() for m in after]).mean()
@@ -115,8 +124,8 @@ def test_distilled_student_matches_the_teacher_maps_better(trained_teachers, pat
         assert a.att.mean() < b.att.mean(), (b.student_stage, float(b.att.mean()), float(a.att.mean()))
 
 
-def test_render_grid_and_save_from_a_loader(trained_teachers, pattern_data, tmp_path):
-    task = sa_task(trained_teachers['resnet18'])
+def test_render_grid_and_save_from_a_loader(teacher, pattern_data, tmp_path):
+    task = sa_task(teacher)
     images, labels = pattern_data
     loader = [(images[:5], labels[:5])]
     path = save_attention_maps(task, loader, str(tmp_path / 'run'), max_images=3)
@@ -127,9 +136,9 @@ def test_render_grid_and_save_from_a_loader(trained_teachers, pattern_data, tmp_
         render_attention_maps(images[:2], attention_maps(task, images[:2]), str(tmp_path / 'x.png'), titles=['a'])
 
 
-def test_attention_maps_refuse_a_non_sa_task(trained_teachers, pattern_data):
+def test_attention_maps_refuse_a_non_sa_task(teacher, pattern_data):
     student = timm.create_model('test_resnet', num_classes=4)
-    task = tsd.create_distill_task('at', student, trained_teachers['resnet18'], img_size=64, verbose=False)
+    task = tsd.create_distill_task('at', student, teacher, img_size=64, verbose=False)
     with pytest.raises(TypeError, match="create_distill_task\\('sa'"):
         attention_maps(task, pattern_data[0][:2])
 
@@ -153,9 +162,9 @@ def viz_files(tmp_path_factory):
         pixels[(i * 36):(i * 36 + 36), :36] = 230  # a bright quadrant the maps can find
         Image.fromarray(pixels).save(folder / f'img{i}.png')
     torch.manual_seed(0)
-    teacher = timm.create_model('resnet18', num_classes=4)
-    save_file(teacher.state_dict(), str(folder / 'teacher.safetensors'))
-    task = sa_task(teacher)
+    random_teacher = timm.create_model('resnet18', num_classes=4)
+    save_file(random_teacher.state_dict(), str(folder / 'teacher.safetensors'))
+    task = sa_task(random_teacher)
     state = task.get_checkpoint_state()
     assert set(state) == {'state_dict', 'task_state'} and 'distill_loss' in state['task_state']
     torch.save({'epoch': 3, 'arch': 'test_resnet', 'args': argparse.Namespace(model='test_resnet'), **state},
