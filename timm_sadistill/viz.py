@@ -156,7 +156,8 @@ def render_attention_maps(
     size = images.shape[-2:]
 
     columns = 1 + 2 * len(maps)
-    fig = Figure(figsize=(columns * cell_inches, num_images * cell_inches + 0.5), dpi=dpi)
+    # Each row also holds two lines of titles above its cells, hence the extra height per row.
+    fig = Figure(figsize=(columns * cell_inches, num_images * (cell_inches + 0.3) + 0.3), dpi=dpi)
     axes = fig.subplots(num_images, columns, squeeze=False)
     for row in range(num_images):
         axes[row, 0].imshow(shown[row], cmap='gray' if channels == 1 else None)
