@@ -58,6 +58,12 @@ def _sa_loss_of(task: DistillTask) -> SADistillLoss:
     return loss
 
 
+def _attention_grid(x: torch.Tensor, loss: SADistillLoss) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W) attention map with the loss's p and backend, float32 on the CPU."""
+    flat = ops.spatial_attention(x, loss.p, backend=loss.backend)
+    return rearrange(flat, 'b (h w) -> b h w', h=x.shape[-2], w=x.shape[-1]).float().cpu()
+
+
 def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
     """Teacher and student attention maps and per-image SA loss of every distilled stage pair.
 
@@ -88,15 +94,9 @@ def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
             result = []
             for k, (s, t) in enumerate(zip(student_feats, teacher_feats)):
                 projected = loss.connectors.project(k, s, t)
-                height, width = t.shape[-2:]
-
-                def as_grid(x: torch.Tensor) -> torch.Tensor:
-                    flat = ops.spatial_attention(x, loss.p, backend=loss.backend)
-                    return rearrange(flat, 'b (h w) -> b h w', h=height, w=width).float().cpu()
-
                 result.append(StageMaps(
                     student_stage=task.student_stages[k].name, teacher_stage=task.teacher_stages[k].name,
-                    teacher=as_grid(t), student=as_grid(projected),
+                    teacher=_attention_grid(t, loss), student=_attention_grid(projected, loss),
                     dist=per_image[:, k, 0], att=per_image[:, k, 1], alpha=float(loss.alpha), beta=float(loss.beta),
                 ))
     finally:

@@ -1,7 +1,7 @@
 """Helpers shared by the ``stages`` and ``viz`` subcommands: argument parsing, model creation, error reporting."""
 import argparse
 import sys
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Union
 
 import timm
 import torch.nn as nn

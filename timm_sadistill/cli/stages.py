@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from .._features import FeatureTaps, StageInfo, default_img_size, list_stages, pair_stages
 from .._registry import get_distill_loss_class, list_distill_losses
-from ..losses.base import DistillLoss
 from ._common import create_model, run_command
 
 __all__ = ['main', 'stage_map_sizes', 'connector_description']
