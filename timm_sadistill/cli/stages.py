@@ -1,0 +1,125 @@
+"""``timm-sadistill stages MODEL [--teacher NAME] [--img-size N] [--distill sa]``: what can be distilled, and how.
+
+Prints the selectable stages of a timm model (name, index into ``feature_info``, channels, reduction, the map size
+measured at the input size, and whether ``auto`` may pick it) and, with a teacher, the stage pairs ``auto`` chooses
+for the method and the connector each pair gets. Models are built with random weights: nothing downloads.
+"""
+import argparse
+import inspect
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .._features import FeatureTaps, StageInfo, default_img_size, list_stages, pair_stages
+from .._registry import get_distill_loss_class, list_distill_losses
+from ._common import create_model, run_command
+
+__all__ = ['main', 'stage_map_sizes', 'connector_description']
+
+PROG = 'timm-sadistill stages'
+
+
+def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[str, Tuple[int, int]]:
+    """{stage name: (H, W)} of every ``feature_info`` stage, measured by one forward pass of a zero image.
+
+    Measured rather than computed as size // reduction, because padding and odd sizes round differently per model.
+    """
+    stages = list_stages(model)
+    if not stages:
+        return {}
+    taps = FeatureTaps(model, [s.index for s in stages], img_size=img_size)
+    model.eval()
+    with torch.no_grad():
+        _, feats = taps(torch.zeros(1, int(getattr(model, 'in_chans', 3)), *img_size))
+    return {s.name: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
+
+
+def connector_description(loss_cls: type, student_channels: int, teacher_channels: int) -> str:
+    """The connector a loss builds by default for one pair, e.g. ``'bottleneck 192->256'``, or ``'none'``."""
+    parameter = inspect.signature(loss_cls.__init__).parameters.get('connector')
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return 'none'
+    return f'{parameter.default} {student_channels}->{teacher_channels}'
+
+
+def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = [header, *rows]
+    return '\n'.join('  '.join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _hw(size: Tuple[int, int]) -> str:
+    return f'{size[0]}x{size[1]}'
+
+
+def _stage_rows(model: nn.Module, img_size: Tuple[int, int]) -> List[Sequence[str]]:
+    sizes = stage_map_sizes(model, img_size)
+    # The stages 'auto' may pick at this input size: FeatureTaps applies the same rule (reduction >= 4, map >= 4x4).
+    try:
+        auto = set(FeatureTaps(model, 'auto', img_size=img_size).names)
+    except ValueError:  # no stage qualifies at this size: the table still shows what exists
+        auto = set()
+    return [
+        (s.name, str(s.index), str(s.channels), str(s.reduction), _hw(sizes[s.name]), 'yes' if s.name in auto else '')
+        for s in list_stages(model)
+    ]
+
+
+def _pair_rows(
+        loss_cls: type,
+        pairs: Tuple[List[StageInfo], List[StageInfo]],
+        teacher_sizes: Dict[str, Tuple[int, int]],
+) -> List[Sequence[str]]:
+    return [
+        (f'{s.name} ({s.channels})', f'{t.name} ({t.channels})', str(t.reduction), _hw(teacher_sizes[t.name]),
+         connector_description(loss_cls, s.channels, t.channels))
+        for s, t in zip(*pairs)
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', metavar='MODEL', help='timm model name (the student)')
+    parser.add_argument('--teacher', default=None, metavar='NAME', help='teacher model name: also print the pairing')
+    parser.add_argument('--img-size', type=int, default=None, metavar='N',
+                        help="input size N x N (default: the model's pretrained_cfg input size)")
+    parser.add_argument('--distill', default='sa', choices=list_distill_losses(),
+                        help='method whose auto pairing and connectors are shown (default: sa)')
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    model = create_model(args.model)
+    img_size = (args.img_size, args.img_size) if args.img_size else default_img_size(model)
+    rows = _stage_rows(model, img_size)
+    if not rows:
+        print(f"{args.model} has no feature_info: distil submodule paths (see model.named_modules()).")
+    else:
+        print(f"Stages of {args.model} at {_hw(img_size)} (random weights):")
+        print(_table(('name', 'index', 'channels', 'reduction', 'map', 'auto'), rows))
+    if args.teacher is None:
+        return 0
+
+    teacher = create_model(args.teacher, num_classes=model.num_classes, in_chans=getattr(model, 'in_chans', 3))
+    loss_cls = get_distill_loss_class(args.distill)
+    policy = loss_cls.stage_policy
+    if policy == 'none':
+        print(f"\n{args.distill} distils logits only: no stage pairs.")
+        return 0
+    pairs = pair_stages(model, teacher, img_size=img_size, policy=policy)
+    print(f"\n{args.distill} pairs chosen by auto (policy '{policy}'), {args.model} -> {args.teacher} at {_hw(img_size)}:")
+    print(_table(('student', 'teacher', 'reduction', 'map', 'connector'),
+                 _pair_rows(loss_cls, pairs, stage_map_sizes(teacher, img_size))))
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Print the stage table (and pairing); 0 on success, 2 on a user error."""
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: _run(args))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

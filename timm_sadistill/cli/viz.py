@@ -1,0 +1,163 @@
+"""``timm-sadistill viz --teacher NAME --model NAME [--checkpoint P] IMAGE... -o maps.png``: attention-map picture.
+
+Builds the SA task for a student and a teacher, loads the student (and its connectors) from a ``train`` checkpoint,
+and draws, for each image, the teacher's and the student's spatial attention maps at every distilled stage with
+the per-image SA stage loss. The teacher needs no weights here: without ``--teacher-checkpoint`` it is random.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.models import clean_state_dict
+
+from ..tasks.distill import DistillTask
+from ..tasks.factory import create_distill_task
+from ..losses.connectors import list_connectors
+from ._common import create_model, parse_stages, run_command
+
+__all__ = ['main', 'load_images', 'load_student_checkpoint']
+
+PROG = 'timm-sadistill viz'
+
+_logger = logging.getLogger(__name__)
+
+
+def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int]) -> torch.Tensor:
+    """(N, C, H, W) images resized, center-cropped and normalised as the model's eval transform does (timm's)."""
+    from PIL import Image, UnidentifiedImageError
+
+    in_chans = int(getattr(model, 'in_chans', 3))
+    overrides = {'input_size': (in_chans, img_size, img_size)} if img_size else {}
+    transform = create_transform(**resolve_data_config(overrides, model=model), is_training=False)
+    tensors = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert('RGB' if in_chans == 3 else 'L')))
+        except UnidentifiedImageError:
+            raise ValueError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
+    return torch.stack(tensors)
+
+
+def _torch_load(path: str) -> Any:
+    # weights_only refuses arbitrary objects; train checkpoints also hold the run's argparse.Namespace ('args'),
+    # which timm's own loader allow-lists the same way.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """(student state_dict, task_state or None) from a ``train`` checkpoint or a bare student file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass a train run's last.pth.tar, "
+                                "model_best.pth.tar or model.safetensors")
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path), None
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
+                         "last.pth.tar or model.safetensors")
+    if 'state_dict' in checkpoint:
+        return clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state')
+    return clean_state_dict(checkpoint), None  # a bare student state_dict saved with torch.save
+
+
+def load_student_checkpoint(task: DistillTask, path: str) -> None:
+    """Load the student and, when the checkpoint has them, the SA connectors into ``task``.
+
+    Without connector state (a bare ``model.safetensors``) the connectors stay freshly initialised, so the student
+    maps (drawn through them) do not show what training reached: a warning says so.
+    """
+    state_dict, task_state = _read_checkpoint(path)
+    if not (task_state or {}).get('distill_loss'):
+        _logger.warning(f"'{path}' has no connector state: the student maps go through fresh, untrained connectors. "
+                        "Pass the train run's last.pth.tar (it holds them) to see the trained ones.")
+    try:
+        if task_state:
+            task.load_checkpoint_state(state_dict, task_state)
+        else:
+            task.get_eval_model().load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        detail = detail if len(detail) <= 200 else detail[:200] + '...'  # key lists can run to thousands of chars
+        raise ValueError(
+            f"checkpoint '{path}' does not fit this student/connectors ({detail}); pass the --model, --num-classes, "
+            "--img-size, stage and --sa-connector flags of the training run"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files, one row of the picture each')
+    parser.add_argument('-o', '--output', default='attention_maps.png', metavar='PNG',
+                        help='picture to write (default: attention_maps.png)')
+    parser.add_argument('--model', required=True, metavar='NAME', help='student model name (timm)')
+    parser.add_argument('--checkpoint', default=None, metavar='FILE',
+                        help="the student from a train run: last.pth.tar (with connectors) or model.safetensors")
+    parser.add_argument('--teacher', required=True, metavar='NAME', help='teacher model name (timm)')
+    parser.add_argument('--teacher-checkpoint', default=None, metavar='FILE',
+                        help='teacher weights (.safetensors or timm .pth); without it the teacher is random')
+    parser.add_argument('--num-classes', type=int, default=None, metavar='N',
+                        help='classes of the student (and teacher), as in training')
+    parser.add_argument('--img-size', type=int, default=None, metavar='N',
+                        help="input size N x N (default: the student's pretrained_cfg input size)")
+    parser.add_argument('--distill-stages', type=parse_stages, default='auto', metavar='STAGES',
+                        help='student stages: comma list of names or indices, or auto (default: auto)')
+    parser.add_argument('--teacher-stages', type=parse_stages, default='auto', metavar='STAGES',
+                        help='teacher stages, paired in order with --distill-stages (default: auto)')
+    parser.add_argument('--sa-tau', type=float, default=None, help='SA spatial softmax temperature (as trained)')
+    parser.add_argument('--sa-p', type=float, default=None, help='SA attention-map power (as trained)')
+    parser.add_argument('--sa-alpha', type=float, default=None, help='SA weight of L_dist in the shown loss')
+    parser.add_argument('--sa-beta', type=float, default=None, help='SA weight of L_att in the shown loss')
+    parser.add_argument('--sa-connector', default=None, choices=list_connectors(), help='SA connector (as trained)')
+    parser.add_argument('--device', default='cpu', help='device to run the models on (default: cpu)')
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..viz import require_matplotlib, save_attention_maps
+    require_matplotlib()  # fail before building models when the picture cannot be drawn
+
+    device = torch.device(args.device)
+    class_kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+    student = create_model(args.model, **class_kwargs)
+    if args.teacher_checkpoint:
+        teacher = args.teacher  # resolve_teacher builds it with the student's classes and loads the file
+    else:
+        teacher = create_model(args.teacher, num_classes=student.num_classes, in_chans=getattr(student, 'in_chans', 3))
+        _logger.warning(f"No --teacher-checkpoint: the teacher '{args.teacher}' has random weights, so its maps show "
+                        "an untrained network.")
+    sa_options = {name: getattr(args, 'sa_' + name) for name in ('tau', 'p', 'alpha', 'beta', 'connector')}
+    task = create_distill_task(
+        'sa', student, teacher, teacher_pretrained_path=args.teacher_checkpoint, teacher_pretrained=False,
+        student_stages=args.distill_stages, teacher_stages=args.teacher_stages, img_size=args.img_size,
+        device=device, verbose=False, **{k: v for k, v in sa_options.items() if v is not None},
+    )
+    if args.checkpoint:
+        load_student_checkpoint(task, args.checkpoint)
+    else:
+        _logger.warning("No --checkpoint: the student and its connectors have random weights.")
+    images = load_images(args.images, student, args.img_size)
+    path = save_attention_maps(task, images, args.output, max_images=None,
+                               titles=[os.path.basename(p) for p in args.images])
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Write the attention-map picture; 0 on success, 2 on a user error."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
+    return run_command(PROG, lambda: _run(args))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
