@@ -89,8 +89,8 @@ def student_run(workdir, teacher_run):
     """An SA student distilled from the teacher run's model.safetensors, with EMA: (folder, stderr)."""
     result = run_cli(['train', '--data-dir', 'data', '--model', STUDENT, '--distill', 'sa', '--teacher', TEACHER,
                       '--teacher-checkpoint', str(teacher_run / 'model.safetensors'), '--epochs', '2',
-                      '--model-ema', '--model-ema-decay', '0.9', '--output', 'out', '--experiment', 'student']
-                     + COMMON_FLAGS, workdir)
+                      '--model-ema', '--model-ema-decay', '0.9', '--output', 'out', '--experiment', 'student',
+                      '--save-attention-maps'] + COMMON_FLAGS, workdir)
     check_ok(result)
     return workdir / 'out' / 'student', result.stderr
 
@@ -126,6 +126,9 @@ def test_sa_student_logs_teacher_accuracy_and_every_loss_term(student_run):
     assert 'distill_loss' in checkpoint['task_state']  # the connectors travel with the checkpoint
     assert 'state_dict_ema' in checkpoint and 'task_state_ema' in checkpoint
     assert not any(k.startswith(('student_taps', 'distill_loss')) for k in checkpoint['state_dict'])
+    from PIL import Image
+    with Image.open(folder / 'attention_maps.png') as picture:  # --save-attention-maps
+        assert picture.width > picture.height > 0
 
 
 def test_exported_student_loads_with_timm_and_as_a_teacher_checkpoint(student_run):
@@ -224,6 +227,8 @@ BAD_INPUTS = {
     'missing data dir': (['--data-dir', 'no_such_dir'], "Data folder 'no_such_dir' does not exist"),
     'undecodable image': (['--data-dir', '{broken_data}'], 'Cannot decode image'),
     'teacher without weights': (['--distill', 'sa', '--teacher', TEACHER], '--teacher-checkpoint'),
+    'attention maps of another method': (['--distill', 'at', '--teacher', TEACHER, '--teacher-checkpoint', '{teacher}',
+                                          '--save-attention-maps'], 'use it with --distill sa'),
 }
 
 

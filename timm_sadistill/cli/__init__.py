@@ -7,8 +7,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from ..tasks.nonfinite import NonFiniteLossError
-from .errors import UsageError
+from .errors import USER_ERRORS, UsageError
 
 __all__ = ['main', 'UsageError', 'SUBCOMMANDS']
 
@@ -16,11 +15,9 @@ __all__ = ['main', 'UsageError', 'SUBCOMMANDS']
 SUBCOMMANDS = {
     'train': 'timm_sadistill.cli.train',
     'timm-train': 'timm_sadistill.cli.timm_train',
+    'stages': 'timm_sadistill.cli.stages',
+    'viz': 'timm_sadistill.cli.viz',
 }
-
-# Errors that mean "the user asked for something that cannot work" (the library raises these with messages that
-# name the problem and the fix); anything else is a bug and keeps its traceback.
-USER_ERRORS = (UsageError, NonFiniteLossError, ValueError, FileNotFoundError, TypeError)
 
 
 def _usage() -> str:

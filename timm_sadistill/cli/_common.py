@@ -6,15 +6,14 @@ from typing import Callable, List, Union
 import timm
 import torch.nn as nn
 
+from .errors import USER_ERRORS
+
 __all__ = ['USER_ERRORS', 'parse_stages', 'create_model', 'run_command']
 
-# What the library raises for a request that cannot work; its messages name the problem and the fix.
-# ImportError: an optional extra (matplotlib) is missing, and the message says how to install it.
-USER_ERRORS = (ValueError, FileNotFoundError, TypeError, ImportError)
 
 
 def parse_stages(value: str) -> Union[str, List[Union[str, int]]]:
-    """``'auto'`` -> 'auto'; ``'layer3,layer4'`` -> ['layer3', 'layer4']; ``'-2,-1'`` -> [-2, -1] (as ``train``)."""
+    """``'auto'`` -> 'auto'; ``'layer3,layer4'`` -> ['layer3', 'layer4']; ``'-2,-1'`` -> [-2, -1]."""
     if value.strip() == 'auto':
         return 'auto'
     stages: List[Union[str, int]] = []

@@ -1,7 +1,13 @@
-"""The one exception type the command line turns into a short message and exit status 2."""
+"""The errors the command line turns into a short message and exit status 2."""
+from ..tasks.nonfinite import NonFiniteLossError
 
-__all__ = ['UsageError']
+__all__ = ['UsageError', 'USER_ERRORS']
 
 
 class UsageError(Exception):
     """A problem with the user's command or files: its message names the problem and the fix."""
+
+
+# "The user asked for something that cannot work": the library raises these with messages that name the problem and
+# the fix (ImportError: a missing optional extra, with the pip command). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UsageError, NonFiniteLossError, ValueError, FileNotFoundError, TypeError, ImportError)

@@ -45,11 +45,12 @@ from .._registry import get_distill_loss_class, list_distill_losses
 from ..losses.connectors import list_connectors
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
 from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
+from ._common import parse_stages
 from .errors import UsageError
 from .progress import ProgressBar
 
 __all__ = [
-    'add_distill_arguments', 'build_parser', 'parse_args', 'parse_stages', 'distill_task_kwargs',
+    'add_distill_arguments', 'build_parser', 'parse_args', 'distill_task_kwargs',
     'loss_accepts', 'train', 'main',
 ]
 
@@ -64,22 +65,6 @@ SA_OPTIONS = {'sa_tau': 'tau', 'sa_p': 'p', 'sa_alpha': 'alpha', 'sa_beta': 'bet
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
-
-
-def parse_stages(value: str) -> Union[str, List[Union[str, int]]]:
-    """``'auto'`` -> 'auto'; ``'layer3,layer4'`` -> ['layer3', 'layer4']; ``'-2,-1'`` -> [-2, -1]."""
-    if value.strip() == 'auto':
-        return 'auto'
-    stages: List[Union[str, int]] = []
-    for item in value.split(','):
-        item = item.strip()
-        if not item:
-            raise argparse.ArgumentTypeError(f"empty stage in '{value}'; use e.g. layer3,layer4 or -2,-1 or auto")
-        try:
-            stages.append(int(item))
-        except ValueError:
-            stages.append(item)
-    return stages
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags: bool = True) -> None:
@@ -372,6 +357,11 @@ def _check_distill_args(args: argparse.Namespace) -> None:
                          ".pth), or --teacher-pretrained to download them from the hub.")
     if args.kd_temperature is not None and not loss_accepts(args.distill, 'temperature'):
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
+    if args.save_attention_maps:
+        if args.distill != 'sa':
+            raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
+        from ..viz import require_matplotlib
+        require_matplotlib()  # before training, not after it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,15 +660,10 @@ def _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast) -> None
         _logger.info(f"Teacher {args.teacher} top-1 on '{args.val_split}': {metrics['top1']:.2f}%")
 
 
-def _save_attention_maps(task, loader_eval, output_dir: str) -> None:
-    """Hand over to timm_sadistill.viz (``save_attention_maps(task, loader, output_dir)``) when it is installed."""
-    try:
-        from ..viz import save_attention_maps
-    except ImportError:
-        _logger.warning("--save-attention-maps needs the timm_sadistill.viz module, which this install lacks; "
-                        "no maps were written.")
-        return
-    save_attention_maps(task, loader_eval, output_dir)
+def _save_attention_maps(task, loader, output_dir: str) -> None:
+    """The teacher's and the student's maps for the first images of ``loader``, as attention_maps.png."""
+    from ..viz import save_attention_maps
+    _logger.info(f'Attention maps written to {save_attention_maps(task, loader, output_dir)}')
 
 
 def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
@@ -843,8 +828,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
 
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-    if args.save_attention_maps and saver is not None and args.distill != 'none':
-        _save_attention_maps(task, loader_eval, output_dir)
+    if args.save_attention_maps and saver is not None:
+        _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
     _dump_rank_params(task, args)
     return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
 
