@@ -1,5 +1,4 @@
 """Distillation tasks: real short training runs, a frozen teacher, state, EMA, compile and DDP."""
-import copy
 
 import pytest
 import timm

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,10 +42,9 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._checkpoint import check_checkpoint_readable
 from .._registry import get_distill_loss_class, list_distill_losses
-from ..losses.connectors import list_connectors
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
 from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
-from ._common import parse_stages
+from ._common import SA_OPTIONS, add_sa_arguments, add_stage_arguments, sa_options
 from .errors import UsageError
 from .progress import ProgressBar
 
@@ -57,11 +56,6 @@ __all__ = [
 _logger = logging.getLogger('timm_sadistill.train')
 
 DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
-
-# --sa-* flag -> SADistillTask option
-SA_OPTIONS = {'sa_tau': 'tau', 'sa_p': 'p', 'sa_alpha': 'alpha', 'sa_beta': 'beta', 'sa_kd_weight': 'kd_weight',
-              'sa_connector': 'connector'}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -90,16 +84,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags
                        help='Teacher weights: .safetensors or timm .pth/.pth.tar (e.g. a teacher run\'s model.safetensors)')
     group.add_argument('--teacher-pretrained', action='store_true', default=False,
                        help='Download the teacher weights from the hub (only with this flag does anything download)')
-    group.add_argument('--distill-stages', type=parse_stages, default='auto', metavar='STAGES',
-                       help='Student stages: comma list of feature_info names or indices, or auto (default: auto)')
-    group.add_argument('--teacher-stages', type=parse_stages, default='auto', metavar='STAGES',
-                       help='Teacher stages, paired in order with --distill-stages (default: auto)')
-    group.add_argument('--sa-tau', type=float, default=None, help='SA: spatial softmax temperature')
-    group.add_argument('--sa-p', type=float, default=None, help='SA: power of |x| in the attention map')
-    group.add_argument('--sa-alpha', type=float, default=None, help='SA: weight of the spatial distribution term')
-    group.add_argument('--sa-beta', type=float, default=None, help='SA: weight of the attention-map term')
-    group.add_argument('--sa-kd-weight', type=float, default=None, help='SA: weight of the logit KD term (0: off)')
-    group.add_argument('--sa-connector', default=None, choices=list_connectors(), help='SA: student->teacher connector')
+    add_stage_arguments(group)
+    add_sa_arguments(group)
 
 
 def _add_timm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,16 +313,16 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     Raises:
         UsageError: an SA flag given to another method.
     """
-    sa_options = {option: getattr(args, flag) for flag, option in SA_OPTIONS.items() if getattr(args, flag) is not None}
-    if sa_options and args.distill != 'sa':
-        flags = ', '.join('--' + flag.replace('_', '-') for flag, option in SA_OPTIONS.items() if option in sa_options)
+    sa_given = sa_options(args)
+    if sa_given and args.distill != 'sa':
+        flags = ', '.join('--' + flag.replace('_', '-') for flag, option in SA_OPTIONS.items() if option in sa_given)
         raise UsageError(f"{flags}: SA options, but the method is --distill {args.distill}; drop them or use --distill sa.")
     return dict(
         teacher_pretrained_path=args.teacher_checkpoint,
         teacher_pretrained=args.teacher_pretrained,
         student_stages=args.distill_stages,
         teacher_stages=args.teacher_stages,
-        **sa_options,
+        **sa_given,
     )
 
 

@@ -16,8 +16,7 @@ from timm.models import clean_state_dict
 
 from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
-from ..losses.connectors import list_connectors
-from ._common import create_model, parse_stages, run_command
+from ._common import add_sa_arguments, add_stage_arguments, create_model, run_command, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 
@@ -108,15 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='classes of the student (and teacher), as in training')
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
                         help="input size N x N (default: the student's pretrained_cfg input size)")
-    parser.add_argument('--distill-stages', type=parse_stages, default='auto', metavar='STAGES',
-                        help='student stages: comma list of names or indices, or auto (default: auto)')
-    parser.add_argument('--teacher-stages', type=parse_stages, default='auto', metavar='STAGES',
-                        help='teacher stages, paired in order with --distill-stages (default: auto)')
-    parser.add_argument('--sa-tau', type=float, default=None, help='SA spatial softmax temperature (as trained)')
-    parser.add_argument('--sa-p', type=float, default=None, help='SA attention-map power (as trained)')
-    parser.add_argument('--sa-alpha', type=float, default=None, help='SA weight of L_dist in the shown loss')
-    parser.add_argument('--sa-beta', type=float, default=None, help='SA weight of L_att in the shown loss')
-    parser.add_argument('--sa-connector', default=None, choices=list_connectors(), help='SA connector (as trained)')
+    add_stage_arguments(parser)
+    add_sa_arguments(parser)  # as trained: the connector and the weights shown in the titles
     parser.add_argument('--device', default='cpu', help='device to run the models on (default: cpu)')
     return parser
 
@@ -134,11 +126,10 @@ def _run(args: argparse.Namespace) -> int:
         teacher = create_model(args.teacher, num_classes=student.num_classes, in_chans=getattr(student, 'in_chans', 3))
         _logger.warning(f"No --teacher-checkpoint: the teacher '{args.teacher}' has random weights, so its maps show "
                         "an untrained network.")
-    sa_options = {name: getattr(args, 'sa_' + name) for name in ('tau', 'p', 'alpha', 'beta', 'connector')}
     task = create_distill_task(
         'sa', student, teacher, teacher_pretrained_path=args.teacher_checkpoint, teacher_pretrained=False,
         student_stages=args.distill_stages, teacher_stages=args.teacher_stages, img_size=args.img_size,
-        device=device, verbose=False, **{k: v for k, v in sa_options.items() if v is not None},
+        device=device, verbose=False, **sa_options(args),
     )
     if args.checkpoint:
         load_student_checkpoint(task, args.checkpoint)
