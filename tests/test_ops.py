@@ -76,59 +76,42 @@ def test_sa_loss_terms_single_term_gradient(term):
     _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
 
 
+def _check_sa_terms(s_tri, s_ref, t, grad_dtype=torch.float32, **options):
+    """Triton vs reference `sa_loss_terms` on the leaves s_tri / s_ref: both values, then the gradient of their sum."""
+    dist, att = ops.sa_loss_terms(s_tri, t, backend='triton', **options)
+    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t, **options)
+    torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
+    torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
+    (dist + att).backward()
+    (dist_ref + att_ref).backward()
+    _assert_grad_close(s_tri.grad, s_ref.grad, grad_dtype)
+
+
 # numpy, under the interpreter, warns on log2(0) of zero padding; the kernel masks those lanes
 @pytest.mark.filterwarnings('ignore:divide by zero:RuntimeWarning', 'ignore:invalid value:RuntimeWarning')
 @pytest.mark.parametrize('p', [1.0, 1.5, 3.0])
 def test_sa_loss_terms_general_p(p):
     s, t = _features((2, 6, 5, 7))
-    s_tri, s_ref = _leaf(s), _leaf(s)
-    dist, att = ops.sa_loss_terms(s_tri, t, tau=2.0, p=p, backend='triton')
-    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t, tau=2.0, p=p)
-    torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
-    (dist + att).backward()
-    (dist_ref + att_ref).backward()
-    _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
+    _check_sa_terms(_leaf(s), _leaf(s), t, tau=2.0, p=p)
 
 
 def test_sa_loss_terms_large_map():
     """112 x 112 = 12544 positions: several position blocks through the online softmax and the finisher."""
     s, t = _features((1, 2, 112, 112))
-    s_tri, s_ref = _leaf(s), _leaf(s)
-    dist, att = ops.sa_loss_terms(s_tri, t, backend='triton')
-    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t)
-    torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
-    torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
-    (dist + att).backward()
-    (dist_ref + att_ref).backward()
-    _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
+    _check_sa_terms(_leaf(s), _leaf(s), t)
 
 
 def test_sa_loss_terms_mixed_and_copied_layouts():
     """s channels-last, t NCHW; and a transposed map, whose positions are not one stride apart (copied)."""
     s, t = _features((2, 6, 5, 7))
-    cases = [(s.to(memory_format=torch.channels_last), t), (s.transpose(2, 3), t.transpose(2, 3))]
-    for s_in, t_in in cases:
-        s_tri, s_ref = _leaf(s_in), _leaf(s_in)
-        dist, att = ops.sa_loss_terms(s_tri, t_in, backend='triton')
-        dist_ref, att_ref = reference.sa_loss_terms(s_ref, t_in)
-        torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
-        torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
-        (dist + att).backward()
-        (dist_ref + att_ref).backward()
-        _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
+    for s_in, t_in in [(s.to(memory_format=torch.channels_last), t), (s.transpose(2, 3), t.transpose(2, 3))]:
+        _check_sa_terms(_leaf(s_in), _leaf(s_in), t_in)
 
 
 def test_sa_loss_terms_mixed_dtypes():
     """A bfloat16 student (autocast) against a float32 teacher: each input is read in its own dtype."""
     s, t = _features((2, 6, 5, 7))
-    s_tri, s_ref = _leaf(s, torch.bfloat16), _leaf(s.bfloat16(), torch.float32)
-    dist, att = ops.sa_loss_terms(s_tri, t, backend='triton')
-    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t)
-    torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
-    torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
-    (dist + att).backward()
-    (dist_ref + att_ref).backward()
-    _assert_grad_close(s_tri.grad, s_ref.grad, torch.bfloat16)
+    _check_sa_terms(_leaf(s, torch.bfloat16), _leaf(s.bfloat16(), torch.float32), t, grad_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize('shape', SHAPES + [(1, 2, 112, 112)])
