@@ -42,7 +42,6 @@ SA_VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'sa': ('sa', []),
     'sa alpha=0 (att only)': ('sa', ['--sa-alpha', '0']),
     'sa beta=0 (dist only)': ('sa', ['--sa-beta', '0']),
-    'sa alpha=beta=0 (kd term only)': ('sa', ['--sa-alpha', '0', '--sa-beta', '0']),
     'sa kd_weight=0': ('sa', ['--sa-kd-weight', '0']),
     'sa beta=1': ('sa', ['--sa-beta', '1']),
     'sa beta=30': ('sa', ['--sa-beta', '30']),

@@ -26,7 +26,7 @@ RECIPE = ['--img-size', '64', '--opt', 'adamw', '--weight-decay', '0.05', '-j', 
 TEACHER_SCHEDULE = {'digits': (12, 32, 2e-3, 1), 'lfw': (30, 32, 2e-3, 1)}
 # data-starved students (10 images a class): lfw's 20 train images need small batches to take a few steps an
 # epoch; no warmup, since with a few steps an epoch timm's epoch-wise warmup spends a whole epoch at warmup_lr
-STUDENT_SCHEDULE = {'digits': (15, 16, 3e-3, 0), 'lfw': (40, 8, 3e-3, 0)}
+STUDENT_SCHEDULE = {'digits': (12, 16, 3e-3, 0), 'lfw': (30, 8, 3e-3, 0)}
 
 
 @dataclass
