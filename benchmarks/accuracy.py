@@ -196,7 +196,8 @@ def write_csv(path: str, results: Sequence[dict]) -> None:
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
         writer.writeheader()
-        writer.writerows(results)
+        # commands relative to the checkout, so the file reads the same on every machine
+        writer.writerows({**r, 'command': r['command'].replace(ROOT + os.sep, '')} for r in results)
 
 
 def targets(results: Sequence[dict], dataset: str, pair: str) -> Tuple[str, bool]:
@@ -311,7 +312,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    command = 'python benchmarks/accuracy.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    command = ' '.join(['python benchmarks/accuracy.py', *(sys.argv[1:] if argv is None else argv)])
     bench = Bench(args.cache, args.per_class, args.threads, args.epochs)
     seeds = parse_seeds(args.seeds)
     os.makedirs(args.results, exist_ok=True)

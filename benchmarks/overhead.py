@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -36,15 +36,33 @@ import timm_sadistill as tsd  # noqa: E402
 METHODS = ('none', 'kd', 'at', 'fitnet', 'cwd', 'dkd', 'sa')
 
 
+def parse_method(spec: str) -> Tuple[str, Dict[str, Union[float, str]]]:
+    """'sa' -> ('sa', {}); 'sa[connector=conv1x1,beta=30]' -> ('sa', {'connector': 'conv1x1', 'beta': 30.0})."""
+    name, _, rest = spec.partition('[')
+    options: Dict[str, Union[float, str]] = {}
+    for item in filter(None, rest.rstrip(']').split(',')):
+        key, _, value = item.partition('=')
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
 def build(method: str, teacher: str, student: str, num_classes: int, img_size: int, device: torch.device):
-    """(task, optimizer) as the CLI builds them (teacher with random weights: the cost does not depend on them)."""
+    """(task, optimizer) as the CLI builds them (teacher with random weights: the cost does not depend on them).
+
+    ``method`` is a registered name, optionally with task options (see `parse_method`), or 'none'.
+    """
     torch.manual_seed(0)
     model = timm.create_model(student, num_classes=num_classes).to(device)
-    if method == 'none':
+    name, options = parse_method(method)
+    if name == 'none':
         task = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=device, verbose=False)
     else:
         teacher_model = timm.create_model(teacher, num_classes=num_classes)
-        task = tsd.create_distill_task(method, model, teacher_model, img_size=img_size, device=device, verbose=False)
+        task = tsd.create_distill_task(name, model, teacher_model, img_size=img_size, device=device, verbose=False,
+                                       **options)
     task.to(device)
     task.train()
     optimizer = torch.optim.AdamW(task.get_trainable_module().parameters(), lr=1e-3)
@@ -160,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--num-classes', type=int, default=10)
     parser.add_argument('--img-size', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--methods', type=lambda s: s.split(','), default=list(METHODS))
+    parser.add_argument('--methods', type=lambda s: s.split(';'), default=list(METHODS),
+                        help="';'-separated methods, each optionally with options: 'kd;sa;sa[connector=conv1x1]'")
     parser.add_argument('--steps', type=int, default=5, help='steps per round')
     parser.add_argument('--repeats', type=int, default=7, help='interleaved rounds')
     parser.add_argument('--warmup', type=int, default=2)
@@ -179,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory = {m: memory_of(m, args, device) for m in args.methods}
     else:
         memory = memory_methods(args, argv)
-    text = report(args, device, times, memory, 'python benchmarks/overhead.py ' + ' '.join(argv))
+    text = report(args, device, times, memory, ' '.join(['python benchmarks/overhead.py', *argv]))
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, f'overhead-{device.type}.md'), 'w') as f:
         f.write(text)
