@@ -9,8 +9,8 @@ under ``--cache``, so an interrupted benchmark resumes where it stopped.
 
     python benchmarks/accuracy.py                    # main table -> benchmarks/results/accuracy.{md,csv,png}
     python benchmarks/accuracy.py --mode ablation    # SA/KD ablation -> benchmarks/results/ablation.{md,csv}
-    python benchmarks/accuracy.py --mode main --seeds 0 --epochs 1 --methods none,sa --datasets digits \\
-        --pairs homo --results /tmp/r                 # a smoke run (what tests/test_datasets.py does)
+    python benchmarks/accuracy.py --seeds 0 --epochs 1 --methods none,sa --datasets lfw --pairs homo \\
+        --cache /tmp/c --results /tmp/r               # a smoke run (what tests/test_datasets.py does)
 
 Ablation: the SA variants (each term alone, the logit term off, tau, p, connector, stages) and KD variants
 (temperature, weight: the same tuning budget) run on tuning seeds on digits with the homogeneous pair; the best
@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -215,7 +216,8 @@ def main_report(bench: Bench, results: Sequence[dict], datasets, pairs, methods,
              + ', '.join(f'{d}: `{" ".join(bench.schedule(d))}`' for d in datasets) + '. '
              f'Top-1 (%) on the validation split after the last epoch, mean ± std over seeds {seeds[0]}..{seeds[-1]} '
              f'(n = {len(seeds)}); Δ = paired difference of SA minus the method on the same seeds '
-             '(mean ± std, SA wins / n).', '', f'Reproduce: `{command}`', '']
+             '(mean ± std, SA wins / n). `none` uses no teacher, so its runs are the same on both pairs '
+             '(the same numbers: a check that a seed reproduces a run).', '', f'Reproduce: `{command}`', '']
     for dataset in datasets:
         for pair in pairs:
             teacher, student = PAIRS[pair]
@@ -248,7 +250,7 @@ def plot(path: str, results: Sequence[dict], datasets, pairs, methods) -> None:
                color=['tab:red' if m == 'sa' else 'tab:gray' if m == 'none' else 'tab:blue' for m in methods])
         ax.set_xticks(range(len(methods)), methods, rotation=45)
         low = min(s[0] - s[1] for s in stats)
-        ax.set_ylim(max(0.0, low - 5), 100)
+        ax.set_ylim(max(0.0, low - 5), 101)  # room for the error bars of runs at 100%
         ax.set_title(f'{dataset}, {pair}: {PAIRS[pair][0]} -> {PAIRS[pair][1]}', fontsize=9)
         ax.set_ylabel('top-1 (%)')
     fig.tight_layout()
@@ -256,7 +258,7 @@ def plot(path: str, results: Sequence[dict], datasets, pairs, methods) -> None:
 
 
 def ablation_report(results: Sequence[dict], tuning: Sequence[int], heldout: Sequence[dict], best: Dict[str, str],
-                    command: str) -> str:
+                    held_labels: Sequence[str], command: str) -> str:
     lines = ['# Ablation of SA, and KD with the same tuning budget (digits, homo: resnet18 -> test_resnet)', '',
              f'Tuning seeds {tuning[0]}..{tuning[-1]} (n = {len(tuning)}): top-1 mean ± std, '
              'Δ = paired difference to the default `sa` and to the default `kd` on the same seeds.', '',
@@ -276,13 +278,14 @@ def ablation_report(results: Sequence[dict], tuning: Sequence[int], heldout: Seq
     if heldout:
         seeds = sorted({r['seed'] for r in heldout})
         lines += [f'Held-out seeds {seeds[0]}..{seeds[-1]} (n = {len(seeds)}), the main table\'s:', '',
-                  '| variant | top-1 | Δ vs kd (default) | wins |', '|---|---|---|---|']
+                  '| variant | top-1 | Δ vs kd (default) | wins vs kd | Δ vs sa (default) |', '|---|---|---|---|---|']
         kd_held = by_seed(heldout, 'digits', 'homo', 'kd')
-        for label in dict.fromkeys(['sa', best['sa'], 'kd', best['kd']]):
+        sa_held = by_seed(heldout, 'digits', 'homo', 'sa')
+        for label in held_labels:
             acc = by_seed(heldout, 'digits', 'homo', label)
-            d = paired(acc, kd_held)
+            d, d_sa = paired(acc, kd_held), paired(acc, sa_held)
             lines.append(f'| {label} | {fmt(*mean_std(list(acc.values())))} | {d[0]:+.1f} ± {d[1]:.1f} | '
-                         f'{d[2]}/{d[3]} |')
+                         f'{d[2]}/{d[3]} | {d_sa[0]:+.1f} ± {d_sa[1]:.1f} |')
         sa_best = by_seed(heldout, 'digits', 'homo', best['sa'])
         kd_best = by_seed(heldout, 'digits', 'homo', best['kd'])
         d = paired(sa_best, kd_best)
@@ -301,6 +304,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--methods', default=','.join(METHODS))
     parser.add_argument('--seeds', default='0-4', help='main table seeds (the ablation\'s held-out seeds)')
     parser.add_argument('--tuning-seeds', default='100-102', help='ablation tuning seeds')
+    parser.add_argument('--heldout-extra', type=lambda s: [v for v in s.split(',') if v], default=[],
+                        help="ablation: more variant labels to run on the held-out seeds, e.g. 'sa connector=conv1x1'")
     parser.add_argument('--per-class', type=int, default=10, help='student train images a class')
     parser.add_argument('--epochs', type=int, default=None, help='override the student epochs (smoke runs)')
     parser.add_argument('--jobs', type=int, default=2, help='runs in parallel')
@@ -312,7 +317,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    command = ' '.join(['python benchmarks/accuracy.py', *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(['python', 'benchmarks/accuracy.py', *(sys.argv[1:] if argv is None else argv)])
     bench = Bench(args.cache, args.per_class, args.threads, args.epochs)
     seeds = parse_seeds(args.seeds)
     os.makedirs(args.results, exist_ok=True)
@@ -333,12 +338,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = bench.execute_all(runs, args.jobs)
         means = {label: statistics.mean(by_seed(results, 'digits', 'homo', label).values()) for label in variants}
         best = {'sa': max(SA_VARIANTS, key=means.get), 'kd': max(KD_VARIANTS, key=means.get)}
-        held = [Run('digits', 'homo', label, *variants[label][:1], tuple(variants[label][1]), s)
-                for s in seeds for label in dict.fromkeys(['sa', best['sa'], 'kd', best['kd']])]
+        # dict.fromkeys: the defaults and the winners, once each when a default wins
+        held_labels = list(dict.fromkeys(['sa', best['sa'], 'kd', best['kd'], *args.heldout_extra]))
+        held = [Run('digits', 'homo', label, variants[label][0], tuple(variants[label][1]), s)
+                for s in seeds for label in held_labels]
         heldout = bench.execute_all(held, args.jobs)
         write_csv(os.path.join(args.results, 'ablation.csv'), results + heldout)
         with open(os.path.join(args.results, 'ablation.md'), 'w') as f:
-            f.write(ablation_report(results, tuning, heldout, best, command))
+            f.write(ablation_report(results, tuning, heldout, best, held_labels, command))
     print(f'results in {args.results}')
     return 0
 

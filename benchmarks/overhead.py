@@ -17,6 +17,7 @@ a coarse number (it counts the allocator's caching and the optimizer state), lab
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory = {m: memory_of(m, args, device) for m in args.methods}
     else:
         memory = memory_methods(args, argv)
-    text = report(args, device, times, memory, ' '.join(['python benchmarks/overhead.py', *argv]))
+    text = report(args, device, times, memory, shlex.join(['python', 'benchmarks/overhead.py', *argv]))
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, f'overhead-{device.type}.md'), 'w') as f:
         f.write(text)
