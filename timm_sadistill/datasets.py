@@ -100,6 +100,7 @@ def write_image_folder(
             manifest = json.load(f)
         if manifest.get('spec') == spec:
             return manifest['counts']
+        os.remove(manifest_path)  # first: a rewrite interrupted below must not pass for the old tree
 
     for split in ('train', 'validation'):  # a tree of other arguments: its images must not mix with these
         shutil.rmtree(os.path.join(root, split), ignore_errors=True)
