@@ -83,6 +83,7 @@ def parse_seeds(text: str) -> List[int]:
 
 
 def slug(text: str) -> str:
+    """A label as a folder name."""
     return ''.join(c if c.isalnum() or c in '.-' else '_' for c in text)
 
 
@@ -170,10 +171,12 @@ class Bench:
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def by_seed(results: Iterable[dict], dataset: str, pair: str, label: str) -> Dict[int, float]:
+    """seed -> final top-1 of one (dataset, pair, label)."""
     return {r['seed']: r['top1_final'] for r in results
             if r['dataset'] == dataset and r['pair'] == pair and r['label'] == label}
 
@@ -209,7 +212,9 @@ def targets(results: Sequence[dict], dataset: str, pair: str) -> Tuple[str, bool
     return f'SA {means["sa"]:.1f} vs best baseline {best} {means[best]:.1f}: {margin:+.1f}', margin >= 1.0
 
 
-def main_report(bench: Bench, results: Sequence[dict], datasets, pairs, methods, seeds, command: str) -> str:
+def main_report(bench: Bench, results: Sequence[dict], datasets: Sequence[str], pairs: Sequence[str],
+                methods: Sequence[str], seeds: Sequence[int], command: str) -> str:
+    """accuracy.md: one table per (dataset, pair) with paired differences to SA and the accuracy target."""
     lines = ['# Accuracy: data-starved students, 64 px', '',
              f'Student train split: {bench.per_class} images a class; teachers: the full train split. '
              f'Schedule (every method): `{" ".join(RECIPE)}` plus, per dataset, '
@@ -238,7 +243,9 @@ def main_report(bench: Bench, results: Sequence[dict], datasets, pairs, methods,
     return '\n'.join(lines)
 
 
-def plot(path: str, results: Sequence[dict], datasets, pairs, methods) -> None:
+def plot(path: str, results: Sequence[dict], datasets: Sequence[str], pairs: Sequence[str],
+         methods: Sequence[str]) -> None:
+    """accuracy.png: one bar panel per (dataset, pair), mean top-1 with std error bars."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -259,6 +266,7 @@ def plot(path: str, results: Sequence[dict], datasets, pairs, methods) -> None:
 
 def ablation_report(results: Sequence[dict], tuning: Sequence[int], heldout: Sequence[dict], best: Dict[str, str],
                     held_labels: Sequence[str], command: str) -> str:
+    """ablation.md: the variants on the tuning seeds, then the chosen ones on the held-out seeds."""
     lines = ['# Ablation of SA, and KD with the same tuning budget (digits, homo: resnet18 -> test_resnet)', '',
              f'Tuning seeds {tuning[0]}..{tuning[-1]} (n = {len(tuning)}): top-1 mean ± std, '
              'Δ = paired difference to the default `sa` and to the default `kd` on the same seeds.', '',
