@@ -23,8 +23,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# digits teacher + three students through timm-sadistill train; outputs in .demo/
 demo: $(STAMP)
-	$(BIN)/python examples/distill_python.py
+	$(BIN)/python demo/distill_digits.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
