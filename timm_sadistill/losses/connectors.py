@@ -81,3 +81,11 @@ class ConnectorList(nn.ModuleList):
     def project(self, index: int, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         """(B, Cs, Hs, Ws) -> (B, Ct, Ht, Wt)."""
         return align_spatial(self[index](student_feat), teacher_feat.shape[-2:])
+
+    def pairs(
+            self,
+            student_feats: Sequence[torch.Tensor],
+            teacher_feats: Sequence[torch.Tensor],
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """[(projected student, teacher)] per stage pair, each pair of shape (B, Ct_k, Ht_k, Wt_k)."""
+        return [(self.project(k, s, t), t) for k, (s, t) in enumerate(zip(student_feats, teacher_feats))]

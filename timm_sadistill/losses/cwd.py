@@ -40,8 +40,5 @@ class CWDLoss(DistillLoss):
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         self.check_features(student_feats, teacher_feats)
-        losses = [
-            ops.spatial_kl(self.connectors.project(k, s, t), t, self.tau)
-            for k, (s, t) in enumerate(zip(student_feats, teacher_feats))
-        ]
+        losses = [ops.spatial_kl(s, t, self.tau) for s, t in self.connectors.pairs(student_feats, teacher_feats)]
         return {'cwd': self.weight * torch.stack(losses).mean()}

@@ -37,8 +37,5 @@ class FitNetLoss(DistillLoss):
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         self.check_features(student_feats, teacher_feats)
-        losses = [
-            F.mse_loss(self.connectors.project(k, s, t).float(), t.float())
-            for k, (s, t) in enumerate(zip(student_feats, teacher_feats))
-        ]
+        losses = [F.mse_loss(s.float(), t.float()) for s, t in self.connectors.pairs(student_feats, teacher_feats)]
         return {'fitnet': self.weight * torch.stack(losses).mean()}

@@ -74,8 +74,8 @@ class SADistillLoss(DistillLoss):
         """Unweighted (L_dist, L_att) of every stage pair: a (K, 2) float32 tensor."""
         self.check_features(student_feats, teacher_feats)
         return torch.stack([
-            torch.stack(ops.sa_loss_terms(self.connectors.project(k, s, t), t, self.tau, self.p, backend=self.backend))
-            for k, (s, t) in enumerate(zip(student_feats, teacher_feats))
+            torch.stack(ops.sa_loss_terms(s, t, self.tau, self.p, backend=self.backend))
+            for s, t in self.connectors.pairs(student_feats, teacher_feats)
         ]).float()
 
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
