@@ -19,14 +19,16 @@ from conftest import make_pattern_images, train_steps
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(module: str, *args: str, cwd=None, prelude: str = '') -> subprocess.CompletedProcess:
-    """``python -m timm_sadistill.cli.<module> args`` (``prelude`` runs first, e.g. to hide matplotlib)."""
+def run_cli(subcommand: str, *args: str, cwd=None, prelude: str = '') -> subprocess.CompletedProcess:
+    """``python -m timm_sadistill <subcommand> args``, i.e. ``timm-sadistill ...`` (``prelude`` runs first, e.g. to
+    hide matplotlib)."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, HF_HUB_OFFLINE='1', TRITON_INTERPRET='1', MPLBACKEND='Agg')
     if prelude:
-        code = f"{prelude}\nimport sys\nfrom timm_sadistill.cli.{module} import main\nsys.exit(main({list(args)!r}))"
+        argv = [subcommand, *args]
+        code = f"{prelude}\nimport sys\nfrom timm_sadistill.cli import main\nsys.exit(main({argv!r}))"
         command = [sys.executable, '-c', code]
     else:
-        command = [sys.executable, '-m', f'timm_sadistill.cli.{module}', *args]
+        command = [sys.executable, '-m', 'timm_sadistill', subcommand, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
