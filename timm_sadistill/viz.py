@@ -86,14 +86,14 @@ def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
             teacher_input = task.teacher.normalize_input(images, task.student_mean, task.student_std)
             _, teacher_feats = task.teacher_taps(teacher_input)
             _, student_feats = trainable.student_taps(images)
-            # stage_terms averages over the batch; one image at a time gives each image's own terms.
+            loss.check_features(student_feats, teacher_feats)
+            pairs = loss.connectors.pairs(student_feats, teacher_feats)  # eval mode: per-image results
+            # the terms average over the batch; one image at a time gives each image's own terms
             per_image = torch.stack([
-                loss.stage_terms([s[b:b + 1] for s in student_feats], [t[b:b + 1] for t in teacher_feats])
-                for b in range(images.shape[0])
+                loss.projected_terms([(s[b:b + 1], t[b:b + 1]) for s, t in pairs]) for b in range(images.shape[0])
             ]).cpu()  # (B, K, 2)
             result = []
-            for k, (s, t) in enumerate(zip(student_feats, teacher_feats)):
-                projected = loss.connectors.project(k, s, t)
+            for k, (projected, t) in enumerate(pairs):
                 result.append(StageMaps(
                     student_stage=task.student_stages[k].name, teacher_stage=task.teacher_stages[k].name,
                     teacher=_attention_grid(t, loss), student=_attention_grid(projected, loss),

@@ -73,9 +73,12 @@ class SADistillLoss(DistillLoss):
     def stage_terms(self, student_feats, teacher_feats) -> torch.Tensor:
         """Unweighted (L_dist, L_att) of every stage pair: a (K, 2) float32 tensor."""
         self.check_features(student_feats, teacher_feats)
+        return self.projected_terms(self.connectors.pairs(student_feats, teacher_feats))
+
+    def projected_terms(self, pairs) -> torch.Tensor:
+        """(K, 2) float32 (L_dist, L_att) of (projected student, teacher) pairs, each (B, Ct_k, Ht_k, Wt_k)."""
         return torch.stack([
-            torch.stack(ops.sa_loss_terms(s, t, self.tau, self.p, backend=self.backend))
-            for s, t in self.connectors.pairs(student_feats, teacher_feats)
+            torch.stack(ops.sa_loss_terms(s, t, self.tau, self.p, backend=self.backend)) for s, t in pairs
         ]).float()
 
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
