@@ -198,11 +198,16 @@ def test_viz_command_with_a_bare_student_warns_about_connectors(viz_files):
     assert 'no connector state' in result.stderr and out.is_file()
 
 
-def test_viz_command_user_errors(viz_files):
+def test_viz_command_user_errors(viz_files, tmp_path):
     wrong_classes = run_cli('viz', '--teacher', 'resnet18', '--model', 'test_resnet', '--num-classes', '10',
                             '--checkpoint', str(viz_files / 'last.pth.tar'), str(viz_files / 'img0.png'))
     missing_image = run_cli('viz', '--teacher', 'resnet18', '--model', 'test_resnet', 'nope.png')
-    for result, words in ((wrong_classes, '--num-classes'), (missing_image, "image 'nope.png' does not exist")):
+    data = (viz_files / 'last.pth.tar').read_bytes()
+    (tmp_path / 'truncated.pth.tar').write_bytes(data[:len(data) // 2])
+    truncated = run_cli('viz', '--teacher', 'resnet18', '--model', 'test_resnet', '--num-classes', '4',
+                        '--checkpoint', str(tmp_path / 'truncated.pth.tar'), str(viz_files / 'img0.png'))
+    for result, words in ((wrong_classes, '--num-classes'), (missing_image, "image 'nope.png' does not exist"),
+                          (truncated, 'cannot be read: it is truncated')):
         assert result.returncode == 2 and 'Traceback' not in result.stderr
         assert 'error:' in result.stderr and words in result.stderr
 

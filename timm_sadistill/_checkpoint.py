@@ -6,7 +6,7 @@ architecture or class count), and load_state_dict errors alone do not say which 
 import os
 import zipfile
 
-__all__ = ['CheckpointReadError', 'check_checkpoint_readable']
+__all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'state_dict_mismatch']
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
@@ -39,3 +39,14 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
             f"{str(e).splitlines()[0][:160]}). Pass another file, e.g. model_best.pth.tar or an earlier "
             "checkpoint-N.pth.tar from the same folder."
         ) from e
+
+
+def state_dict_mismatch(error: RuntimeError, limit: int = 240) -> str:
+    """The line of a ``load_state_dict`` error that names the offending key and shapes, cut to ``limit`` characters.
+
+    Its first line is only a header ("Error(s) in loading state_dict for ResNet:"), and a missing-key list can run
+    for pages.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    return detail if len(detail) <= limit else detail[:limit] + ' ...'

@@ -16,6 +16,7 @@ from timm.models import clean_state_dict
 
 from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
+from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
 from ._common import add_sa_arguments, add_stage_arguments, create_model, run_command, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
@@ -53,9 +54,7 @@ def _torch_load(path: str) -> Any:
 
 def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     """(student state_dict, task_state or None) from a ``train`` checkpoint or a bare student file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass a train run's last.pth.tar, "
-                                "model_best.pth.tar or model.safetensors")
+    check_checkpoint_readable(path, 'Student checkpoint')
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         return load_file(path), None
@@ -84,11 +83,9 @@ def load_student_checkpoint(task: DistillTask, path: str) -> None:
         else:
             task.get_eval_model().load_state_dict(state_dict)
     except RuntimeError as e:
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
-        detail = detail if len(detail) <= 200 else detail[:200] + '...'  # key lists can run to thousands of chars
         raise ValueError(
-            f"checkpoint '{path}' does not fit this student/connectors ({detail}); pass the --model, --num-classes, "
-            "--img-size, stage and --sa-connector flags of the training run"
+            f"checkpoint '{path}' does not fit this student/connectors ({state_dict_mismatch(e)}); pass the --model, "
+            "--num-classes, --img-size, stage and --sa-connector flags of the training run"
         ) from None
 
 

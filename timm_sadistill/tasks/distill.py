@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
-from .._checkpoint import check_checkpoint_readable
+from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
 from .._features import FeatureTaps, StagesArg, pair_stages
 from .._registry import create_distill_loss, get_distill_loss_class
 from ..losses.base import DistillLoss
@@ -107,14 +107,9 @@ def resolve_teacher(
         except RuntimeError as e:
             if not pretrained_path:
                 raise
-            # load_state_dict's first line is only a header ("Error(s) in loading state_dict for ResNet:"); the
-            # first indented line names the offending key and shapes
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-            detail = detail if len(detail) <= 240 else detail[:240] + ' ...'  # a missing-key list can run for pages
             raise ValueError(
                 f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {base.num_classes} classes; "
-                f"check --teacher / the student's num_classes. Details: {detail}"
+                f"check --teacher / the student's num_classes. Details: {state_dict_mismatch(e)}"
             ) from e
     elif isinstance(teacher, nn.Module):
         resolved = DistillationTeacher(teacher, device=device, dtype=dtype)
