@@ -43,6 +43,14 @@ class DistillLoss(nn.Module):
         self.student_channels: List[int] = [int(c) for c in student_channels]
         self.teacher_channels: List[int] = [int(c) for c in teacher_channels]
 
+    @classmethod
+    def uses_final_pair(cls, **options) -> bool:
+        """Whether a loss built with ``options`` wants the models' final feature maps as its last stage pair."""
+        return False
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Called once by the task with the bare student and teacher, before any optimizer exists (no-op here)."""
+
     def check_features(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when the features do not match the channels this loss was built for."""
         got_s = [f.shape[1] for f in student_feats]

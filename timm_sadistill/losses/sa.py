@@ -2,6 +2,9 @@
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
 
 from .. import ops
 from .._registry import register_distill_loss
@@ -10,6 +13,18 @@ from .connectors import ConnectorList
 from .kd import kd_divergence
 
 __all__ = ['SADistillLoss']
+
+
+def standardize_positions(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each (b, c) map z-scored over its H*W positions (logit standardisation, Sun et al. CVPR 2024, per map)."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.float().std(dim=(-2, -1), keepdim=True).to(x.dtype)
+    return (x - mean) / (std + eps)
+
+
+def spatial_attention_distance(s: torch.Tensor, t: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """L_att = 1/B sum_b || a(s)_b - a(t)_b ||^2 with the op's attention maps."""
+    return (ops.spatial_attention(s, p, backend=backend) - ops.spatial_attention(t, p, backend=backend)).pow(2).sum(-1).mean()
 
 
 @register_distill_loss('sa')
@@ -53,6 +68,10 @@ class SADistillLoss(DistillLoss):
             temperature: float = 4.0,
             connector: str = 'bottleneck',
             backend: str = 'auto',
+            standardize: bool = False,
+            warmup_steps: int = 0,
+            head_weight: float = 0.0,
+            cam_weight: float = 0.0,
     ):
         super().__init__(student_channels, teacher_channels)
         if tau <= 0 or temperature <= 0:
@@ -68,7 +87,69 @@ class SADistillLoss(DistillLoss):
         self.kd_weight = kd_weight
         self.temperature = temperature
         self.backend = backend
-        self.connectors = ConnectorList(connector, self.student_channels, self.teacher_channels)
+        self.standardize = standardize
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        self.warmup_steps = int(warmup_steps)
+        self.head_weight = head_weight
+        self.cam_weight = cam_weight
+        # the final pair (last feature_info stages) feeds the head terms only; the SA terms take the others
+        spatial = len(self.student_channels) - (1 if self.uses_final_pair(head_weight=head_weight, cam_weight=cam_weight) else 0)
+        self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
+        self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
+
+    @classmethod
+    def uses_final_pair(cls, **options) -> bool:
+        return bool(options.get('head_weight') or options.get('cam_weight'))
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Keep the two models' heads for the head terms; the SRRL connector maps student to teacher pre-logits.
+
+        The teacher is held outside the module tree: it is frozen and saved with its own checkpoint, not here.
+        """
+        if not self.uses_final_pair(head_weight=self.head_weight, cam_weight=self.cam_weight):
+            return
+        object.__setattr__(self, '_teacher', teacher)
+        object.__setattr__(self, '_student', student)
+        if self.head_weight:
+            ds = int(getattr(student, 'head_hidden_size', student.num_features))
+            dt = int(getattr(teacher, 'head_hidden_size', teacher.num_features))
+            # SRRL's transfer: 1x1 conv (a linear map on pooled features), BN, ReLU
+            self.head_connector = nn.Sequential(nn.Linear(ds, dt, bias=False), nn.BatchNorm1d(dt), nn.ReLU(inplace=True))
+
+    def head_terms(self, s_final: torch.Tensor, t_final: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """SRRL (teacher-classifier reuse) and CAT-KD (class-activation maps) on the final feature maps.
+
+        SRRL (Yang et al., ICLR 2021): z_S = r(pre_logits_S), r = linear + BN + ReLU;
+            L_head = MSE(z_S, pre_logits_T) + MSE(classifier_T(z_S), logits_T).
+        CAT-KD (Guo et al., CVPR 2023): CAM_X(b, k, i) = head_X(X_{b,:,i}) evaluated at every position i (for a
+            linear head after average pooling, sum_c W_kc X_{b,c,i} + bias, whose mean over i is the logit);
+            both CAMs are pooled to the smaller grid and L2-normalised over positions;
+            L_cam = mean_{b,k} || cam_S - cam_T ||^2 * (number of positions).
+        """
+        terms = {}
+        student, teacher = self._student, self._teacher
+        if self.head_weight:
+            pre_s = student.forward_head(s_final, pre_logits=True)
+            with torch.no_grad():
+                pre_t = teacher.forward_head(t_final, pre_logits=True)
+                logits_t = teacher.get_classifier()(pre_t)
+            z = self.head_connector(pre_s)
+            logits_sr = teacher.get_classifier()(z)
+            terms['sa_head'] = self.head_weight * (F.mse_loss(z.float(), pre_t.float()) + F.mse_loss(logits_sr.float(), logits_t.float()))
+        if self.cam_weight:
+            def cam(model, x):
+                b, _, h, w = x.shape
+                per_position = model.forward_head(rearrange(x, 'b c h w -> (b h w) c 1 1'))
+                return rearrange(per_position, '(b h w) k -> b k h w', b=b, h=h, w=w)
+            cam_s = cam(student, s_final)
+            with torch.no_grad():
+                cam_t = cam(teacher, t_final)
+            size = (min(cam_s.shape[-2], cam_t.shape[-2]), min(cam_s.shape[-1], cam_t.shape[-1]))
+            cam_s = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_s.float(), size), 'b k h w -> b k (h w)'), dim=-1)
+            cam_t = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_t.float(), size), 'b k h w -> b k (h w)'), dim=-1)
+            terms['sa_cam'] = self.cam_weight * (cam_s - cam_t).pow(2).sum(-1).mean()
+        return terms
 
     def stage_terms(self, student_feats, teacher_feats) -> torch.Tensor:
         """Unweighted (L_dist, L_att) of every stage pair: a (K, 2) float32 tensor."""
@@ -77,14 +158,30 @@ class SADistillLoss(DistillLoss):
 
     def projected_terms(self, pairs) -> torch.Tensor:
         """(K, 2) float32 (L_dist, L_att) of (projected student, teacher) pairs, each (B, Ct_k, Ht_k, Wt_k)."""
+        if self.standardize:
+            return torch.stack([torch.stack((
+                ops.spatial_kl(standardize_positions(s), standardize_positions(t), self.tau, backend=self.backend),
+                spatial_attention_distance(s, t, self.p, self.backend))) for s, t in pairs]).float()
         return torch.stack([
             torch.stack(ops.sa_loss_terms(s, t, self.tau, self.p, backend=self.backend)) for s, t in pairs
         ]).float()
 
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        dist, att = self.stage_terms(student_feats, teacher_feats).mean(dim=0)
-        terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
+        self.check_features(student_feats, teacher_feats)
+        spatial = len(self.connectors)
+        terms = {}
+        if spatial:
+            dist, att = self.projected_terms(
+                self.connectors.pairs(student_feats[:spatial], teacher_feats[:spatial])).mean(dim=0)
+            terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
+        if spatial < len(student_feats):
+            terms.update(self.head_terms(student_feats[-1], teacher_feats[-1]))
+        if self.warmup_steps:
+            ramp = min(1.0, float(self.steps) / self.warmup_steps)
+            terms = {k: v * ramp for k, v in terms.items()}
+            if self.training:
+                self.steps += 1
         if self.kd_weight:
             terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
         return terms

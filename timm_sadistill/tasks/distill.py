@@ -9,7 +9,7 @@ from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
 from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
-from .._features import FeatureTaps, StagesArg, pair_stages
+from .._features import FeatureTaps, StagesArg, list_stages, pair_stages
 from .._registry import create_distill_loss, get_distill_loss_class
 from ..losses.base import DistillLoss
 
@@ -181,6 +181,9 @@ class DistillTask(TrainingTask):
         s_stages, t_stages = pair_stages(
             student_model, self.teacher.model, student_stages, teacher_stages, img_size=img_size, policy=policy,
         )
+        loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
+        if isinstance(loss, str) and loss_class.uses_final_pair(**loss_kwargs):
+            s_stages, t_stages = list(s_stages) + [list_stages(student_model)[-1]], list(t_stages) + [list_stages(self.teacher.model)[-1]]
         student_taps = FeatureTaps(student_model, s_stages, img_size=img_size)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
         object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=img_size))
@@ -192,6 +195,7 @@ class DistillTask(TrainingTask):
             )
         elif loss_kwargs or temperature is not None:
             raise TypeError("Loss options go to create_distill_loss; a built loss takes none here.")
+        loss.bind(unwrap_model(student_model), self.teacher.model)
         self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device))
 
         base = unwrap_model(student_model)

@@ -1,0 +1,123 @@
+"""SA's optional terms (standardised maps, warm-up, teacher-head reuse, class-activation maps) against formulas
+written here independently, on real timm models where the term needs their heads."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_sadistill as tsd
+
+
+def _models(student='test_resnet', teacher='resnet18', num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return (timm.create_model(student, num_classes=num_classes).eval(),
+            timm.create_model(teacher, num_classes=num_classes).eval())
+
+
+def _kl_spatial(s, t, tau):
+    p_s = torch.softmax(s.flatten(2) / tau, -1)
+    p_t = torch.softmax(t.flatten(2) / tau, -1)
+    return tau ** 2 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+
+
+def _att(x, p):
+    return F.normalize(x.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def test_standardize_z_scores_each_map_before_the_spatial_softmax():
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 3, 4, 4, generator=g).requires_grad_()]
+    t = [3.0 * torch.randn(2, 3, 4, 4, generator=g) + 1.0]
+    loss = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity',
+                                   standardize=True, kd_weight=0, tau=2.0, alpha=1.0, beta=10.0)
+
+    def z(x):
+        return (x - x.mean((-2, -1), keepdim=True)) / (x.std((-2, -1), keepdim=True) + 1e-5)
+
+    expected = _kl_spatial(z(s[0]), z(t[0]), 2.0) + 10.0 * (_att(s[0], 2.0) - _att(t[0], 2.0)).pow(2).sum(-1).mean()
+    got = sum(loss(s, t, None, None).values())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # a shift and scale of the teacher's maps no longer changes L_dist
+    shifted = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity',
+                                      standardize=True, kd_weight=0, beta=0.0)
+    torch.testing.assert_close(shifted(s, t, None, None)['sa_dist'],
+                               shifted(s, [5 * t[0] - 2], None, None)['sa_dist'], rtol=1e-4, atol=1e-5)
+
+
+def test_warmup_ramps_the_feature_terms_linearly_and_counts_training_steps_only():
+    g = torch.Generator().manual_seed(1)
+    s, t = [torch.randn(2, 3, 4, 4, generator=g)], [torch.randn(2, 3, 4, 4, generator=g)]
+    logits_s, logits_t = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    full = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity')
+    ramped = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity',
+                                     warmup_steps=4)
+    reference = full(s, t, logits_s, logits_t)
+    ramped.eval()
+    assert ramped(s, t, logits_s, logits_t)['sa_dist'] == 0  # evaluation does not advance the ramp
+    ramped.train()
+    for step in range(6):
+        got = ramped(s, t, logits_s, logits_t)
+        scale = min(1.0, step / 4)
+        torch.testing.assert_close(got['sa_dist'], scale * reference['sa_dist'])
+        torch.testing.assert_close(got['sa_att'], scale * reference['sa_att'])
+        torch.testing.assert_close(got['sa_kd'], reference['sa_kd'])  # the logit term is not ramped
+    assert int(ramped.state_dict()['steps']) == 6  # saved with the connectors, so a resume keeps its place
+
+
+def test_head_term_is_srrl_through_the_frozen_teacher_classifier():
+    student, teacher = _models()
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, head_weight=2.0, kd_weight=0, verbose=False)
+    # the final feature maps ride as an extra last pair; SA's own terms keep the auto pairs
+    assert [s.name for s in task.student_stages] == ['layer1', 'layer2', 'layer3', 'layer4']
+    loss = task.distill_loss
+    assert len(loss.connectors) == 3
+    assert not any(n.startswith('_teacher') for n, _ in loss.named_parameters())  # the teacher is not trained here
+    x = torch.randn(3, 3, 64, 64)
+    task.eval()
+    out = task(x, torch.zeros(3, dtype=torch.long))
+    with torch.no_grad():
+        s_final = student.forward_features(x)
+        t_final = teacher.forward_features(task.teacher.normalize_input(x, task.student_mean, task.student_std))
+        pre_s = student.forward_head(s_final, pre_logits=True)
+        pre_t = teacher.forward_head(t_final, pre_logits=True)
+        z = loss.head_connector(pre_s)
+        expected = 2.0 * (F.mse_loss(z, pre_t) + F.mse_loss(teacher.fc(z), teacher.fc(pre_t)))
+    torch.testing.assert_close(out['sa_head'], expected, rtol=1e-4, atol=1e-6)
+    assert 'head_connector.0.weight' in task.get_task_state()['distill_loss']
+
+
+def test_cam_term_compares_normalised_class_activation_maps():
+    student, teacher = _models()
+    task = tsd.create_distill_task('sa', student, teacher, img_size=96, cam_weight=3.0, kd_weight=0, verbose=False)
+    x = torch.randn(2, 3, 96, 96)
+    task.eval()
+    out = task(x, torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        def cam(model, x):  # a ResNet head is average pooling then fc: CAM = W F + b at every position
+            f = model.forward_features(x)
+            return torch.einsum('kc,bchw->bkhw', model.fc.weight, f) + model.fc.bias.view(1, -1, 1, 1)
+        cam_s = cam(student, x)  # both 3x3 at 96 px
+        cam_t = cam(teacher, task.teacher.normalize_input(x, task.student_mean, task.student_std))
+        cam_s = F.normalize(cam_s.flatten(2), dim=-1)
+        cam_t = F.normalize(cam_t.flatten(2), dim=-1)
+        expected = 3.0 * (cam_s - cam_t).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out['sa_cam'], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('student,teacher', [('mobilenetv3_small_050', 'convnext_atto'), ('test_convnext', 'test_resnet')])
+def test_head_terms_train_across_families(student, teacher):
+    s, t = _models(student, teacher)
+    task = tsd.create_distill_task('sa', s, t, img_size=64, head_weight=1.0, cam_weight=1.0, verbose=False)
+    optimizer = torch.optim.AdamW(task.trainable_module.parameters(), lr=1e-3)
+    task.train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+    before = {k: v.clone() for k, v in task.distill_loss.head_connector.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in t.state_dict().items()}
+    for _ in range(2):
+        out = task(x, y)
+        optimizer.zero_grad()
+        out['loss'].backward()
+        optimizer.step()
+    assert torch.isfinite(out['loss'])
+    assert any(not torch.equal(before[k], v) for k, v in task.distill_loss.head_connector.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in t.state_dict().items())
