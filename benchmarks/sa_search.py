@@ -1,0 +1,419 @@
+"""In-process distillation benchmark that separates methods: fast student runs on a bank of teacher outputs.
+
+Every student run of the CLI benchmark pays for the teacher's forward pass (2.5x a plain student step) and a
+subprocess start. Here the frozen teacher runs once per (setting, view) instead: each train image gets ``views``
+random-resized crops, the teacher's logits and stage features of each crop are stored, and a student run at epoch
+``e`` reads view ``(e + offset_image) % views`` (offsets drawn from the run's seed). The student side is exactly
+the library's: ``create_distill_task`` builds the stages and the loss, and each step calls the task's
+``trainable_module`` with the stored teacher outputs, as ``DistillTask.forward`` does with live ones.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import timm  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+import timm_sadistill as tsd  # noqa: E402
+
+IMG = 64
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+
+
+def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def shapes_arrays(n_per_class: int = 200, size: int = 32, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Generated 'shapes': 10 classes, each a pair of primitives in a fixed spatial relation, with clutter.
+
+    Class = (shape A, shape B, relation): the identity of the class lives in where the parts are relative to
+    each other, not in any single local texture, so it needs spatial reasoning and many examples.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def blob(kind: int, cy: float, cx: float, r: float) -> np.ndarray:
+        dy, dx = yy - cy, xx - cx
+        if kind == 0:  # disc
+            return (dy ** 2 + dx ** 2 <= r ** 2).astype(np.float32)
+        if kind == 1:  # square
+            return ((abs(dy) <= r * 0.8) & (abs(dx) <= r * 0.8)).astype(np.float32)
+        if kind == 2:  # ring
+            d = np.sqrt(dy ** 2 + dx ** 2)
+            return ((d <= r) & (d >= r * 0.55)).astype(np.float32)
+        # cross
+        return (((abs(dy) <= r * 0.3) & (abs(dx) <= r)) | ((abs(dx) <= r * 0.3) & (abs(dy) <= r))).astype(np.float32)
+
+    # (kind A, kind B, relation: 0 = B right of A, 1 = B below A)
+    classes = [(0, 1, 0), (0, 1, 1), (1, 0, 0), (2, 3, 0), (2, 3, 1), (3, 2, 1), (0, 2, 0), (2, 0, 1),
+               (1, 3, 0), (3, 1, 1)]
+    images, labels = [], []
+    for label, (a, b, rel) in enumerate(classes):
+        for _ in range(n_per_class):
+            r = rng.uniform(3.0, 5.0)
+            gap = rng.uniform(2.2, 3.0) * r
+            cy = rng.uniform(r + 1, size - r - 1 - (gap if rel else 0))
+            cx = rng.uniform(r + 1, size - r - 1 - (0 if rel else gap))
+            img = 0.25 * rng.random((size, size)).astype(np.float32)
+            img += rng.uniform(0.5, 0.9) * blob(a, cy, cx, r)
+            img += rng.uniform(0.5, 0.9) * blob(b, cy + (gap if rel else 0), cx + (0 if rel else gap), r)
+            for _ in range(2):  # clutter: small random primitives anywhere
+                img += rng.uniform(0.3, 0.6) * blob(rng.integers(4), rng.uniform(0, size), rng.uniform(0, size),
+                                                    rng.uniform(1.0, 2.0))
+            images.append(np.clip(img, 0, 1))
+            labels.append(label)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+DATASETS = {'digits': digits_arrays, 'shapes': shapes_arrays}
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, h, w) in [0, 1] -> (N, 3, IMG, IMG) normalised with ImageNet mean/std."""
+    x = torch.from_numpy(images).unsqueeze(1)
+    x = F.interpolate(x, size=(IMG, IMG), mode='bilinear', align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    return (x - MEAN) / STD
+
+
+def split(dataset: str, val_fraction: float = 0.3):
+    from sklearn.model_selection import train_test_split
+    images, labels = DATASETS[dataset]()
+    idx = np.arange(len(labels))
+    tr, va = train_test_split(idx, test_size=val_fraction, stratify=labels, random_state=0)
+    return images, labels, tr, va
+
+
+def random_resized_crops(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """One random-resized crop per image of x (N, 3, H, W), resized back to (H, W) (timm's train transform)."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    area = h * w
+    for i in range(n):
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(*scale, generator=generator))
+            log_r = torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+            ar = math.exp(float(log_r))
+            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = w, h
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+        out[i] = F.interpolate(x[i:i + 1, :, top:top + ch, left:left + cw], size=(h, w), mode='bilinear',
+                               align_corners=False)[0]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    dataset: str
+    teacher: str
+    student: str
+    per_class: int = 5            # student train images per class
+    teacher_per_class: Optional[int] = None  # None: the full train split
+    teacher_epochs: int = 15
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3
+
+
+SETTINGS = {
+    'digits-homo': Setting('digits-homo', 'digits', 'resnet18', 'test_resnet'),
+    'digits-hetero': Setting('digits-hetero', 'digits', 'convnext_atto', 'test_resnet'),
+    'digits-mobile': Setting('digits-mobile', 'digits', 'resnet18', 'mobilenetv3_small_050'),
+    'digits-weak': Setting('digits-weak', 'digits', 'resnet18', 'test_resnet', teacher_per_class=12, teacher_epochs=30),
+    'shapes-homo': Setting('shapes-homo', 'shapes', 'resnet18', 'test_resnet', per_class=10),
+    'shapes-hetero': Setting('shapes-hetero', 'shapes', 'convnext_atto', 'test_resnet', per_class=10),
+}
+
+
+def take_per_class(tr: np.ndarray, labels: np.ndarray, n: Optional[int]) -> np.ndarray:
+    if n is None:
+        return tr
+    return np.concatenate([tr[labels[tr] == k][:n] for k in np.unique(labels)])
+
+
+def cosine_lambda(total: int):
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def train_teacher(setting: Setting, cache: str) -> Tuple[nn.Module, float]:
+    """The teacher of a setting, trained once on its train images (live random crops) and cached."""
+    images, labels, tr, va = split(setting.dataset)
+    tr = take_per_class(tr, labels, setting.teacher_per_class)
+    key = f'{setting.dataset}-{setting.teacher}-n{setting.teacher_per_class or "all"}-e{setting.teacher_epochs}'
+    path = os.path.join(cache, 'teachers', key + '.pt')
+    num_classes = int(labels.max()) + 1
+    model = timm.create_model(setting.teacher, num_classes=num_classes)
+    x_val, y_val = to_tensor(images[va]), torch.from_numpy(labels[va])
+    if os.path.isfile(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval(), evaluate(model, x_val, y_val)
+    torch.manual_seed(0)
+    model = timm.create_model(setting.teacher, num_classes=num_classes)
+    x, y = to_tensor(images[tr]), torch.from_numpy(labels[tr])
+    bs = 32
+    steps_per_epoch = max(1, math.ceil(len(y) / bs))
+    optimizer = create_optimizer_v2(model, 'adamw', lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(setting.teacher_epochs * steps_per_epoch))
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(setting.teacher_epochs):
+        order = torch.randperm(len(y), generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            loss = F.cross_entropy(model(random_resized_crops(x[idx], g)), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval(), evaluate(model, x_val, y_val)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), 256):
+        correct += (model(x[i:i + 256]).argmax(-1) == y[i:i + 256]).sum().item()
+    return 100.0 * correct / len(y)
+
+
+@dataclass
+class Bank:
+    """Views of the student's train images and the teacher's outputs on them."""
+    views: torch.Tensor                     # (V, N, 3, H, W)
+    labels: torch.Tensor                    # (N,)
+    logits: torch.Tensor                    # (V, N, K)
+    feats: Dict[int, torch.Tensor]          # feature_info index -> (V, N, C, h, w)
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    teacher_top1: float
+    teacher: nn.Module = field(repr=False)
+
+
+_BANKS: Dict[Tuple[str, int, int], Bank] = {}
+
+
+def bank_for(setting: Setting, cache: str, views: int) -> Bank:
+    key = (setting.name, setting.per_class, views)
+    if key in _BANKS:
+        return _BANKS[key]
+    teacher, teacher_top1 = train_teacher(setting, cache)
+    images, labels, tr, va = split(setting.dataset)
+    tr = take_per_class(tr, labels, setting.per_class)
+    x = to_tensor(images[tr])
+    g = torch.Generator().manual_seed(1234)
+    all_views = torch.stack([random_resized_crops(x, g) for _ in range(views)])
+    indices = list(range(len(tsd.list_stages(teacher))))
+    logits, feats = [], {i: [] for i in indices}
+    with torch.no_grad():
+        for v in range(views):
+            final, inter = teacher.forward_intermediates(all_views[v], indices=indices, output_fmt='NCHW')
+            logits.append(teacher.forward_head(final))
+            for i, f in zip(indices, inter):
+                feats[i].append(f)
+    bank = Bank(all_views, torch.from_numpy(labels[tr]), torch.stack(logits),
+                {i: torch.stack(f) for i, f in feats.items()}, to_tensor(images[va]), torch.from_numpy(labels[va]),
+                teacher_top1, teacher)
+    _BANKS[key] = bank
+    return bank
+
+
+# ------------------------------------------------------------------------------------------------------------
+# student runs
+
+
+def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: str, views: int = 30,
+                epochs: Optional[int] = None) -> Dict:
+    """Train one student; returns {'top1', 'wall_s', ...}. method 'none' is cross-entropy only."""
+    bank = bank_for(setting, cache, views)
+    num_classes = int(bank.logits.shape[-1])
+    torch.manual_seed(seed)
+    student = timm.create_model(setting.student, num_classes=num_classes)
+    options = dict(options)
+    task_w = options.pop('task_loss_weight', None)
+    distill_w = options.pop('distill_loss_weight', None)
+    if method == 'none':
+        module, task = student, None
+    else:
+        task = tsd.create_distill_task(method, student, bank.teacher, img_size=IMG, verbose=False,
+                                       task_loss_weight=task_w, distill_loss_weight=distill_w, **options)
+        module = task.trainable_module
+        t_indices = [s.index for s in task.teacher_stages]
+    epochs = epochs or setting.epochs
+    n = len(bank.labels)
+    steps_per_epoch = math.ceil(n / setting.batch_size)
+    optimizer = create_optimizer_v2(module, 'adamw', lr=setting.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(epochs * steps_per_epoch))
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, views, (n,), generator=g)
+    start = time.perf_counter()
+    (task or module).train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * setting.batch_size:(i + 1) * setting.batch_size]
+            v = (epoch + offsets[idx]) % views
+            x, y = bank.views[v, idx], bank.labels[idx]
+            if task is None:
+                loss = F.cross_entropy(module(x), y)
+            else:
+                t_logits = bank.logits[v, idx]
+                t_feats = [bank.feats[j][v, idx] for j in t_indices]
+                logits, terms = module(x, t_feats, t_logits, y)
+                kd = torch.stack([t.float() for t in terms.values()]).sum()
+                loss = task.task_loss_weight * task.criterion(logits, y) + task.distill_loss_weight * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+    wall = time.perf_counter() - start
+    top1 = evaluate(student, bank.x_val, bank.y_val)
+    return {'top1': top1, 'wall_s': wall, 'teacher_top1': bank.teacher_top1}
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict]:
+    """'sa' -> ('sa', {}); 'sa[beta=30,connector=conv1x1]' -> ('sa', {'beta': 30.0, 'connector': 'conv1x1'})."""
+    name, _, rest = spec.partition('[')
+    options: Dict = {}
+    for item in filter(None, rest.rstrip(']').split(',')):
+        key, _, value = item.partition('=')
+        if '|' in value:
+            options[key] = value.split('|')
+            continue
+        if value in ('true', 'false'):
+            options[key] = value == 'true'
+            continue
+        try:
+            options[key] = float(value) if '.' in value or 'e' in value else int(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
+def run_path(cache: str, setting: Setting, views: int, epochs: int, spec: str, seed: int) -> str:
+    return os.path.join(cache, 'runs', f'v{views}-e{epochs}-n{setting.per_class}', setting.name, spec.replace('/', '_'),
+                        f'seed{seed}.json')
+
+
+def cached_run(setting: str, spec: str, seed: int, cache: str, views: int, epochs: Optional[int]) -> Dict:
+    s = SETTINGS[setting]
+    ep = epochs or s.epochs
+    path = run_path(cache, s, views, ep, spec, seed)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    method, options = parse_spec(spec)
+    result = run_student(s, method, options, seed, cache, views, epochs)
+    result.update(setting=setting, spec=spec, seed=seed, views=views, epochs=ep)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(result, f)
+    os.replace(path + '.tmp', path)
+    print(f"{setting:14s} {spec:50s} seed {seed:3d}: {result['top1']:6.2f} ({result['wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def paired_stats(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float, int, int]:
+    """(mean of a - b, standard error of that mean, wins of a, n) over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds])
+    if len(d) == 0:
+        return float('nan'), float('nan'), 0, 0
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float('nan')
+    return float(d.mean()), se, int((d > 0).sum()), len(d)
+
+
+def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str, views: int, epochs: Optional[int],
+           reference: str) -> str:
+    """Markdown table: mean ± SE top-1 and the paired difference to ``reference`` of each spec."""
+    ep = epochs or SETTINGS[setting].epochs
+    results = {}
+    for spec in specs:
+        acc = {}
+        for seed in seeds:
+            path = run_path(cache, SETTINGS[setting], views, ep, spec, seed)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    acc[seed] = json.load(f)['top1']
+        results[spec] = acc
+    lines = [f'| {setting} | top-1 (mean ± SE) | n | Δ vs {reference} (paired ± SE) | wins |', '|---|---|---|---|---|']
+    for spec, acc in results.items():
+        v = np.array(list(acc.values()))
+        if not len(v):
+            continue
+        m, se, w, n = paired_stats(acc, results.get(reference, {}))
+        se_v = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float('nan')
+        delta = '' if spec == reference else f'{m:+.2f} ± {se:.2f}'
+        lines.append(f'| {spec} | {v.mean():.2f} ± {se_v:.2f} | {len(v)} | {delta} | {"" if spec == reference else f"{w}/{n}"} |')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--settings', default='digits-homo')
+    ap.add_argument('--specs', default='none;kd;sa', help="';'-separated method specs, e.g. 'kd[temperature=8]'")
+    ap.add_argument('--seeds', default='100-102')
+    ap.add_argument('--views', type=int, default=30)
+    ap.add_argument('--epochs', type=int, default=None)
+    ap.add_argument('--cache', default=os.path.join(ROOT, 'benchmarks', '.cache', 'sa_search'))
+    ap.add_argument('--threads', type=int, default=1, help='torch threads of each job')
+    ap.add_argument('--jobs', type=int, default=1, help='runs in parallel (processes)')
+    ap.add_argument('--per-class', type=int, default=None, help="override the settings' student images per class")
+    ap.add_argument('--report', metavar='REFERENCE', help='print the table against this spec instead of running')
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds: List[int] = []
+    for part in args.seeds.split(','):
+        lo, _, hi = part.partition('-')
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    if args.per_class:
+        for name in list(SETTINGS):
+            SETTINGS[name] = replace(SETTINGS[name], per_class=args.per_class)
+    if args.report:
+        for setting in args.settings.split(','):
+            print(report(setting, args.specs.split(';'), seeds, args.cache, args.views, args.epochs, args.report), '\n')
+        return
+    runs = [(setting, spec, seed, args.cache, args.views, args.epochs)
+            for setting in args.settings.split(',') for seed in seeds for spec in args.specs.split(';')]
+    if args.jobs == 1:
+        for run in runs:
+            cached_run(*run)
+        return
+    import multiprocessing
+    with multiprocessing.get_context('fork').Pool(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        pool.starmap(cached_run, runs, chunksize=1)
+
+
+if __name__ == '__main__':
+    main()
