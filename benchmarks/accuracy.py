@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without an install
+sys.path.insert(0, ROOT)  # the checkout's benchmarks/ recipes (and the package, without an install)
 
-from timm_sadistill.datasets import CLASS_NAMES, write_image_folder  # noqa: E402
-from timm_sadistill.experiment import (  # noqa: E402
+from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
+from benchmarks.launch import (  # noqa: E402
     RECIPE, read_summary, run_train, schedule_flags)
 
 IMG_SIZE = 64  # RECIPE's --img-size
