@@ -14,7 +14,6 @@ Test-only hooks (never set them outside tests):
     ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.checkpoint`.
 """
 import argparse
-import inspect
 import logging
 import os
 import sys
@@ -41,7 +40,7 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._checkpoint import check_checkpoint_readable
-from .._registry import get_distill_loss_class, list_distill_losses
+from ..losses import list_distill_losses, loss_options
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
 from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
 from ._common import SA_OPTIONS, add_sa_arguments, add_stage_arguments, sa_options
@@ -304,7 +303,7 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
 
 def loss_accepts(name: str, option: str) -> bool:
     """Whether the loss registered as ``name`` takes keyword ``option`` (e.g. 'temperature')."""
-    return option in inspect.signature(get_distill_loss_class(name).__init__).parameters
+    return option in loss_options(name).defaults
 
 
 def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
-from .._registry import register_distill_loss
+from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import align_spatial
 

@@ -10,8 +10,7 @@ from timm.utils.model import unwrap_model
 
 from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
 from .._features import FeatureTaps, StagesArg, pair_stages
-from .._registry import create_distill_loss, get_distill_loss_class
-from ..losses.base import DistillLoss
+from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
