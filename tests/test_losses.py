@@ -238,3 +238,13 @@ def test_feature_losses_need_channels():
         tsd.create_distill_loss('sa')
     with pytest.raises(ValueError, match='one entry per stage pair'):
         tsd.create_distill_loss('at', student_channels=[1, 2], teacher_channels=[1])
+
+
+def test_sa_options_are_declared_once_in_the_table():
+    from timm_sadistill.losses.sa import SA_OPTIONS
+    declared = {option.name: option.default for option in SA_OPTIONS}
+    defaults = tsd.loss_options('sa').defaults
+    assert {k: v for k, v in defaults.items() if k not in ('student_channels', 'teacher_channels')} == declared
+    for option in SA_OPTIONS:
+        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillLoss.__doc__
+        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillTask.__doc__

@@ -6,16 +6,11 @@ from typing import Any, Callable, Dict, List, Union
 import timm
 import torch.nn as nn
 
-from ..losses.connectors import list_connectors
+from ..losses.sa import SA_OPTIONS, SAOption
 from .errors import USER_ERRORS
 
-# --sa-* flag -> SADistillLoss option
-SA_OPTIONS = {'sa_tau': 'tau', 'sa_p': 'p', 'sa_alpha': 'alpha', 'sa_beta': 'beta', 'sa_kd_weight': 'kd_weight',
-              'sa_connector': 'connector'}
-
-__all__ = ['USER_ERRORS', 'SA_OPTIONS', 'parse_stages', 'add_stage_arguments', 'add_sa_arguments', 'sa_options',
+__all__ = ['USER_ERRORS', 'parse_stages', 'add_stage_arguments', 'add_sa_arguments', 'sa_options', 'sa_flag',
            'create_model', 'run_command']
-
 
 
 def parse_stages(value: str) -> Union[str, List[Union[str, int]]]:
@@ -42,19 +37,23 @@ def add_stage_arguments(group) -> None:
                        help='Teacher stages, paired in order with --distill-stages (default: auto)')
 
 
+def sa_flag(option: SAOption) -> str:
+    """The command-line flag of an SA option: ``kd_weight`` -> ``--sa-kd-weight``."""
+    return '--sa-' + option.name.replace('_', '-')
+
+
 def add_sa_arguments(group) -> None:
-    """The ``--sa-*`` options of SA (None: the loss's default), one flag per entry of `SA_OPTIONS`."""
-    group.add_argument('--sa-tau', type=float, default=None, help='SA: spatial softmax temperature')
-    group.add_argument('--sa-p', type=float, default=None, help='SA: power of |x| in the attention map')
-    group.add_argument('--sa-alpha', type=float, default=None, help='SA: weight of the spatial distribution term')
-    group.add_argument('--sa-beta', type=float, default=None, help='SA: weight of the attention-map term')
-    group.add_argument('--sa-kd-weight', type=float, default=None, help='SA: weight of the logit KD term (0: off)')
-    group.add_argument('--sa-connector', default=None, choices=list_connectors(), help='SA: student->teacher connector')
+    """One ``--sa-*`` flag per command-line option of `SA_OPTIONS` (default None: the loss's default)."""
+    for option in SA_OPTIONS:
+        if option.flag:
+            group.add_argument(sa_flag(option), type=option.type, default=None, choices=option.choices or None,
+                               help='SA: ' + option.help)
 
 
 def sa_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The SA options given on the command line, as ``create_distill_task('sa', ...)`` keywords."""
-    return {option: getattr(args, flag) for flag, option in SA_OPTIONS.items() if getattr(args, flag) is not None}
+    given = {option.name: getattr(args, 'sa_' + option.name) for option in SA_OPTIONS if option.flag}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

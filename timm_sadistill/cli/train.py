@@ -43,7 +43,8 @@ from .._checkpoint import check_checkpoint_readable
 from ..losses import list_distill_losses, loss_options
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
 from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
-from ._common import SA_OPTIONS, add_sa_arguments, add_stage_arguments, sa_options
+from ..losses.sa import SA_OPTIONS
+from ._common import add_sa_arguments, add_stage_arguments, sa_flag, sa_options
 from .errors import UsageError
 from .progress import ProgressBar
 
@@ -314,7 +315,7 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """
     sa_given = sa_options(args)
     if sa_given and args.distill != 'sa':
-        flags = ', '.join('--' + flag.replace('_', '-') for flag, option in SA_OPTIONS.items() if option in sa_given)
+        flags = ', '.join(sa_flag(option) for option in SA_OPTIONS if option.name in sa_given)
         raise UsageError(f"{flags}: SA options, but the method is --distill {args.distill}; drop them or use --distill sa.")
     return dict(
         teacher_pretrained_path=args.teacher_checkpoint,

@@ -1,18 +1,69 @@
-"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract; DESIGN section 1)."""
-from typing import Dict, Optional, Sequence
+"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract; DESIGN section 1).
+
+SA's options are declared once, in `SA_OPTIONS`: `SADistillLoss`'s defaults, `SADistillTask`'s keywords and their
+documentation, and the command line's ``--sa-*`` flags (``train``, ``timm-train``, ``viz``) all come from it.
+To add an option:
+
+1. add a row ``SAOption('gamma', 0.5, float, 'weight of the new term')`` to `SA_OPTIONS` (``flag=False`` keeps it
+   off the command line);
+2. give `SADistillLoss.__init__` the parameter ``gamma: float = _DEFAULTS['gamma']`` and use it in the loss.
+
+Nothing else changes: ``SADistillTask(..., gamma=...)``, ``create_distill_task('sa', ..., gamma=...)`` and
+``--sa-gamma`` follow (tests/test_losses.py checks that the table and the constructor agree).
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .. import ops
 from ._registry import register_distill_loss
 from .base import DistillLoss
-from .connectors import ConnectorList
+from .connectors import ConnectorList, list_connectors
 from .kd import kd_divergence
 
-__all__ = ['SADistillLoss']
+__all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
+
+
+@dataclass(frozen=True)
+class SAOption:
+    """One option of SA: a keyword of `SADistillLoss` (and so of `SADistillTask`) and, when ``flag``, the
+    command-line flag ``--sa-<name>`` (``_`` written ``-``) of that ``type``, restricted to ``choices`` if any."""
+    name: str
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+    flag: bool = True
+    choices: Tuple[str, ...] = ()
+
+
+# The defaults are the measured ones: docs/method.md says where each comes from.
+SA_OPTIONS: Tuple[SAOption, ...] = (
+    SAOption('tau', 4.0, float, 'spatial softmax temperature'),
+    SAOption('p', 2.0, float, 'power of |x| in the attention map'),
+    SAOption('alpha', 1.0, float, 'weight of the spatial distribution term'),
+    SAOption('beta', 10.0, float, 'weight of the attention-map term'),
+    SAOption('kd_weight', 1.0, float, 'weight of the logit KD term (0: off)'),
+    # every method's logit temperature has one flag, --kd-temperature
+    SAOption('temperature', 4.0, float, 'temperature of the logit KD term', flag=False),
+    SAOption('connector', 'bottleneck', str, 'student->teacher connector', choices=tuple(list_connectors())),
+    SAOption('backend', 'auto', str, "fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'", flag=False),
+)
+_DEFAULTS: Dict[str, Any] = {option.name: option.default for option in SA_OPTIONS}
+
+
+def document_sa_options(cls: type) -> type:
+    """Class decorator: write `SA_OPTIONS`, ``name (default): help`` a line, where ``{sa_options}`` stands in the
+    class docstring, so the documented options are the declared ones."""
+    if cls.__doc__:  # None under python -OO
+        lines = '\n'.join(f'        {o.name} ({o.default!r}): {o.help}'
+                          + (f" (one of {', '.join(o.choices)})" if o.choices else '') for o in SA_OPTIONS)
+        cls.__doc__ = cls.__doc__.replace('{sa_options}', lines)
+    return cls
 
 
 @register_distill_loss('sa')
+@document_sa_options
 class SADistillLoss(DistillLoss):
     """SA: per stage pair k, with S'_k = g_k(S_k) the student map through a conv connector, resized to (Ht, Wt):
 
@@ -25,16 +76,8 @@ class SADistillLoss(DistillLoss):
 
     Args:
         student_channels, teacher_channels: channels of each stage pair (the connectors are built from them).
-        tau: spatial softmax temperature of L_dist.
-        p: power of |x| in the attention map.
-        alpha, beta: weights of L_dist and L_att.
-        kd_weight: weight of the logit KD term (0 turns it off).
-        temperature: logit KD temperature.
-        connector: 'bottleneck' (default), 'conv1x1', 'regressor' or 'identity'.
-        backend: 'auto', 'triton' or 'torch' for the fused ops.
-
-    The defaults follow the first measurements in DESIGN section 1 (alpha 1, beta 10, tau 4, KD T 4 weight 1);
-    benchmarks/ carries the ablation that revisits them.
+        SA options (`SA_OPTIONS`), name (default): meaning:
+{sa_options}
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
@@ -45,14 +88,14 @@ class SADistillLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            tau: float = 4.0,
-            p: float = 2.0,
-            alpha: float = 1.0,
-            beta: float = 10.0,
-            kd_weight: float = 1.0,
-            temperature: float = 4.0,
-            connector: str = 'bottleneck',
-            backend: str = 'auto',
+            tau: float = _DEFAULTS['tau'],
+            p: float = _DEFAULTS['p'],
+            alpha: float = _DEFAULTS['alpha'],
+            beta: float = _DEFAULTS['beta'],
+            kd_weight: float = _DEFAULTS['kd_weight'],
+            temperature: float = _DEFAULTS['temperature'],
+            connector: str = _DEFAULTS['connector'],
+            backend: str = _DEFAULTS['backend'],
     ):
         super().__init__(student_channels, teacher_channels)
         if tau <= 0 or temperature <= 0:
