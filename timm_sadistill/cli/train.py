@@ -11,7 +11,7 @@ Distributed: ``torchrun --standalone --nproc_per_node=N -m timm_sadistill train 
 
 Test-only hooks (never set them outside tests):
     ``TSD_TEST_DUMP_PARAMS=<dir>``: every rank writes its final student state to ``<dir>/rank<k>.safetensors``.
-    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.checkpoint`.
+    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.atomic_save`.
 """
 import argparse
 import logging
@@ -39,10 +39,10 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
-from .._checkpoint import check_checkpoint_readable
+from .._checkpoint_checks import check_checkpoint_readable
 from ..losses import list_distill_losses, loss_options
 from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
-from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
+from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from ..losses.sa import SA_OPTIONS
 from ._common import add_sa_arguments, add_stage_arguments, sa_flag, sa_options
 from .errors import UsageError

@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
-from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
+from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from .._features import FeatureTaps, StagesArg, pair_stages
 from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
 
