@@ -25,9 +25,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
+from .distill_options import add_distill_arguments, distill_task_kwargs
 from .errors import UsageError
-from .train import add_distill_arguments, distill_task_kwargs, loss_accepts
 
 __all__ = ['main', 'patched_timm_tasks']
 
@@ -101,7 +102,7 @@ def _make_task_factory(
         if timm_task_options and verbose:
             _logger.info(f"timm-train: --distill {method} replaces timm's task; unused: {', '.join(timm_task_options)}")
         kwargs = dict(options)
-        if temperature is not None and loss_accepts(method, 'temperature'):  # train.py always passes its default
+        if temperature is not None and 'temperature' in loss_options(method).defaults:  # train.py always passes its default
             kwargs['temperature'] = temperature
         return create_distill_task(
             method, student_model, teacher_model, criterion=criterion, img_size=img_size,
