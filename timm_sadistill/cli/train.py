@@ -39,7 +39,7 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable
 from ..losses import loss_options
-from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
+from ..tasks import create_distill_task, guard_finite_loss
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
 from .distill_options import add_distill_arguments, distill_task_kwargs
@@ -158,14 +158,6 @@ def _scalar_terms(result: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in result.items() if torch.is_tensor(v) and v.ndim == 0}
 
 
-def _all_ranks_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
-    """Whether the loss is finite on every rank (ranks must agree on skipping a step, or DDP hangs)."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if args.distributed:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -220,15 +212,8 @@ def train_one_epoch(
                 result = task(input, target)
             loss = result['loss']
             terms = _scalar_terms(result)
-            if not _all_ranks_finite(loss, args):
-                # the check above reads one scalar; only now is the culprit (stage, tensor, term) looked for
-                bad = describe_nonfinite(task, input, target)
-                if not args.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"Non-finite loss at epoch {epoch}, batch {batch_idx}: {bad}. Lower --lr, check the data, "
-                        "or pass --skip-nonfinite to skip such steps."
-                    )
-                _logger.warning(f"Skipping step (epoch {epoch}, batch {batch_idx}): non-finite {bad}.")
+            if not guard_finite_loss(task, result, input, target, skip=args.skip_nonfinite,
+                                     where=f'epoch {epoch}, batch {batch_idx}', all_ranks=args.distributed):
                 skipped += 1
             else:
                 scaled = loss / accum_steps if accum_steps > 1 else loss
