@@ -9,11 +9,12 @@ from typing import Any, Dict, List, Union
 
 from ..losses import list_distill_losses
 from ..losses.sa import SA_OPTIONS, SAOption
+from ..tasks import check_teacher_weights
 from .errors import UsageError
 
 __all__ = [
     'add_distill_arguments', 'add_stage_arguments', 'add_sa_arguments', 'parse_stages', 'sa_flag', 'sa_options',
-    'distill_task_kwargs',
+    'distill_task_kwargs', 'check_teacher_flags',
 ]
 
 
@@ -104,3 +105,9 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         teacher_stages=args.teacher_stages,
         **sa_given,
     )
+
+
+def check_teacher_flags(teacher: str, args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, a teacher whose weights the flags cannot provide (see `check_teacher_weights`)."""
+    check_teacher_weights(teacher, args.teacher_checkpoint, args.teacher_pretrained,
+                          path_option='--teacher-checkpoint FILE', hub_option='--teacher-pretrained')

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
-from .distill_options import add_distill_arguments, distill_task_kwargs
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
 from .errors import UsageError
 
 __all__ = ['main', 'patched_timm_tasks']
@@ -154,9 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     peeked = _peek_train_py_args(train_py_argv)
     if not peeked.kd_model_name:
         raise UsageError("timm-train needs --kd-model-name TEACHER: train.py builds a distillation task only with it.")
-    if not ours.teacher_checkpoint and not ours.teacher_pretrained:
-        raise UsageError(f"Teacher '{peeked.kd_model_name}' has no weights: pass --teacher-checkpoint FILE, or "
-                         "--teacher-pretrained to download them from the hub.")
+    check_teacher_flags(peeked.kd_model_name, ours)
     img_size = tuple(peeked.input_size[1:]) if peeked.input_size else peeked.img_size
     factory = _make_task_factory(ours.distill, distill_task_kwargs(ours), img_size)
     with patched_timm_tasks(factory), _script_invocation(script, train_py_argv):

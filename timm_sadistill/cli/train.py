@@ -42,7 +42,7 @@ from ..losses import loss_options
 from ..tasks import create_distill_task, guard_finite_loss
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
-from .distill_options import add_distill_arguments, distill_task_kwargs
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
 from .errors import UsageError
 from .progress import ProgressBar
 from .timm_flags import add_timm_arguments
@@ -110,9 +110,7 @@ def _check_distill_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
     if not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
-    if not args.teacher_checkpoint and not args.teacher_pretrained:
-        raise UsageError(f"Teacher '{args.teacher}' has no weights: pass --teacher-checkpoint FILE (.safetensors or timm "
-                         ".pth), or --teacher-pretrained to download them from the hub.")
+    check_teacher_flags(args.teacher, args)
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:

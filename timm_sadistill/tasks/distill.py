@@ -17,7 +17,7 @@ try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
 except ImportError:  # pragma: no cover - older timm
     resolve_classification_loss = None
 
-__all__ = ['DistillTask', 'DistillTrainableModule', 'resolve_teacher', 'resolve_loss_weights']
+__all__ = ['DistillTask', 'DistillTrainableModule', 'check_teacher_weights', 'resolve_teacher', 'resolve_loss_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -69,6 +69,29 @@ def resolve_loss_weights(
     return 1.0, 1.0
 
 
+def check_teacher_weights(
+        teacher: str,
+        pretrained_path: Optional[str],
+        pretrained: bool,
+        path_option: str = 'teacher_pretrained_path=<checkpoint>',
+        hub_option: str = 'teacher_pretrained=True',
+) -> None:
+    """Refuse a teacher given by name that cannot get weights: its checkpoint must exist (FileNotFoundError) and be
+    readable (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
+
+    ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
+    before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
+    """
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
+                                    f"teacher's .safetensors or .pth file.")
+        check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
+    elif not pretrained:
+        raise ValueError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
+                         f"{hub_option} to download them from the hub.")
+
+
 def resolve_teacher(
         teacher: Union[str, nn.Module, DistillationTeacher],
         student: nn.Module,
@@ -86,16 +109,7 @@ def resolve_teacher(
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
-        if pretrained_path:
-            if not os.path.isfile(pretrained_path):
-                raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
-                                        f"teacher's .safetensors or .pth file.")
-            check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
-        elif not pretrained:
-            raise ValueError(
-                f"Teacher '{teacher}' is given by name without weights: pass teacher_pretrained_path=<checkpoint> "
-                "(safetensors or timm .pth), or teacher_pretrained=True to download its weights from the hub."
-            )
+        check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
         try:
             resolved = DistillationTeacher(
