@@ -257,23 +257,17 @@ class DistillTask(TrainingTask):
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """The bare student (through DDP, compile and EMA wrappers), or the compiled eval model."""
         resolved = super().get_eval_model(module=module, ema=ema)
-        current = resolved
-        while current is not None:
-            if isinstance(current, DistillTrainableModule):
-                return current.student
-            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
-        return resolved
+        base = unwrap_model(resolved) if resolved is not None else None
+        return base.student if isinstance(base, DistillTrainableModule) else resolved
 
     def _loss_of(self, module: Optional[nn.Module], ema: bool) -> Optional[DistillLoss]:
         module = module if module is not None else self.get_trainable_module(ema=ema)
         if module is None:
             return None
-        current = module
-        while not isinstance(current, DistillTrainableModule):
-            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
-            if current is None:
-                raise RuntimeError(f"{type(module).__name__} holds no DistillTrainableModule.")
-        return current.distill_loss
+        base = unwrap_model(module)
+        if not isinstance(base, DistillTrainableModule):
+            raise RuntimeError(f"{type(module).__name__} holds no DistillTrainableModule.")
+        return base.distill_loss
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The loss's connectors (and any other loss state): ``{'distill_loss': state_dict}``."""

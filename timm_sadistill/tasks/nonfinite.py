@@ -8,6 +8,7 @@ import logging
 from typing import Dict, List
 
 import torch
+from timm.utils.model import unwrap_model
 
 __all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'describe_nonfinite', 'guard_finite_loss']
 
@@ -42,9 +43,7 @@ def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[
                 found.append(_describe(f"teacher stage '{stage.name}'", feat))
         if not torch.isfinite(teacher_logits).all():
             found.append(_describe('teacher logits', teacher_logits))
-        trainable = task.get_trainable_module()
-        student_taps = getattr(trainable, 'module', trainable).student_taps
-        logits, feats = student_taps(input)
+        _, feats = unwrap_model(task.get_trainable_module()).student_taps(input)
         for stage, feat in zip(task.student_stages, feats):
             if not torch.isfinite(feat).all():
                 found.append(_describe(f"student stage '{stage.name}'", feat))
