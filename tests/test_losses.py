@@ -248,3 +248,27 @@ def test_sa_options_are_declared_once_in_the_table():
     for option in SA_OPTIONS:
         assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillLoss.__doc__
         assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillTask.__doc__
+
+
+@pytest.mark.parametrize('name,options', [('at', {}), ('fitnet', {}), ('cwd', {}), ('sa', {'kd_weight': 0.0})],
+                         ids=['at', 'fitnet', 'cwd', 'sa-kd_weight-0'])
+def test_feature_only_losses_take_no_logits(name, options):
+    shape = SHAPES[1]
+    s, t, sl, tl, y = _inputs(shape)
+    torch.manual_seed(0)
+    loss = tsd.create_distill_loss(name, **_channels(shape), **options)
+    without = loss(s, t, None, None)
+    with_logits = loss(s, t, sl, tl)
+    assert set(without) == set(with_logits)
+    for key in without:
+        torch.testing.assert_close(without[key], with_logits[key])
+    sum(without.values()).backward()
+    assert all(f.grad is not None for f in s)
+
+
+def test_sa_logit_term_without_logits_says_how_to_turn_it_off():
+    shape = SHAPES[0]
+    s, t, sl, tl, y = _inputs(shape)
+    loss = tsd.create_distill_loss('sa', **_channels(shape))
+    with pytest.raises(ValueError, match='kd_weight=0 to distil features only'):
+        loss(s, t, None, None)

@@ -129,5 +129,8 @@ class SADistillLoss(DistillLoss):
         dist, att = self.stage_terms(student_feats, teacher_feats).mean(dim=0)
         terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
         if self.kd_weight:
+            if student_logits is None or teacher_logits is None:
+                raise ValueError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
+                                 "pass them, or kd_weight=0 to distil features only.")
             terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
         return terms
