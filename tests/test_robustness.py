@@ -6,7 +6,7 @@ import torch
 import timm_sadistill as tsd
 from conftest import train_steps
 
-METHODS = ['sa', 'kd', 'at', 'fitnet', 'cwd', 'dkd']
+METHODS = tsd.list_distill_losses()  # every registered method
 
 
 @pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
