@@ -1,4 +1,4 @@
-"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract; DESIGN section 1).
+"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract: docs/method.md#the-sa-loss).
 
 SA's options are declared once, in `SA_OPTIONS`: `SADistillLoss`'s defaults, `SADistillTask`'s keywords and their
 documentation, and the command line's ``--sa-*`` flags (``train``, ``timm-train``, ``viz``) all come from it.
@@ -37,7 +37,7 @@ class SAOption:
     choices: Tuple[str, ...] = ()
 
 
-# The defaults are the measured ones: docs/method.md says where each comes from.
+# The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 SA_OPTIONS: Tuple[SAOption, ...] = (
     SAOption('tau', 4.0, float, 'spatial softmax temperature'),
     SAOption('p', 2.0, float, 'power of |x| in the attention map'),
@@ -78,6 +78,8 @@ class SADistillLoss(DistillLoss):
         student_channels, teacher_channels: channels of each stage pair (the connectors are built from them).
         SA options (`SA_OPTIONS`), name (default): meaning:
 {sa_options}
+
+    The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
