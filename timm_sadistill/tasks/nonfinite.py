@@ -10,6 +10,8 @@ from typing import Dict, List
 import torch
 from timm.utils.model import unwrap_model
 
+from .distill import DistillTask
+
 __all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'describe_nonfinite', 'guard_finite_loss']
 
 _logger = logging.getLogger(__name__)
@@ -31,7 +33,6 @@ def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[
     Works for `DistillTask` (input, teacher stages and logits, student stages and logits, each loss term) and for
     any timm task (input, output and every term of its result).
     """
-    from .distill import DistillTask
     found = []
     if not torch.isfinite(input).all():
         found.append(_describe('input', input))
