@@ -1,9 +1,9 @@
 """Accuracy of every distillation method on data-starved students, through the real ``timm-sadistill train``.
 
-Protocol (docs/method.md#measuring-it-data-starved-students): each teacher trains once on the full train split of a dataset (seed 0,
-cached); each student trains on ``--per-class`` images a class of the same split, at 64 px, with one schedule for
-every method, on the same seeds, and is scored by its validation top-1 after the last epoch (no selection on the
-validation split). Methods run with their defaults (``--distill sa`` with no SA flags is
+Protocol (docs/method.md#measuring-it-data-starved-students): each teacher trains once on the full train split of a
+dataset (seed 0, cached); each student trains on ``--per-class`` images a class of the same split, at 64 px, with
+one schedule for every method, on the same seeds, and is scored by its validation top-1 after the last epoch (no
+selection on the validation split). Methods run with their defaults (``--distill sa`` with no SA flags is
 ``create_distill_task('sa', ...)``'s defaults). Every run is cached as a json per (dataset, pair, method, seed)
 under ``--cache``, so an interrupted benchmark resumes where it stopped.
 

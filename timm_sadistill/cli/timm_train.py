@@ -102,7 +102,8 @@ def _make_task_factory(
         if timm_task_options and verbose:
             _logger.info(f"timm-train: --distill {method} replaces timm's task; unused: {', '.join(timm_task_options)}")
         kwargs = dict(options)
-        if temperature is not None and 'temperature' in loss_options(method).defaults:  # train.py always passes its default
+        # train.py always passes its default temperature: it applies only to the methods that have one
+        if temperature is not None and 'temperature' in loss_options(method).defaults:
             kwargs['temperature'] = temperature
         return create_distill_task(
             method, student_model, teacher_model, criterion=criterion, img_size=img_size,

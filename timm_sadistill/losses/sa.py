@@ -1,4 +1,5 @@
-"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract: docs/method.md#the-sa-loss).
+"""SA: spatial-attention-map distillation (Wang & Liu 2024), reconstructed from the abstract: docs/method.md is
+its spec (#the-sa-loss for the formulas, #defaults for where each default comes from).
 
 SA's options are declared once, in `SA_OPTIONS`: `SADistillLoss`'s defaults, `SADistillTask`'s keywords and their
 documentation, and the command line's ``--sa-*`` flags (``train``, ``timm-train``, ``viz``) all come from it.
