@@ -18,8 +18,10 @@ a coarse number (it counts the allocator's caching and the optimizer state), lab
 
 ``--amp`` runs the forward under bfloat16 autocast (no loss scaler needed); ``--channels-last`` puts the student and
 the input in channels-last, as ``timm-sadistill train --channels-last`` does (the teacher and the connectors keep
-their layout); ``--compile on`` compiles each task with ``task.compile()`` as ``--torchcompile`` does, ``both`` times
-every method eager and compiled in the same run (compilation happens in the warm-up steps).
+their layout); ``--compile on`` compiles each task with ``task.compile()`` as ``--torchcompile`` does (compilation
+happens in the warm-up steps), ``both`` times every method eager, writes the report, then times every method
+compiled and rewrites it: rounds interleave within a group, so the ratios within a group compare like with like,
+and a run stopped while compiling keeps its eager table.
 
 FLOPs (a separate table, ``--flops-pair teacher,student,img_size``, default resnet50,resnet18,224 at 1000 classes):
 one training step's forward (frozen teacher, student, loss) and backward under
@@ -131,14 +133,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def variants(args: argparse.Namespace) -> List[Tuple[str, str, bool]]:
-    """(row label, method spec, compiled) of every timed row: each method eager and/or compiled (``--compile``)."""
-    modes = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+def compile_modes(args: argparse.Namespace) -> List[bool]:
+    """The groups of rows ``--compile`` asks for: eager, compiled, or eager then compiled."""
+    return {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+
+
+def variants(args: argparse.Namespace, modes: Optional[List[bool]] = None) -> List[Tuple[str, str, bool]]:
+    """(row label, method spec, compiled) of every row of the given compile ``modes`` (default: all asked for)."""
+    modes = compile_modes(args) if modes is None else modes
     return [(method + (COMPILED if compiled else ''), method, compiled) for compiled in modes for method in args.methods]
 
 
-def time_methods(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
-    """(mean seconds per step of each row, one value per interleaved round; CUDA memory of each row in MiB).
+def time_methods(args: argparse.Namespace, device: torch.device,
+                 rows: List[Tuple[str, str, bool]]) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+    """(mean seconds per step of each of ``rows``, one value per interleaved round; CUDA memory of each in MiB).
 
     CUDA memory is a steady-state step's peak allocated over what was allocated before it: activations, gradients
     (zeroed to None every step) and temporaries, not the weights or the optimizer state. Every row's models stay
@@ -147,7 +155,7 @@ def time_methods(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[s
     x, y = batch(args, device)
     autocast = autocast_of(args, device)
     built = {}
-    for label, method, compiled in variants(args):  # warm-up: first-call allocations, kernel selection, compiling
+    for label, method, compiled in rows:  # warm-up: first-call allocations, kernel selection, compiling
         start = time.perf_counter()
         try:
             task, optimizer = build(method, args.teacher, args.student, args.num_classes, args.img_size, device,
@@ -212,7 +220,7 @@ def memory_methods(args: argparse.Namespace, argv: List[str], times: Dict[str, L
     result = {}
     for label, _, _ in variants(args):
         if label not in times:
-            continue
+            continue  # another group's row, or one that failed
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, '--no-flops', '--memory-of', label],
                              capture_output=True, text=True, check=True)
         result[label] = json.loads(out.stdout.strip().splitlines()[-1])['mib']
@@ -331,7 +339,7 @@ def report(args: argparse.Namespace, device: torch.device, times: Dict[str, List
              f'| method | ms / step | × none | × kd | {memory_label} |', '|---|---|---|---|---|']
     for label, _, compiled in variants(args):
         if label not in median:
-            lines.append(f'| {label} | failed (see the log) | | | |')
+            lines.append(f'| {label} | failed or not run (see the log) | | | |')
             continue
         suffix = COMPILED if compiled else ''
         none = f'{median[label] / median["none" + suffix]:.2f}' if 'none' + suffix in median else ''
@@ -397,14 +405,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         flops, models = flops_methods(args.methods, teacher, student, img_size, images=args.flops_images)
         flops_lines = flops_report(flops, models, teacher, student, img_size)
         print('\n'.join(flops_lines), flush=True)
-    times, memory = time_methods(args, device)
-    if device.type != 'cuda':
-        memory = memory_methods(args, argv, times)
-    text = report(args, device, times, memory, shlex.join(['python', 'benchmarks/overhead.py', *argv]), flops_lines)
     out = args.out or os.path.join(args.results, f'overhead-{device.type}.md')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'w') as f:
-        f.write(text)
+    times: Dict[str, List[float]] = {}
+    memory: Dict[str, float] = {}
+    # eager rows first, reported before compiling starts: a run stopped while compiling keeps the eager table
+    for compiled in compile_modes(args):
+        group_times, group_memory = time_methods(args, device, variants(args, [compiled]))
+        times.update(group_times)
+        memory.update(group_memory if device.type == 'cuda' else memory_methods(args, argv, group_times))
+        text = report(args, device, times, memory, shlex.join(['python', 'benchmarks/overhead.py', *argv]),
+                      flops_lines)
+        with open(out, 'w') as f:
+            f.write(text)
     print(text)
     return 0
 
