@@ -7,7 +7,8 @@
 #   5. one epoch of timm-sadistill train --distill sa --amp --channels-last (fp16 AMP): benchmarks/train_check.py
 #   6. teacher precision: benchmarks/teacher_precision.py (fp32 / TF32 / bf16 / channels-last / compiled)
 #   7. training step: benchmarks/overhead.py, resnet50 -> resnet18, 224 px, batch 128, bf16, channels-last,
-#      none / kd / sa (Triton) / sa (torch), eager then torch.compile
+#      none / kd / sa (Triton) / sa (torch), eager (interleaved), then each compiled (the report is rewritten
+#      after each row: a cold compile takes tens of seconds, and a row cut off by the limit costs only itself)
 #   8. one epoch of train --amp --amp-dtype bfloat16 --channels-last --torchcompile: benchmarks/train_check.py
 # Compile-heavy steps come last, so a slow compile cannot cost the others. Every step has its own timeout; they
 # sum to 490 s (+2 s to kill each) and leave the machine's start and one rerun inside the 15-minute lease.
@@ -117,23 +118,24 @@ if ((DRY)); then
         --batch-size 8 --num-classes 10 --iters 2 --warmup 1 --eval-batches 2 --out "$OUT/teacher_precision-$gpu.md"
     # the interpreter cannot run under torch.compile: the Triton row runs eager only here
     step "training step" 110 "$PYTHON" benchmarks/overhead.py "${toy_pair[@]}" --amp --channels-last --compile both \
-        --methods 'none;kd;sa[backend=torch]' --steps 1 --repeats 1 --warmup 1 --no-flops --out "$OUT/overhead-$gpu.md"
+        --methods 'none;kd;sa[backend=torch]' --steps 1 --repeats 1 --warmup 1 --no-flops \
+        --report-each-compiled-row --out "$OUT/overhead-$gpu.md"
     step "train, bf16 + channels-last + compile" 70 "$PYTHON" benchmarks/train_check.py "${train[@]}" \
         --flags '--amp --amp-dtype bfloat16 --channels-last --torchcompile'
 else
-    step "op tests" 50 "${pytest[@]}" "${parallel[@]}" tests/test_ops.py
-    step "op tests, large shapes" 50 "${pytest[@]}" tests/test_ops_large.py
-    step "kernel benchmark" 60 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
+    step "op tests" 45 "${pytest[@]}" "${parallel[@]}" tests/test_ops.py
+    step "op tests, large shapes" 45 "${pytest[@]}" tests/test_ops_large.py
+    step "kernel benchmark" 55 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
     step "backend agreement" 35 "$PYTHON" benchmarks/backend_agreement.py --amp --channels-last \
         --out "$OUT/backend_agreement-$gpu.md"
     train=(--work /tmp/gpu-check-train --out "$OUT/train_check-$gpu.md")
     rm -f "$OUT/train_check-$gpu.md"
     step "train, amp + channels-last" 45 "$PYTHON" benchmarks/train_check.py "${train[@]}" --flags '--amp --channels-last'
-    step "teacher precision" 50 "$PYTHON" benchmarks/teacher_precision.py --out "$OUT/teacher_precision-$gpu.md"
-    step "training step" 110 "$PYTHON" benchmarks/overhead.py --device cuda --teacher resnet50 --student resnet18 \
+    step "teacher precision" 45 "$PYTHON" benchmarks/teacher_precision.py --out "$OUT/teacher_precision-$gpu.md"
+    step "training step" 130 "$PYTHON" benchmarks/overhead.py --device cuda --teacher resnet50 --student resnet18 \
         --img-size 224 --num-classes 1000 --batch-size 128 --amp --channels-last --compile both \
         --methods 'none;kd;sa[backend=triton];sa[backend=torch]' --steps 10 --repeats 3 --warmup 3 --no-flops \
-        --out "$OUT/overhead-$gpu.md"
+        --report-each-compiled-row --out "$OUT/overhead-$gpu.md"
     step "train, bf16 + channels-last + compile" 70 "$PYTHON" benchmarks/train_check.py "${train[@]}" \
         --flags '--amp --amp-dtype bfloat16 --channels-last --torchcompile'
 fi

@@ -11,8 +11,8 @@ and an AdamW step; ``none`` is timm's ClassificationTask, as ``--distill none`` 
 load hits every method alike); the median over rounds of the mean step time is reported, with ratios measured in
 the same process.
 
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the steps minus the memory allocated before them. On
-the CPU, torch has no allocator counter, so each method runs in a fresh subprocess and the process's peak resident
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one steady-state step minus the memory allocated
+before it (activations, gradients, temporaries; not the weights or the optimizer state). On the CPU, torch has no allocator counter, so each method runs in a fresh subprocess and the process's peak resident
 set size over the steps (VmHWM, reset after the models are built) minus its resident set before them is reported:
 a coarse number (it counts the allocator's caching and the optimizer state), labelled as such.
 
@@ -21,7 +21,9 @@ the input in channels-last, as ``timm-sadistill train --channels-last`` does (th
 their layout); ``--compile on`` compiles each task with ``task.compile()`` as ``--torchcompile`` does (compilation
 happens in the warm-up steps), ``both`` times every method eager, writes the report, then times every method
 compiled and rewrites it: rounds interleave within a group, so the ratios within a group compare like with like,
-and a run stopped while compiling keeps its eager table.
+and a run stopped while compiling keeps its eager table. ``--report-each-compiled-row`` times each compiled row
+right after its warm-up instead and rewrites the report after each (for a time-limited GPU run, where a cold
+compile of each row takes tens of seconds: the rows finished are kept; a dedicated GPU needs the interleaving less).
 
 FLOPs (a separate table, ``--flops-pair teacher,student,img_size``, default resnet50,resnet18,224 at 1000 classes):
 one training step's forward (frozen teacher, student, loss) and backward under
@@ -273,7 +275,8 @@ def step_flops(task, x: torch.Tensor, y: torch.Tensor) -> StepFlops:
 def flops_methods(methods: List[str], teacher: str, student: str, img_size: int, num_classes: int = 1000,
                   images: int = 2) -> Tuple[Dict[str, StepFlops], Dict[str, float]]:
     """Each method's `StepFlops` on ``images`` random CPU images, plus the bare models' forward FLOPs per image
-    and parameters (``{'teacher_forward', 'student_forward', 'student_params'}``) to check the counts against."""
+    and parameters (``{'teacher_forward', 'teacher_params', 'student_forward', 'student_params'}``) to check the
+    counts against."""
     cpu = torch.device('cpu')
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 3, img_size, img_size, generator=g)
@@ -292,12 +295,12 @@ def flops_methods(methods: List[str], teacher: str, student: str, img_size: int,
 
 
 def flops_report(flops: Dict[str, StepFlops], models: Dict[str, float], teacher: str, student: str,
-                 img_size: int) -> List[str]:
+                 img_size: int, num_classes: int = 1000) -> List[str]:
     """The FLOP table's markdown lines."""
     def gmacs(value: float) -> str:
         return f'{value / 2e9:.2f}'
 
-    lines = [f'## FLOPs of a training step: `{teacher}` -> `{student}`, {img_size} px, 1000 classes', '',
+    lines = [f'## FLOPs of a training step: `{teacher}` -> `{student}`, {img_size} px, {num_classes} classes', '',
              'GMACs per image (1 MAC = 2 FLOPs; `torch.utils.flop_counter.FlopCounterMode` on the CPU, float32; the '
              'counts depend only on the shapes). A step is the forward (frozen teacher, student, loss) and the '
              'backward; the teacher has no backward. **Only matmuls and convolutions are counted**: elementwise work '
@@ -385,6 +388,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--channels-last', action='store_true', help='channels-last student and input (as the CLI)')
     parser.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
                         help="task.compile() every method ('on'), or time each eager and compiled ('both')")
+    parser.add_argument('--report-each-compiled-row', action='store_true',
+                        help='time each compiled row right after its warm-up and rewrite the report after each, so '
+                             'a time-limited run keeps the rows it finished (their rounds do not interleave)')
     parser.add_argument('--flops-pair', type=parse_pair, default=('resnet50', 'resnet18', 224),
                         metavar='TEACHER,STUDENT,IMG_SIZE', help='pair of the FLOP table (default resnet50,resnet18,224)')
     parser.add_argument('--flops-images', type=int, default=2, help='images the FLOPs are counted on (per image reported)')
@@ -411,13 +417,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     memory: Dict[str, float] = {}
     # eager rows first, reported before compiling starts: a run stopped while compiling keeps the eager table
     for compiled in compile_modes(args):
-        group_times, group_memory = time_methods(args, device, variants(args, [compiled]))
-        times.update(group_times)
-        memory.update(group_memory if device.type == 'cuda' else memory_methods(args, argv, group_times))
-        text = report(args, device, times, memory, shlex.join(['python', 'benchmarks/overhead.py', *argv]),
-                      flops_lines)
-        with open(out, 'w') as f:
-            f.write(text)
+        rows = variants(args, [compiled])
+        for group in ([[row] for row in rows] if compiled and args.report_each_compiled_row else [rows]):
+            group_times, group_memory = time_methods(args, device, group)
+            times.update(group_times)
+            memory.update(group_memory if device.type == 'cuda' else memory_methods(args, argv, group_times))
+            text = report(args, device, times, memory, shlex.join(['python', 'benchmarks/overhead.py', *argv]),
+                          flops_lines)
+            with open(out, 'w') as f:
+                f.write(text)
     print(text)
     return 0
 
