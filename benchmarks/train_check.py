@@ -6,9 +6,9 @@
     python benchmarks/train_check.py --teacher test_resnet --student test_resnet --img-size 32 --per-class 4 \\
         --batch-size 8 --out /tmp/train.md                                               # CPU smoke run
 
-It writes scikit-learn's digits as an ImageFolder (``timm_sadistill.datasets``, ``--per-class`` train images a
+It writes scikit-learn's digits as an ImageFolder (``benchmarks.data``, ``--per-class`` train images a
 class, the fixed validation split) and a random-weight teacher checkpoint (the teacher's accuracy does not
-matter here), trains one epoch through the real command line (``timm_sadistill.experiment.run_train``, the way
+matter here), trains one epoch through the real command line (``benchmarks.launch.run_train``, the way
 the demo and the benchmarks launch it), and checks:
   * every value in summary.csv is finite: the train loss and each of its terms, the eval loss, top-1, top-5;
   * model.safetensors loads into a fresh ``timm.create_model(student)`` (strict: a compile wrapper's
@@ -35,8 +35,8 @@ import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from timm.task import resume_task_checkpoint  # noqa: E402
 
-from timm_sadistill.datasets import CLASS_NAMES, write_image_folder  # noqa: E402
-from timm_sadistill.experiment import RECIPE, read_summary, run_train  # noqa: E402
+from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
+from benchmarks.launch import RECIPE, read_summary, run_train  # noqa: E402
 
 DATASET = 'digits'
 
