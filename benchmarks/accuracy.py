@@ -1,9 +1,9 @@
 """Accuracy of every distillation method on data-starved students, through the real ``timm-sadistill train``.
 
-Protocol (DESIGN sections 1 and 4): each teacher trains once on the full train split of a dataset (seed 0,
-cached); each student trains on ``--per-class`` images a class of the same split, at 64 px, with one schedule for
-every method, on the same seeds, and is scored by its validation top-1 after the last epoch (no selection on the
-validation split). Methods run with their defaults (``--distill sa`` with no SA flags is
+Protocol (docs/method.md#measuring-it-data-starved-students): each teacher trains once on the full train split of a
+dataset (seed 0, cached); each student trains on ``--per-class`` images a class of the same split, at 64 px, with
+one schedule for every method, on the same seeds, and is scored by its validation top-1 after the last epoch (no
+selection on the validation split). Methods run with their defaults (``--distill sa`` with no SA flags is
 ``create_distill_task('sa', ...)``'s defaults). Every run is cached as a json per (dataset, pair, method, seed)
 under ``--cache``, so an interrupted benchmark resumes where it stopped.
 
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without an install
+sys.path.insert(0, ROOT)  # the checkout's benchmarks/ recipes (and the package, without an install)
 
-from timm_sadistill.datasets import CLASS_NAMES, write_image_folder  # noqa: E402
-from timm_sadistill.experiment import (  # noqa: E402
+from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
+from benchmarks.launch import (  # noqa: E402
     RECIPE, read_summary, run_train, schedule_flags)
 
 IMG_SIZE = 64  # RECIPE's --img-size

@@ -1,29 +1,145 @@
 #!/usr/bin/env bash
-# The one check for a lent GPU machine (no network): the op tests with the Triton kernels compiled on CUDA,
-# then the kernel benchmark. Logs and the markdown table go to ${OUT:-benchmarks/results}.
-# A timm wheel carried in .whl/ is installed to /tmp/site first (skipped when there is none).
-# Exit status: the tests' (the benchmark still runs after failing tests, to keep the device time's output).
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# The one check for a lent GPU machine (issue 10, items 1 and 3), run once, in at most 9 minutes, with no network:
+#   1. op tests, Triton compiled on CUDA: tests/test_ops.py (every op, dtype and layout at small and odd shapes)
+#   2. op tests at training scale: tests/test_ops_large.py (B 256, C 2048, 56x56; values and gradients)
+#   3. kernel benchmark: benchmarks/kernels.py (eager / torch.compile / Triton, fwd+bwd, memory, % of HBM peak)
+#   4. backend agreement: benchmarks/backend_agreement.py (50 SA steps, Triton vs torch backend, same seed)
+#   5. one epoch of timm-sadistill train --distill sa --amp --channels-last (fp16 AMP): benchmarks/train_check.py
+#   6. teacher precision: benchmarks/teacher_precision.py (fp32 / TF32 / bf16 / channels-last / compiled)
+#   7. training step: benchmarks/overhead.py, resnet50 -> resnet18, 224 px, batch 128, bf16, channels-last,
+#      none / kd / sa (Triton) / sa (torch), eager (interleaved), then each compiled (the report is rewritten
+#      after each row: a cold compile takes tens of seconds, and a row cut off by the limit costs only itself)
+#   8. one epoch of train --amp --amp-dtype bfloat16 --channels-last --torchcompile: benchmarks/train_check.py
+# Compile-heavy steps come last, so a slow compile cannot cost the others. Every step has its own timeout; they
+# sum to 490 s (+2 s to kill each) and leave the machine's start and one rerun inside the 15-minute lease.
+#
+# Output, under ${OUT:-benchmarks/results}, named by GPU ("NVIDIA-H200"): gpu_check-<gpu>.md (each step's
+# status and time), gpu_check-<gpu>.log (all output) and one markdown per benchmark: 7 files, since the device
+# tool brings back at most 8 files from $OUT. A timm wheel carried in .whl/ is installed to /tmp/site first.
+#
+#   benchmarks/gpu_check.sh             # on the GPU machine; exit status 0 when every step passed
+#   benchmarks/gpu_check.sh --dry-run   # on a CPU: every step at toy sizes (Triton interpreter), output under
+#                                       # ${OUT:-/tmp/gpu-check-dry-run}, timeouts x${TIMEOUT_SCALE:-4}
+set -uo pipefail  # no -e: a failing step is recorded and the next one runs
+cd "$(dirname "$0")/.." || exit 2
 
-PYTHON=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-
-if compgen -G '.whl/*.whl' > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+DRY=0
+if [[ ${1:-} == --dry-run ]]; then
+    DRY=1
+elif [[ $# -gt 0 ]]; then
+    echo "usage: $0 [--dry-run]" >&2
+    exit 2
 fi
+PYTHON=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 
-gpu=$("$PYTHON" -c 'import sys, torch
+if ((DRY)); then
+    OUT=${OUT:-/tmp/gpu-check-dry-run}
+    SCALE=${TIMEOUT_SCALE:-4}  # 2 shared CPU cores and the interpreter are far slower than the GPU machine
+    export TRITON_INTERPRET=1
+    gpu=cpu-dry-run
+else
+    OUT=${OUT:-benchmarks/results}
+    SCALE=1
+    export TRITON_INTERPRET=0
+    if compgen -G '.whl/*.whl' > /dev/null; then
+        timeout -k 2 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || echo "installing .whl/ failed: the machine's own packages are used"
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
+    gpu=$("$PYTHON" -c 'import sys, torch
 if not torch.cuda.is_available():
-    sys.exit("gpu_check.sh needs a CUDA device; on a CPU run make test and benchmarks/kernels.py")
-print(torch.cuda.get_device_name().replace(" ", "-"))')
-"$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee "$OUT/env-$gpu.log"
+    sys.exit("gpu_check.sh needs a CUDA device; on a CPU run it with --dry-run")
+print(torch.cuda.get_device_name().replace(" ", "-"))') || exit 2
+fi
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check-$gpu.log
+SUMMARY=$OUT/gpu_check-$gpu.md
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
 
-tests=0
-timeout 240 "$PYTHON" -m pytest -q -rs tests/test_ops.py 2>&1 | tee "$OUT/test_ops-$gpu.log" || tests=$?
-timeout 330 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md" 2>&1 | tee "$OUT/kernels-$gpu.log"
-exit "$tests"
+"$PYTHON" -c 'import torch, timm, timm_sadistill
+try:
+    import triton
+    version = triton.__version__
+except ImportError:
+    version = "not installed"
+print("torch", torch.__version__, "| triton", version, "| timm", timm.__version__)' || {
+    echo "the package does not import here: nothing else can run"
+    exit 2
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
+
+cat > "$SUMMARY" <<EOF
+# gpu_check.sh on $gpu ($(date -u +%Y-%m-%dT%H:%MZ))
+
+| step | result | seconds (of the limit) |
+|---|---|---|
+EOF
+failed=0
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under its own timeout and records its status and time
+step() {
+    local name=$1 limit=$(($2 * SCALE)) start=$SECONDS rc=0 result
+    shift 2
+    echo
+    echo "=== $name (limit ${limit} s): $*"
+    timeout -k 2 "$limit" "$@" || rc=$?
+    case $rc in
+        0) result=ok ;;
+        124 | 137) result="**TIMED OUT**" ;;
+        *) result="**FAILED** (exit $rc)" ;;
+    esac
+    ((rc == 0)) || failed=1
+    echo "=== $name: $result after $((SECONDS - start)) s"
+    echo "| $name | $result | $((SECONDS - start)) ($limit) |" >> "$SUMMARY"
+}
+
+# xdist spreads the small tests' Triton compiles over the cores; the large ones run alone (tens of GB each)
+parallel=()
+if ((!DRY)) && "$PYTHON" -c 'import xdist' 2> /dev/null; then
+    parallel=(-n 8)
+fi
+pytest=("$PYTHON" -m pytest -q -rs -p no:cacheprovider)
+
+if ((DRY)); then
+    toy_pair=(--teacher test_resnet --student test_resnet --img-size 32 --num-classes 10 --batch-size 4)
+    step "op tests" 50 "${pytest[@]}" tests/test_ops.py -k "sa_loss_terms_matches_reference and shape1"
+    step "op tests, large shapes" 50 "${pytest[@]}" tests/test_ops_large.py
+    step "kernel benchmark" 60 "$PYTHON" benchmarks/kernels.py --small --iters 2 --triton-on-cpu --out "$OUT/kernels-$gpu.md"
+    step "backend agreement" 35 "$PYTHON" benchmarks/backend_agreement.py "${toy_pair[@]}" --steps 3 \
+        --amp --channels-last --out "$OUT/backend_agreement-$gpu.md"
+    train=(--teacher test_resnet --student test_resnet --img-size 32 --per-class 4 --batch-size 8
+        --work /tmp/gpu-check-dry-run-train --out "$OUT/train_check-$gpu.md")
+    rm -f "$OUT/train_check-$gpu.md"
+    step "train, amp + channels-last" 45 "$PYTHON" benchmarks/train_check.py "${train[@]}" --flags '--amp --channels-last'
+    step "teacher precision" 50 "$PYTHON" benchmarks/teacher_precision.py --model test_resnet --img-size 32 \
+        --batch-size 8 --num-classes 10 --iters 2 --warmup 1 --eval-batches 2 --out "$OUT/teacher_precision-$gpu.md"
+    # the interpreter cannot run under torch.compile: the Triton row runs eager only here
+    step "training step" 110 "$PYTHON" benchmarks/overhead.py "${toy_pair[@]}" --amp --channels-last --compile both \
+        --methods 'none;kd;sa[backend=torch]' --steps 1 --repeats 1 --warmup 1 --no-flops \
+        --report-each-compiled-row --out "$OUT/overhead-$gpu.md"
+    step "train, bf16 + channels-last + compile" 70 "$PYTHON" benchmarks/train_check.py "${train[@]}" \
+        --flags '--amp --amp-dtype bfloat16 --channels-last --torchcompile'
+else
+    step "op tests" 45 "${pytest[@]}" "${parallel[@]}" tests/test_ops.py
+    step "op tests, large shapes" 45 "${pytest[@]}" tests/test_ops_large.py
+    step "kernel benchmark" 55 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
+    step "backend agreement" 35 "$PYTHON" benchmarks/backend_agreement.py --amp --channels-last \
+        --out "$OUT/backend_agreement-$gpu.md"
+    train=(--work /tmp/gpu-check-train --out "$OUT/train_check-$gpu.md")
+    rm -f "$OUT/train_check-$gpu.md"
+    step "train, amp + channels-last" 45 "$PYTHON" benchmarks/train_check.py "${train[@]}" --flags '--amp --channels-last'
+    step "teacher precision" 45 "$PYTHON" benchmarks/teacher_precision.py --out "$OUT/teacher_precision-$gpu.md"
+    step "training step" 130 "$PYTHON" benchmarks/overhead.py --device cuda --teacher resnet50 --student resnet18 \
+        --img-size 224 --num-classes 1000 --batch-size 128 --amp --channels-last --compile both \
+        --methods 'none;kd;sa[backend=triton];sa[backend=torch]' --steps 10 --repeats 3 --warmup 3 --no-flops \
+        --report-each-compiled-row --out "$OUT/overhead-$gpu.md"
+    step "train, bf16 + channels-last + compile" 70 "$PYTHON" benchmarks/train_check.py "${train[@]}" \
+        --flags '--amp --amp-dtype bfloat16 --channels-last --torchcompile'
+fi
+
+echo
+cat "$SUMMARY"
+exit "$failed"

@@ -7,7 +7,10 @@ itemsize) as a fraction of the device peak.
 
     python benchmarks/kernels.py [--small] [--batch 64 256] [--peak-gbs 4800] [--out results.md]
 
-On a CPU it runs small shapes (eager vs compiled) and says that the Triton rows need a GPU.
+On a CPU it runs small shapes (eager vs compiled) and says that the Triton rows need a GPU; ``--triton-on-cpu``
+adds them through the interpreter (TRITON_INTERPRET=1) so that the whole report runs (gpu_check.sh --dry-run).
+After the table, the Triton rows against issue 10's targets (speedups, share of the HBM peak, extra memory in
+feature maps), misses marked.
 """
 import argparse
 import statistics
@@ -33,8 +36,22 @@ CPU_SHAPES = {
     'resnet50 stage 4 (C/8)': (256, 7, 7, False),
     'vit-b/16 tokens (C/8)': (96, 14, 14, True),
 }
-# HBM peak in GB/s, matched against torch.cuda.get_device_name()
-PEAK_GBS = {'H200': 4800.0, 'H100': 3350.0}
+# HBM peak in GB/s (vendor datasheets), matched in this order against torch.cuda.get_device_name(): the more
+# specific names first, since "NVIDIA H100 PCIe" also contains "H100"
+PEAK_GBS = {
+    'H200': 4800.0,  # HBM3e, SXM and NVL
+    'H100 PCIe': 2000.0,
+    'H100 NVL': 3900.0,
+    'H100': 3350.0,  # SXM
+    'A100 80GB PCIe': 1935.0,
+    'A100-SXM4-80GB': 2039.0,
+    'A100': 1555.0,  # 40 GB
+    'L40S': 864.0,
+    'L4': 300.0,
+}
+# issue 10's targets for the Triton row (forward + backward, bf16): speedup vs eager, vs torch.compile, share
+# of the HBM peak, extra memory in feature maps (one map of s's size and dtype)
+TARGETS = {'vs eager': 3.0, 'vs compile': 1.3, 'of peak': 0.60, 'feature maps': 1.0}
 
 Step = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -103,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--threads', type=int, default=1,
                         help='CPU threads (default 1: OpenMP on a small or shared machine is mostly noise)')
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
+    parser.add_argument('--triton-on-cpu', action='store_true',
+                        help='CPU with TRITON_INTERPRET=1: add the Triton rows through the interpreter, to run the '
+                             "report's code (their times mean nothing)")
     parser.add_argument('--out', help='also write the markdown table to this file')
     args = parser.parse_args(argv)
 
@@ -119,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(args.threads)
 
     impls: Dict[str, Step] = {'eager': lambda s, t: reference.sa_loss_terms(s, t, tau, p)}
-    if cuda:
+    if cuda or args.triton_on_cpu:
         impls['triton'] = lambda s, t: ops.sa_loss_terms(s, t, tau, p, backend='triton')
     if not args.no_compile:
         # last, so its compile time cannot hold up the other rows; one graph per shape (no dynamic-shape
@@ -149,6 +169,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 stream.flush()
 
     emit(*header)
+    summary = []  # (shape, Triton vs eager, vs compile, share of peak, extra memory in feature maps)
     for bsz in batches:
         for stage, (c, h, w, channels_last) in shapes.items():
             g = torch.Generator(device=device).manual_seed(0)
@@ -158,9 +179,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             s.requires_grad_()
             moved = 5 * s.numel() * s.element_size()
             eager_ms = eager_mib = None
+            measured = {}
             for name, fn in impls.items():
                 ms = _time_ms(fn, s, t, warmup=3, iters=iters)
                 mib = _peak_mib(fn, s, t)
+                measured[name] = ms, mib
                 if name == 'eager':
                     eager_ms, eager_mib = ms, mib
                 gbs = moved / ms / 1e6 if cuda else None
@@ -171,8 +194,33 @@ def main(argv: Optional[List[str]] = None) -> None:
                     _fmt(gbs, '.0f'), _fmt(gbs / peak * 100 if gbs is not None and peak else None, '.0f'),
                 ]
                 emit('| ' + ' | '.join(row) + ' |')
+            if 'triton' in measured:
+                ms, mib = measured['triton']
+                compiled = measured.get('torch.compile', (None,))[0]
+                summary.append((shape, eager_ms / ms, compiled / ms if compiled else None,
+                                moved / ms / 1e6 / peak if peak else None,
+                                mib * 2 ** 20 / (moved / 5) if mib is not None else None))
             del s, t
-    if not cuda:
+    if summary:
+        def verdict(value: Optional[float], target: float, at_least: bool = True) -> str:
+            if value is None:
+                return 'n/a'
+            met = value >= target if at_least else value <= target
+            return f'{value:.2f}' + ('' if met else ' **(miss)**')
+
+        emit('', f"Targets (issue 10) for Triton: ≥ {TARGETS['vs eager']:g}x eager, ≥ {TARGETS['vs compile']:g}x "
+                 f"torch.compile, ≥ {TARGETS['of peak']:.0%} of the HBM peak, extra memory ≤ "
+                 f"{TARGETS['feature maps']:g} feature map (ds itself is one).", '',
+             '| shape | × eager | × torch.compile | share of peak | extra memory (feature maps) |',
+             '|---|---:|---:|---:|---:|')
+        for shape, vs_eager, vs_compile, share, maps in summary:
+            emit(f"| {shape} | {verdict(vs_eager, TARGETS['vs eager'])} | "
+                 f"{verdict(vs_compile, TARGETS['vs compile'])} | {verdict(share, TARGETS['of peak'])} | "
+                 f"{verdict(maps, TARGETS['feature maps'], at_least=False)} |")
+    if args.triton_on_cpu and not cuda:
+        emit('', 'Triton rows: the CPU interpreter (--triton-on-cpu), run to exercise the code; their times mean '
+                 'nothing.')
+    elif not cuda:
         emit('', 'The Triton rows need a CUDA GPU; on a CPU the kernels only run (slowly) in the interpreter, '
                  'which says nothing about their speed. Memory is n/a on CPU.')
     if out is not None:

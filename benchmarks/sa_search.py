@@ -148,9 +148,9 @@ SETTINGS = {
     'digits-homo': Setting('digits-homo', 'digits', 'resnet18', 'test_resnet'),
     'digits-hetero': Setting('digits-hetero', 'digits', 'convnext_atto', 'test_resnet'),
     'digits-mobile': Setting('digits-mobile', 'digits', 'resnet18', 'mobilenetv3_small_050'),
-    'digits-weak': Setting('digits-weak', 'digits', 'resnet18', 'test_resnet', teacher_per_class=12, teacher_epochs=30),
-    'shapes-homo': Setting('shapes-homo', 'shapes', 'resnet18', 'test_resnet', per_class=10),
-    'shapes-hetero': Setting('shapes-hetero', 'shapes', 'convnext_atto', 'test_resnet', per_class=10),
+    'digits-weak': Setting('digits-weak', 'digits', 'resnet18', 'test_resnet', teacher_per_class=7, teacher_epochs=30),
+    'shapes-homo': Setting('shapes-homo', 'shapes', 'resnet18', 'test_resnet'),
+    'shapes-hetero': Setting('shapes-hetero', 'shapes', 'convnext_atto', 'test_resnet'),
 }
 
 
@@ -309,7 +309,7 @@ def parse_spec(spec: str) -> Tuple[str, Dict]:
     for item in filter(None, rest.rstrip(']').split(',')):
         key, _, value = item.partition('=')
         if '|' in value:
-            options[key] = value.split('|')
+            options[key] = [int(v) if v.lstrip('-').isdigit() else v for v in value.split('|')]
             continue
         if value in ('true', 'false'):
             options[key] = value == 'true'

@@ -8,7 +8,7 @@
 3. trains the student (test_resnet) on the 10 images a class with ``--distill sa``, ``none`` and ``kd``;
 4. prints top-1 on the validation split and the wall time of each run, and where the outputs are.
 
-Every step is the real command line, with the recipe of benchmarks/accuracy.py (`timm_sadistill.experiment`).
+Every step is the real command line, with the recipe of benchmarks/accuracy.py (`benchmarks.launch`).
 One seed only: benchmarks/results/accuracy.md has the means and spreads over seeds.
 """
 import argparse
@@ -18,10 +18,10 @@ import time
 from typing import Dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without an install
+sys.path.insert(0, ROOT)  # the checkout's benchmarks/ recipes (and the package, without an install)
 
-from timm_sadistill.datasets import CLASS_NAMES, write_image_folder  # noqa: E402
-from timm_sadistill.experiment import (  # noqa: E402
+from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
+from benchmarks.launch import (  # noqa: E402
     RECIPE, RunResult, run_train, schedule_flags)
 
 TEACHER, STUDENT, PER_CLASS = 'resnet18', 'test_resnet', 10

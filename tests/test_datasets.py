@@ -1,4 +1,4 @@
-"""The data writers (timm_sadistill.datasets) and a smoke run of benchmarks/accuracy.py through the real CLI."""
+"""The data writers (benchmarks.data) and a smoke run of benchmarks/accuracy.py through the real CLI."""
 import csv
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from timm_sadistill.datasets import CLASS_NAMES, write_image_folder
+from benchmarks.data import CLASS_NAMES, write_image_folder
 
 pytest.importorskip('sklearn')
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,10 @@ def test_wheel_holds_package_and_entry_point(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         entry_points = next(zf.read(n).decode() for n in names if n.endswith('entry_points.txt'))
-    for module in ('__init__.py', '_features.py', '_registry.py', 'losses/sa.py', 'tasks/distill.py', 'ops/reference.py'):
+    for module in ('__init__.py', '_features.py', 'losses/_registry.py', 'losses/sa.py', 'tasks/distill.py', 'ops/reference.py'):
         assert f'timm_sadistill/{module}' in names
-    assert not any(n.startswith(('tests/', 'examples/', 'benchmarks/')) for n in names)
+    assert not any(n.startswith(('tests/', 'examples/', 'benchmarks/', 'demo/')) for n in names)
+    # the benchmark and demo recipes are not the library's: only timm_sadistill is installed
+    assert all(n.startswith(('timm_sadistill/', 'timm_sadistill-')) for n in names), names
+    assert not any(n.endswith(('/datasets.py', '/experiment.py')) for n in names)
     assert 'timm-sadistill = timm_sadistill.cli:main' in entry_points

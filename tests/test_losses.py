@@ -201,10 +201,7 @@ def test_sa_terms_are_weighted_separately():
     torch.testing.assert_close(terms['sa_att'], 5.0 * per_stage[:, 1].mean())
 
 
-LOSS_NAMES = ['kd', 'at', 'fitnet', 'cwd', 'dkd', 'sa']
-
-
-@pytest.mark.parametrize('name', LOSS_NAMES)
+@pytest.mark.parametrize('name', tsd.list_distill_losses())
 @pytest.mark.parametrize('amp_dtype', [torch.float16, torch.bfloat16])
 def test_large_half_precision_activations_stay_finite(name, amp_dtype):
     shape = (2, [(8, 8, 8, 16, 8, 8)], 5)
@@ -214,7 +211,8 @@ def test_large_half_precision_activations_stay_finite(name, amp_dtype):
     t = [(f * 1e4).to(amp_dtype) for f in t]
     sl = (sl.detach() * 3e3).to(amp_dtype).requires_grad_()
     tl = (tl * 3e3).to(amp_dtype)
-    loss = tsd.create_distill_loss(name, **(_channels(shape) if name not in ('kd', 'dkd') else {}))
+    logits_only = tsd.get_distill_loss_class(name).stage_policy == 'none'
+    loss = tsd.create_distill_loss(name, **({} if logits_only else _channels(shape)))
     with torch.autocast('cpu', dtype=amp_dtype):
         terms = loss(s, t, sl, tl, y)
     total = sum(v.float() for v in terms.values())
@@ -238,3 +236,37 @@ def test_feature_losses_need_channels():
         tsd.create_distill_loss('sa')
     with pytest.raises(ValueError, match='one entry per stage pair'):
         tsd.create_distill_loss('at', student_channels=[1, 2], teacher_channels=[1])
+
+
+def test_sa_options_are_declared_once_in_the_table():
+    from timm_sadistill.losses.sa import SA_OPTIONS
+    declared = {option.name: option.default for option in SA_OPTIONS}
+    defaults = tsd.loss_options('sa').defaults
+    assert {k: v for k, v in defaults.items() if k not in ('student_channels', 'teacher_channels')} == declared
+    for option in SA_OPTIONS:
+        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillLoss.__doc__
+        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillTask.__doc__
+
+
+@pytest.mark.parametrize('name,options', [('at', {}), ('fitnet', {}), ('cwd', {}), ('sa', {'kd_weight': 0.0})],
+                         ids=['at', 'fitnet', 'cwd', 'sa-kd_weight-0'])
+def test_feature_only_losses_take_no_logits(name, options):
+    shape = SHAPES[1]
+    s, t, sl, tl, y = _inputs(shape)
+    torch.manual_seed(0)
+    loss = tsd.create_distill_loss(name, **_channels(shape), **options)
+    without = loss(s, t, None, None)
+    with_logits = loss(s, t, sl, tl)
+    assert set(without) == set(with_logits)
+    for key in without:
+        torch.testing.assert_close(without[key], with_logits[key])
+    sum(without.values()).backward()
+    assert all(f.grad is not None for f in s)
+
+
+def test_sa_logit_term_without_logits_says_how_to_turn_it_off():
+    shape = SHAPES[0]
+    s, t, sl, tl, y = _inputs(shape)
+    loss = tsd.create_distill_loss('sa', **_channels(shape))
+    with pytest.raises(ValueError, match='kd_weight=0 to distil features only'):
+        loss(s, t, None, None)

@@ -30,7 +30,7 @@ def test_third_party_loss_registers_and_duplicates_are_refused():
         with pytest.raises(ValueError, match="'sa' is already registered"):
             tsd.register_distill_loss('sa')(LogitL2)
     finally:
-        from timm_sadistill import _registry
+        from timm_sadistill.losses import _registry
         _registry._LOSSES.pop('test_logit_l2', None)
 
 
@@ -45,3 +45,29 @@ def test_unknown_names_and_bad_classes_are_clear_errors():
         tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], connector='mlp')
     with pytest.raises(ValueError, match="Unknown AT mode"):
         tsd.create_distill_loss('at', student_channels=[4], teacher_channels=[8], mode='fancy')
+
+
+def test_loss_options_list_each_option_with_its_default():
+    options = tsd.loss_options('cwd')
+    assert options.defaults == {'student_channels': (), 'teacher_channels': (), 'tau': 4.0, 'weight': 3.0,
+                                'connector': 'conv1x1'}
+    assert not options.takes_any
+    assert tsd.loss_options('sa').defaults['connector'] == 'bottleneck'
+    assert 'temperature' in tsd.loss_options('kd').defaults and 'temperature' not in tsd.loss_options('at').defaults
+
+
+def test_a_loss_that_takes_any_option_gets_them_all():
+    @tsd.register_distill_loss('test_open_options')
+    class OpenOptions(tsd.DistillLoss):
+        stage_policy = 'none'
+
+        def __init__(self, student_channels=(), teacher_channels=(), **options):
+            super().__init__(student_channels, teacher_channels)
+            self.options = options
+
+    try:
+        assert tsd.loss_options('test_open_options').takes_any
+        assert tsd.create_distill_loss('test_open_options', anything=1).options == {'anything': 1}
+    finally:
+        from timm_sadistill.losses import _registry
+        _registry._LOSSES.pop('test_open_options', None)

@@ -6,7 +6,7 @@ import torch
 import timm_sadistill as tsd
 from conftest import train_steps
 
-METHODS = ['sa', 'kd', 'at', 'fitnet', 'cwd', 'dkd']
+METHODS = tsd.list_distill_losses()  # every registered method
 
 
 @pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
@@ -57,6 +57,25 @@ def test_nonfinite_step_is_skipped_with_a_warning(pattern_data, caplog):
     with caplog.at_level('WARNING'):
         assert tsd.guard_finite_loss(task, task(x, y), x, y, skip=True) is False
     assert "teacher stage 'layer2'" in caplog.text and 'Skipping this step' in caplog.text
+
+
+def test_guard_names_the_step_and_decides_over_all_ranks(pattern_data, caplog):
+    import torch.distributed as dist
+    images, labels = pattern_data
+    task = _poisoned_task()
+    x, y = images[:4], labels[:4]
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29535', rank=0, world_size=1)
+    try:
+        with pytest.raises(tsd.NonFiniteLossError, match=r"Non-finite loss at epoch 2, batch 5: .*teacher stage"):
+            tsd.guard_finite_loss(task, task(x, y), x, y, where='epoch 2, batch 5', all_ranks=True)
+        with caplog.at_level('WARNING'):
+            assert not tsd.guard_finite_loss(task, task(x, y), x, y, skip=True, where='epoch 2, batch 5', all_ranks=True)
+        assert 'Skipping step at epoch 2, batch 5' in caplog.text
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def test_finite_loss_passes_the_guard_without_diagnosis(pattern_data, monkeypatch):

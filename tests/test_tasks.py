@@ -9,7 +9,7 @@ from timm.task import TrainingTask
 import timm_sadistill as tsd
 from conftest import train_steps
 
-METHODS = ['sa', 'kd', 'at', 'fitnet', 'cwd', 'dkd']
+METHODS = tsd.list_distill_losses()  # every registered method
 PAIRS = {
     'homogeneous': ('resnet18', 'test_resnet'),
     'heterogeneous': ('test_convnext', 'mobilenetv3_small_050'),

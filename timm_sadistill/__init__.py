@@ -1,7 +1,9 @@
 """timm-sadistill: spatial-attention-map distillation (SA) and classic baselines for timm models."""
 from . import ops
-from .losses import ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss  # registers the losses
-from ._registry import create_distill_loss, get_distill_loss_class, list_distill_losses, register_distill_loss
+from .losses import (  # registers the losses
+    ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss,
+    create_distill_loss, get_distill_loss_class, list_distill_losses, loss_options, register_distill_loss,
+)
 from ._features import FeatureTaps, StageInfo, list_stages, pair_stages
 from .tasks import DistillTask, NonFiniteLossError, SADistillTask, create_distill_task, guard_finite_loss
 
@@ -10,7 +12,7 @@ __version__ = '0.1.0'
 __all__ = [
     'ops',
     'DistillLoss', 'SADistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss',
-    'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
+    'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class', 'loss_options',
     'FeatureTaps', 'StageInfo', 'list_stages', 'pair_stages',
     'DistillTask', 'SADistillTask', 'create_distill_task', 'NonFiniteLossError', 'guard_finite_loss',
 ]

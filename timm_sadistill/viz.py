@@ -86,8 +86,7 @@ def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
             teacher_input = task.teacher.normalize_input(images, task.student_mean, task.student_std)
             _, teacher_feats = task.teacher_taps(teacher_input)
             _, student_feats = trainable.student_taps(images)
-            loss.check_features(student_feats, teacher_feats)
-            pairs = loss.connectors.pairs(student_feats, teacher_feats)  # eval mode: per-image results
+            pairs = loss.spatial_pairs(student_feats, teacher_feats)  # eval mode: per-image results
             # the terms average over the batch; one image at a time gives each image's own terms
             per_image = torch.stack([
                 loss.projected_terms([(s[b:b + 1], t[b:b + 1]) for s, t in pairs]) for b in range(images.shape[0])

@@ -5,7 +5,6 @@ measured at the input size, and whether ``auto`` may pick it) and, with a teache
 for the method and the connector each pair gets. Models are built with random weights: nothing downloads.
 """
 import argparse
-import inspect
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .._features import FeatureTaps, StageInfo, default_img_size, list_stages, pair_stages
-from .._registry import get_distill_loss_class, list_distill_losses
+from ..losses import REQUIRED, get_distill_loss_class, list_distill_losses, loss_options
 from ._common import create_model, run_command
 
 __all__ = ['main', 'stage_map_sizes', 'connector_description']
@@ -36,12 +35,12 @@ def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[str, Tu
     return {s.name: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
 
 
-def connector_description(loss_cls: type, student_channels: int, teacher_channels: int) -> str:
-    """The connector a loss builds by default for one pair, e.g. ``'bottleneck 192->256'``, or ``'none'``."""
-    parameter = inspect.signature(loss_cls.__init__).parameters.get('connector')
-    if parameter is None or parameter.default is inspect.Parameter.empty:
+def connector_description(method: str, student_channels: int, teacher_channels: int) -> str:
+    """The connector loss ``method`` builds by default for one pair, e.g. ``'bottleneck 192->256'``, or ``'none'``."""
+    connector = loss_options(method).defaults.get('connector', REQUIRED)
+    if connector is REQUIRED:
         return 'none'
-    return f'{parameter.default} {student_channels}->{teacher_channels}'
+    return f'{connector} {student_channels}->{teacher_channels}'
 
 
 def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
@@ -68,13 +67,13 @@ def _stage_rows(model: nn.Module, img_size: Tuple[int, int]) -> List[Sequence[st
 
 
 def _pair_rows(
-        loss_cls: type,
+        method: str,
         pairs: Tuple[List[StageInfo], List[StageInfo]],
         teacher_sizes: Dict[str, Tuple[int, int]],
 ) -> List[Sequence[str]]:
     return [
         (f'{s.name} ({s.channels})', f'{t.name} ({t.channels})', str(t.reduction), _hw(teacher_sizes[t.name]),
-         connector_description(loss_cls, s.channels, t.channels))
+         connector_description(method, s.channels, t.channels))
         for s, t in zip(*pairs)
     ]
 
@@ -103,15 +102,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     teacher = create_model(args.teacher, num_classes=model.num_classes, in_chans=getattr(model, 'in_chans', 3))
-    loss_cls = get_distill_loss_class(args.distill)
-    policy = loss_cls.stage_policy
+    policy = get_distill_loss_class(args.distill).stage_policy
     if policy == 'none':
         print(f"\n{args.distill} distils logits only: no stage pairs.")
         return 0
     pairs = pair_stages(model, teacher, img_size=img_size, policy=policy)
     print(f"\n{args.distill} pairs chosen by auto (policy '{policy}'), {args.model} -> {args.teacher} at {_hw(img_size)}:")
     print(_table(('student', 'teacher', 'reduction', 'map', 'connector'),
-                 _pair_rows(loss_cls, pairs, stage_map_sizes(teacher, img_size))))
+                 _pair_rows(args.distill, pairs, stage_map_sizes(teacher, img_size))))
     return 0
 
 

@@ -25,9 +25,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
 from .errors import UsageError
-from .train import add_distill_arguments, distill_task_kwargs, loss_accepts
 
 __all__ = ['main', 'patched_timm_tasks']
 
@@ -101,7 +102,8 @@ def _make_task_factory(
         if timm_task_options and verbose:
             _logger.info(f"timm-train: --distill {method} replaces timm's task; unused: {', '.join(timm_task_options)}")
         kwargs = dict(options)
-        if temperature is not None and loss_accepts(method, 'temperature'):  # train.py always passes its default
+        # train.py always passes its default temperature: it applies only to the methods that have one
+        if temperature is not None and 'temperature' in loss_options(method).defaults:
             kwargs['temperature'] = temperature
         return create_distill_task(
             method, student_model, teacher_model, criterion=criterion, img_size=img_size,
@@ -153,9 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     peeked = _peek_train_py_args(train_py_argv)
     if not peeked.kd_model_name:
         raise UsageError("timm-train needs --kd-model-name TEACHER: train.py builds a distillation task only with it.")
-    if not ours.teacher_checkpoint and not ours.teacher_pretrained:
-        raise UsageError(f"Teacher '{peeked.kd_model_name}' has no weights: pass --teacher-checkpoint FILE, or "
-                         "--teacher-pretrained to download them from the hub.")
+    check_teacher_flags(peeked.kd_model_name, ours)
     img_size = tuple(peeked.input_size[1:]) if peeked.input_size else peeked.img_size
     factory = _make_task_factory(ours.distill, distill_task_kwargs(ours), img_size)
     with patched_timm_tasks(factory), _script_invocation(script, train_py_argv):

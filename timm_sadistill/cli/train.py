@@ -11,10 +11,9 @@ Distributed: ``torchrun --standalone --nproc_per_node=N -m timm_sadistill train 
 
 Test-only hooks (never set them outside tests):
     ``TSD_TEST_DUMP_PARAMS=<dir>``: every rank writes its final student state to ``<dir>/rank<k>.safetensors``.
-    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.checkpoint`.
+    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.atomic_save`.
 """
 import argparse
-import inspect
 import logging
 import os
 import sys
@@ -29,10 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
-from PIL import Image, UnidentifiedImageError
 from timm import utils
-from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
-from timm.data.readers.img_extensions import get_img_extensions
+from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -40,221 +37,24 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
-from .._checkpoint import check_checkpoint_readable
-from .._registry import get_distill_loss_class, list_distill_losses
-from ..tasks import NonFiniteLossError, create_distill_task, describe_nonfinite
-from .checkpoint import AtomicCheckpointSaver, save_safetensors_atomic
-from ._common import SA_OPTIONS, add_sa_arguments, add_stage_arguments, sa_options
+from .._checkpoint_checks import check_checkpoint_readable
+from ..losses import loss_options
+from ..tasks import create_distill_task, guard_finite_loss
+from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
+from .data import create_datasets, create_loaders
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
 from .errors import UsageError
 from .progress import ProgressBar
+from .timm_flags import add_timm_arguments
 
-__all__ = [
-    'add_distill_arguments', 'build_parser', 'parse_args', 'distill_task_kwargs',
-    'loss_accepts', 'train', 'main',
-]
+__all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate', 'main']
 
 _logger = logging.getLogger('timm_sadistill.train')
 
 DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
-
-
-def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags: bool = True) -> None:
-    """The distillation flags, defined once for ``train`` and ``timm-train``.
-
-    ``include_timm_kd_flags`` adds the flags timm's own train.py already has (``--kd-model-name`` alias
-    ``--teacher``, ``--distill-loss-weight``, ``--task-loss-weight``, ``--kd-temperature``); ``timm-train`` leaves
-    them out so they reach the user's train.py untouched.
-    """
-    group = parser.add_argument_group('Distillation parameters (timm-sadistill)')
-    group.add_argument('--distill', default='none', choices=['none'] + list_distill_losses(),
-                       help='Distillation method; "none" trains a plain model (default: none)')
-    if include_timm_kd_flags:
-        group.add_argument('--teacher', '--kd-model-name', dest='teacher', default=None, metavar='MODEL',
-                           help='Teacher model name (timm); its weights come from --teacher-checkpoint')
-        group.add_argument('--distill-loss-weight', default=None, type=float,
-                           help='Weight of the distillation loss (timm rules: alone, task weight stays 1)')
-        group.add_argument('--task-loss-weight', default=None, type=float,
-                           help='Weight of the task loss (alone: distill weight = 1 - task weight)')
-        group.add_argument('--kd-temperature', default=None, type=float,
-                           help="Logit temperature for methods that have one (default: the method's own, 4.0)")
-    group.add_argument('--teacher-checkpoint', default=None, metavar='FILE',
-                       help='Teacher weights: .safetensors or timm .pth/.pth.tar (e.g. a teacher run\'s model.safetensors)')
-    group.add_argument('--teacher-pretrained', action='store_true', default=False,
-                       help='Download the teacher weights from the hub (only with this flag does anything download)')
-    add_stage_arguments(group)
-    add_sa_arguments(group)
-
-
-def _add_timm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The subset of timm train.py's flags this command supports, with timm's names, defaults and meanings."""
-    group = parser.add_argument_group('Dataset parameters')
-    parser.add_argument('data', nargs='?', metavar='DIR', const=None,
-                        help='path to dataset (positional is *deprecated*, use --data-dir)')
-    group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
-    group.add_argument('--dataset', metavar='NAME', default='',
-                       help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
-    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
-    group.add_argument('--val-split', metavar='NAME', default='validation',
-                       help='dataset validation split (default: validation)')
-    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
-                       help='path to class to idx mapping file (default: "")')
-
-    group = parser.add_argument_group('Model parameters')
-    group.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
-                       help='Name of model to train (default: "resnet50")')
-    group.add_argument('--pretrained', action='store_true', default=False,
-                       help='Start with pretrained version of specified network (if avail)')
-    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
-                       help='Load this checkpoint into model after initialization (default: none)')
-    group.add_argument('--resume', default='', type=str, metavar='PATH',
-                       help='Resume full model and optimizer state from checkpoint (default: none)')
-    group.add_argument('--no-resume-opt', action='store_true', default=False,
-                       help='prevent resume of optimizer state when resuming model')
-    group.add_argument('--num-classes', type=int, default=None, metavar='N',
-                       help='number of label classes (Model default if None)')
-    group.add_argument('--img-size', type=int, default=None, metavar='N',
-                       help='Image size (default: None => model default)')
-    group.add_argument('--in-chans', type=int, default=None, metavar='N',
-                       help='Image input channels (default: None => 3)')
-    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
-                       help='Input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default if empty')
-    group.add_argument('--crop-pct', default=None, type=float, metavar='N',
-                       help='Input image center crop percent (for validation only)')
-    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
-                       help='Override mean pixel value of dataset')
-    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
-                       help='Override std deviation of dataset')
-    group.add_argument('--interpolation', default='', type=str, metavar='NAME',
-                       help='Image resize interpolation type (overrides model)')
-    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
-                       help='Input batch size for training (default: 128)')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
-                       help='Validation batch size override (default: None)')
-    group.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
-    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
-                       help='The number of steps to accumulate gradients (default: 1)')
-    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                       help='Enable compilation w/ specified backend (default: inductor).')
-    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
-    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='Drop path rate (default: None)')
-
-    group = parser.add_argument_group('Device parameters')
-    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
-                       help='Device (accelerator) to use (default: cuda when available, else cpu).')
-    group.add_argument('--amp', action='store_true', default=False, help='use AMP for mixed precision training')
-    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
-                       help='lower precision AMP dtype (default: float16)')
-    group.add_argument('--no-ddp-bb', action='store_true', default=False,
-                       help='Force broadcast buffers for native DDP to off.')
-    group.add_argument('--local_rank', default=0, type=int)
-
-    group = parser.add_argument_group('Optimizer parameters')
-    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='Optimizer (default: "sgd")')
-    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON',
-                       help='Optimizer Epsilon (default: None, use opt default)')
-    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
-                       help='Optimizer Betas (default: None, use opt default)')
-    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='Optimizer momentum (default: 0.9)')
-    group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
-    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
-                       help='Clip gradient norm (default: None, no clipping)')
-    group.add_argument('--clip-mode', type=str, default='norm',
-                       help='Gradient clipping mode. One of ("norm", "value", "agc")')
-
-    group = parser.add_argument_group('Learning rate schedule parameters')
-    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
-                       help='LR scheduler (default: "cosine")')
-    group.add_argument('--sched-on-updates', action='store_true', default=False,
-                       help='Apply LR scheduler step on update instead of epoch end.')
-    group.add_argument('--lr', type=float, default=None, metavar='LR',
-                       help='learning rate, overrides lr-base if set (default: None)')
-    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
-                       help='base learning rate: lr = lr_base * global_batch_size / base_size')
-    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV',
-                       help='base learning rate batch size (divisor, default: 256).')
-    group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
-                       help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
-    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR',
-                       help='warmup learning rate (default: 1e-5)')
-    group.add_argument('--min-lr', type=float, default=0, metavar='LR',
-                       help='lower lr bound for cyclic schedulers that hit 0 (default: 0)')
-    group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
-    group.add_argument('--start-epoch', default=None, type=int, metavar='N',
-                       help='manual epoch number (useful on restarts)')
-    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
-                       help='list of decay epoch indices for multistep lr. must be increasing')
-    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
-    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N',
-                       help='epochs to warmup LR, if scheduler supports')
-    group.add_argument('--warmup-prefix', action='store_true', default=False,
-                       help='Exclude warmup period from decay schedule.')
-    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
-                       help='epochs to cooldown LR at min_lr, after cyclic schedule ends')
-    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
-                       help='LR decay rate (default: 0.1)')
-
-    group = parser.add_argument_group('Augmentation and regularization parameters')
-    group.add_argument('--no-aug', action='store_true', default=False,
-                       help='Disable all training augmentation, override other train aug args')
-    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
-                       help='Random resize scale (default: 0.08 1.0)')
-    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
-                       help='Random resize aspect ratio (default: 0.75 1.33)')
-    group.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
-    group.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
-    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT',
-                       help='Color jitter factor (default: 0.4)')
-    group.add_argument('--aa', type=str, default=None, metavar='NAME',
-                       help='Use AutoAugment policy. "v0" or "original". (default: None)')
-    group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='Random erase prob (default: 0.)')
-    group.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
-    group.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
-    group.add_argument('--mixup', type=float, default=0.0,
-                       help='mixup alpha, mixup enabled if > 0. (default: 0.)')
-    group.add_argument('--cutmix', type=float, default=0.0,
-                       help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
-    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
-                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
-    group.add_argument('--mixup-prob', type=float, default=1.0,
-                       help='Probability of performing mixup or cutmix when either/both is enabled')
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
-                       help='Probability of switching to cutmix when both mixup and cutmix enabled')
-    group.add_argument('--mixup-mode', type=str, default='batch',
-                       help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
-    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
-                       help='Turn off mixup after this epoch, disabled if 0 (default: 0)')
-    group.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
-    group.add_argument('--train-interpolation', type=str, default='random',
-                       help='Training interpolation (random, bilinear, bicubic default: "random")')
-
-    group = parser.add_argument_group('Model exponential moving average parameters')
-    group.add_argument('--model-ema', action='store_true', default=False,
-                       help='Enable tracking moving average of model weights.')
-    group.add_argument('--model-ema-decay', type=float, default=0.9998,
-                       help='Decay factor for model weights moving average (default: 0.9998)')
-    group.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
-
-    group = parser.add_argument_group('Miscellaneous parameters')
-    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
-    group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
-    group.add_argument('--log-interval', type=int, default=50, metavar='N',
-                       help='how many batches to wait before logging training status')
-    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
-                       help='number of checkpoints to keep (default: 10)')
-    group.add_argument('-j', '--workers', type=int, default=4, metavar='N',
-                       help='how many training processes to use (default: 4)')
-    group.add_argument('--pin-mem', action='store_true', default=False,
-                       help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
-    group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
-    group.add_argument('--output', default='', type=str, metavar='PATH',
-                       help='path to output folder (default: none, current dir)')
-    group.add_argument('--experiment', default='', type=str, metavar='NAME',
-                       help='name of train experiment, name of sub-folder for output')
-    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
-                       help='Best metric (default: "top1"')
+# Arguments: timm's train.py flags, the distillation flags, the loop's own
 
 
 def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -266,7 +66,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         prog='timm-sadistill train', parents=[config_parser], allow_abbrev=False,
         description='Train a timm model, optionally distilling a teacher into it (timm train.py flags).',
     )
-    _add_timm_arguments(parser)
+    add_timm_arguments(parser)
     add_distill_arguments(parser)
     group = parser.add_argument_group('Training loop (timm-sadistill)')
     group.add_argument('--skip-nonfinite', action='store_true', default=False,
@@ -298,34 +98,6 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
     return args, args_text
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distillation task options (shared with timm-train)
-
-
-def loss_accepts(name: str, option: str) -> bool:
-    """Whether the loss registered as ``name`` takes keyword ``option`` (e.g. 'temperature')."""
-    return option in inspect.signature(get_distill_loss_class(name).__init__).parameters
-
-
-def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """Keyword arguments for ``create_distill_task`` from the flags of `add_distill_arguments`.
-
-    Raises:
-        UsageError: an SA flag given to another method.
-    """
-    sa_given = sa_options(args)
-    if sa_given and args.distill != 'sa':
-        flags = ', '.join('--' + flag.replace('_', '-') for flag, option in SA_OPTIONS.items() if option in sa_given)
-        raise UsageError(f"{flags}: SA options, but the method is --distill {args.distill}; drop them or use --distill sa.")
-    return dict(
-        teacher_pretrained_path=args.teacher_checkpoint,
-        teacher_pretrained=args.teacher_pretrained,
-        student_stages=args.distill_stages,
-        teacher_stages=args.teacher_stages,
-        **sa_given,
-    )
-
-
 def _check_distill_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent model/teacher flags before anything is loaded."""
     if not is_model(args.model):
@@ -338,10 +110,8 @@ def _check_distill_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
     if not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
-    if not args.teacher_checkpoint and not args.teacher_pretrained:
-        raise UsageError(f"Teacher '{args.teacher}' has no weights: pass --teacher-checkpoint FILE (.safetensors or timm "
-                         ".pth), or --teacher-pretrained to download them from the hub.")
-    if args.kd_temperature is not None and not loss_accepts(args.distill, 'temperature'):
+    check_teacher_flags(args.teacher, args)
+    if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:
         if args.distill != 'sa':
@@ -351,109 +121,7 @@ def _check_distill_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def _check_images(dataset, rank: int, world_size: int) -> None:
-    """Open the header of every image file (each rank a shard), so an undecodable file stops the run with its name
-    instead of being skipped with a warning deep inside a worker (timm's dataset skips unreadable samples)."""
-    filenames = getattr(dataset, 'filenames', None)
-    if filenames is None:
-        return
-    for path in filenames(absolute=True)[rank::world_size]:
-        if not os.path.isfile(path):  # not a folder dataset (tar, hub, ...): nothing to check here
-            return
-        try:
-            with Image.open(path) as image:
-                image.size  # the header is parsed on open; this keeps the check explicit
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"Cannot decode image '{path}' ({type(e).__name__}); remove or replace the file.") from e
-
-
-def _check_class_folders(split_root: str) -> None:
-    """Each class folder holds at least one image and nothing that is not one (hidden files aside).
-
-    timm's folder reader derives the classes from the files it finds, so an empty class folder silently shifts the
-    class indices and a stray file is silently ignored; both deserve a stop with the path instead.
-    """
-    image_exts = get_img_extensions(as_set=True)
-    for class_name in sorted(os.listdir(split_root)):
-        class_dir = os.path.join(split_root, class_name)
-        if not os.path.isdir(class_dir):
-            continue
-        images = 0
-        for dirpath, _, filenames in os.walk(class_dir):
-            for name in filenames:
-                if name.startswith('.'):
-                    continue
-                if os.path.splitext(name)[1].lower() not in image_exts:
-                    raise UsageError(f"'{os.path.join(dirpath, name)}' is not an image ({', '.join(sorted(image_exts))}); "
-                                     "move it out of the data folder.")
-                images += 1
-        if not images:
-            raise UsageError(f"Class folder '{class_dir}' has no images; add images or remove the folder.")
-
-
-def _create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]):
-    if args.data and not args.data_dir:
-        args.data_dir = args.data
-    if not args.dataset:  # ImageFolder/ImageTar: a local path that must exist
-        if not args.data_dir:
-            raise UsageError("No data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders).")
-        if not os.path.exists(args.data_dir):
-            raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
-        for split in filter(None, (args.train_split, args.val_split)):
-            split_root = os.path.join(args.data_dir, split)
-            if os.path.isdir(split_root):
-                _check_class_folders(split_root)
-    input_img_mode = 'RGB' if data_config['input_size'][0] == 3 else 'L'
-    common = dict(root=args.data_dir, class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
-    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed, **common)
-    dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, **common) if args.val_split else None
-    for dataset in (dataset_train, dataset_eval):
-        if dataset is not None:
-            if len(dataset) == 0:
-                raise UsageError(f"No images found under '{args.data_dir}'; expected <split>/<class>/<image> files.")
-            _check_images(dataset, args.rank, args.world_size)
-    return dataset_train, dataset_eval
-
-
-def _create_loaders(args, data_config, dataset_train, dataset_eval, device):
-    """Train/eval loaders as timm's train.py builds them (prefetcher, mixup collate, distributed samplers)."""
-    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
-                  distributed=args.distributed, use_prefetcher=args.prefetcher)
-    mixup_fn = None
-    collate_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active:
-        mixup_args = dict(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-            num_classes=args.num_classes,
-        )
-        if args.prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=train_interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding,
-        collate_fn=collate_fn, **common,
-    )
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval, input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-            interpolation=data_config['interpolation'], num_workers=args.workers, crop_pct=data_config['crop_pct'],
-            **common,
-        )
-    return loader_train, loader_eval, mixup_fn, mixup_active
+# Task
 
 
 def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: torch.device) -> nn.Module:
@@ -466,6 +134,19 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
     return loss.to(device=device)
 
 
+def _create_task(args, model, train_loss, device, img_size) -> TrainingTask:
+    if args.distill == 'none':
+        return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
+    options = distill_task_kwargs(args)
+    if args.kd_temperature is not None:
+        options['temperature'] = args.kd_temperature
+    return create_distill_task(
+        args.distill, model, args.teacher, criterion=train_loss, img_size=img_size,
+        distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+        device=device, verbose=utils.is_primary(args), **options,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Train and evaluate
 
@@ -473,14 +154,6 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
 def _scalar_terms(result: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The task's loss and each named loss term (every scalar tensor of its result)."""
     return {k: v.detach().float() for k, v in result.items() if torch.is_tensor(v) and v.ndim == 0}
-
-
-def _all_ranks_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
-    """Whether the loss is finite on every rank (ranks must agree on skipping a step, or DDP hangs)."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if args.distributed:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
 
 
 def train_one_epoch(
@@ -537,15 +210,8 @@ def train_one_epoch(
                 result = task(input, target)
             loss = result['loss']
             terms = _scalar_terms(result)
-            if not _all_ranks_finite(loss, args):
-                # the check above reads one scalar; only now is the culprit (stage, tensor, term) looked for
-                bad = describe_nonfinite(task, input, target)
-                if not args.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"Non-finite loss at epoch {epoch}, batch {batch_idx}: {bad}. Lower --lr, check the data, "
-                        "or pass --skip-nonfinite to skip such steps."
-                    )
-                _logger.warning(f"Skipping step (epoch {epoch}, batch {batch_idx}): non-finite {bad}.")
+            if not guard_finite_loss(task, result, input, target, skip=args.skip_nonfinite,
+                                     where=f'epoch {epoch}, batch {batch_idx}', all_ranks=args.distributed):
                 skipped += 1
             else:
                 scaled = loss / accum_steps if accum_steps > 1 else loss
@@ -661,19 +327,6 @@ def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
         save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(folder, f'rank{args.rank}.safetensors'))
 
 
-def _create_task(args, model, train_loss, device, img_size) -> TrainingTask:
-    if args.distill == 'none':
-        return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
-    options = distill_task_kwargs(args)
-    if args.kd_temperature is not None:
-        options['temperature'] = args.kd_temperature
-    return create_distill_task(
-        args.distill, model, args.teacher, criterion=train_loss, img_size=img_size,
-        distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-        device=device, verbose=utils.is_primary(args), **options,
-    )
-
-
 def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
     """Run the whole training; returns ``{'output_dir', 'best_metric', 'best_epoch'}`` (output_dir None off rank 0)."""
     _check_distill_args(args)
@@ -713,8 +366,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and amp_dtype == torch.float16 else None
 
-    dataset_train, dataset_eval = _create_datasets(args, data_config)
-    loader_train, loader_eval, mixup_fn, mixup_active = _create_loaders(args, data_config, dataset_train, dataset_eval, device)
+    dataset_train, dataset_eval = create_datasets(args, data_config)
+    loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
     train_loss = _create_train_loss(args, mixup_active, device)
 
     task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))

@@ -16,8 +16,9 @@ from timm.models import clean_state_dict
 
 from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
-from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
-from ._common import add_sa_arguments, add_stage_arguments, create_model, run_command, sa_options
+from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
+from ._common import create_model, run_command
+from .distill_options import add_sa_arguments, add_stage_arguments, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 

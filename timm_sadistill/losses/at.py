@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
-from .._registry import register_distill_loss
+from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import align_spatial
 
@@ -52,11 +52,8 @@ class ATLoss(DistillLoss):
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         self.check_features(student_feats, teacher_feats)
-        total = student_logits.new_zeros((), dtype=torch.float32)
+        losses = []
         for s, t in zip(student_feats, teacher_feats):
-            diff = self._student_map(s, t.shape[-2:]) - ops.spatial_attention(t, self.p)
-            if self.mode == 'code':
-                total = total + diff.pow(2).mean()
-            else:
-                total = total + diff.norm(dim=1).sum() / diff.numel() / 2
-        return {'at': self.weight * total}
+            diff = self._student_map(s, t.shape[-2:]) - ops.spatial_attention(t, self.p)  # (B, H*W) float32
+            losses.append(diff.pow(2).mean() if self.mode == 'code' else diff.norm(dim=1).sum() / diff.numel() / 2)
+        return {'at': self.weight * torch.stack(losses).sum()}

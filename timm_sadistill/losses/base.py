@@ -17,7 +17,8 @@ class DistillLoss(nn.Module):
     ``forward(student_feats, teacher_feats, student_logits, teacher_logits, target=None)``:
         student_feats: list of (B, Cs_k, Hs_k, Ws_k), one per distilled stage pair k.
         teacher_feats: list of (B, Ct_k, Ht_k, Wt_k), same length.
-        student_logits, teacher_logits: (B, K).
+        student_logits, teacher_logits: (B, K), or None for a loss that reads no logits (the feature-only losses:
+            AT, FitNet, CWD, and SA with ``kd_weight=0``), e.g. when distilling a backbone without a head.
         target: (B,) class indices or (B, K) soft targets; only losses that need labels read it.
 
     Class attributes:
@@ -65,8 +66,8 @@ class DistillLoss(nn.Module):
             self,
             student_feats: Sequence[torch.Tensor],
             teacher_feats: Sequence[torch.Tensor],
-            student_logits: torch.Tensor,
-            teacher_logits: torch.Tensor,
+            student_logits: Optional[torch.Tensor],
+            teacher_logits: Optional[torch.Tensor],
             target: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

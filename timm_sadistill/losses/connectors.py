@@ -1,7 +1,7 @@
 """Connectors: small trainable projections of student features into the teacher's channel space.
 
 Each is built from (in_channels, out_channels) and dropped after training. Spatial sizes are aligned after
-the connector by `align_spatial`.
+the connector by `align_spatial` (docs/method.md#alignment).
 """
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -13,7 +13,7 @@ __all__ = ['create_connector', 'list_connectors', 'align_spatial', 'ConnectorLis
 
 
 def _bottleneck(in_channels: int, out_channels: int) -> nn.Module:
-    """1x1 Cs->m, BN, ReLU, 3x3 m->m, BN, ReLU, 1x1 m->Ct, BN with m = Ct // 2 (DESIGN section 1)."""
+    """1x1 Cs->m, BN, ReLU, 3x3 m->m, BN, ReLU, 1x1 m->Ct, BN with m = Ct // 2 (docs/method.md#connector)."""
     mid = max(1, out_channels // 2)
     return nn.Sequential(
         nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),

@@ -4,7 +4,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._registry import register_distill_loss
+from ._registry import register_distill_loss
 from .base import DistillLoss
 
 __all__ = ['DKDLoss']

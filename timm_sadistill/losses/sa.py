@@ -1,5 +1,19 @@
-"""SA: spatial-attention-map distillation (Wang & Liu 2024, reconstructed from the abstract; DESIGN section 1)."""
-from typing import Dict, Optional, Sequence
+"""SA: spatial-attention-map distillation (Wang & Liu 2024), reconstructed from the abstract: docs/method.md is
+its spec (#the-sa-loss for the formulas, #defaults for where each default comes from).
+
+SA's options are declared once, in `SA_OPTIONS`: `SADistillLoss`'s defaults, `SADistillTask`'s keywords and their
+documentation, and the command line's ``--sa-*`` flags (``train``, ``timm-train``, ``viz``) all come from it.
+To add an option:
+
+1. add a row ``SAOption('gamma', 0.5, float, 'weight of the new term')`` to `SA_OPTIONS` (``flag=False`` keeps it
+   off the command line);
+2. give `SADistillLoss.__init__` the parameter ``gamma: float = _DEFAULTS['gamma']`` and use it in the loss.
+
+Nothing else changes: ``SADistillTask(..., gamma=...)``, ``create_distill_task('sa', ..., gamma=...)`` and
+``--sa-gamma`` follow (tests/test_losses.py checks that the table and the constructor agree).
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -7,12 +21,63 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
-from .._registry import register_distill_loss
+from ._registry import register_distill_loss
 from .base import DistillLoss
-from .connectors import ConnectorList
+from .connectors import ConnectorList, list_connectors
 from .kd import kd_divergence
 
-__all__ = ['SADistillLoss']
+__all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'1'/'yes' -> True, 'false'/'0'/'no' -> False (argparse's ``type=bool`` takes any text as True)."""
+    value = str(text).strip().lower()
+    if value in ('true', '1', 'yes', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'off'):
+        return False
+    raise ValueError(f"expected true or false, got '{text}'")
+
+
+@dataclass(frozen=True)
+class SAOption:
+    """One option of SA: a keyword of `SADistillLoss` (and so of `SADistillTask`) and, when ``flag``, the
+    command-line flag ``--sa-<name>`` (``_`` written ``-``) of that ``type``, restricted to ``choices`` if any."""
+    name: str
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+    flag: bool = True
+    choices: Tuple[str, ...] = ()
+
+
+# The defaults are the measured ones: docs/method.md#defaults says where each comes from.
+SA_OPTIONS: Tuple[SAOption, ...] = (
+    SAOption('tau', 4.0, float, 'spatial softmax temperature'),
+    SAOption('p', 2.0, float, 'power of |x| in the attention map'),
+    SAOption('alpha', 1.0, float, 'weight of the spatial distribution term'),
+    SAOption('beta', 10.0, float, 'weight of the attention-map term'),
+    SAOption('kd_weight', 1.0, float, 'weight of the logit KD term (0: off)'),
+    # every method's logit temperature has one flag, --kd-temperature
+    SAOption('temperature', 4.0, float, 'temperature of the logit KD term', flag=False),
+    SAOption('connector', 'bottleneck', str, 'student->teacher connector', choices=tuple(list_connectors())),
+    SAOption('backend', 'auto', str, "fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'", flag=False),
+    SAOption('standardize', False, parse_bool, 'z-score each (b, c) map over its positions before the spatial softmax'),
+    SAOption('warmup_steps', 0, int, 'ramp the feature terms linearly from 0 over this many training steps'),
+    SAOption('head_weight', 0.0, float, "weight of the SRRL term: student pre-logits through the teacher's classifier"),
+    SAOption('cam_weight', 0.0, float, 'weight of the class-activation-map term (CAT-KD) on the final feature maps'),
+)
+_DEFAULTS: Dict[str, Any] = {option.name: option.default for option in SA_OPTIONS}
+
+
+def document_sa_options(cls: type) -> type:
+    """Class decorator: write `SA_OPTIONS`, ``name (default): help`` a line, where ``{sa_options}`` stands in the
+    class docstring, so the documented options are the declared ones."""
+    if cls.__doc__:  # None under python -OO
+        lines = '\n'.join(f'        {o.name} ({o.default!r}): {o.help}'
+                          + (f" (one of {', '.join(o.choices)})" if o.choices else '') for o in SA_OPTIONS)
+        cls.__doc__ = cls.__doc__.replace('{sa_options}', lines)
+    return cls
 
 
 def standardize_positions(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -28,6 +93,7 @@ def spatial_attention_distance(s: torch.Tensor, t: torch.Tensor, p: float, backe
 
 
 @register_distill_loss('sa')
+@document_sa_options
 class SADistillLoss(DistillLoss):
     """SA: per stage pair k, with S'_k = g_k(S_k) the student map through a conv connector, resized to (Ht, Wt):
 
@@ -40,16 +106,10 @@ class SADistillLoss(DistillLoss):
 
     Args:
         student_channels, teacher_channels: channels of each stage pair (the connectors are built from them).
-        tau: spatial softmax temperature of L_dist.
-        p: power of |x| in the attention map.
-        alpha, beta: weights of L_dist and L_att.
-        kd_weight: weight of the logit KD term (0 turns it off).
-        temperature: logit KD temperature.
-        connector: 'bottleneck' (default), 'conv1x1', 'regressor' or 'identity'.
-        backend: 'auto', 'triton' or 'torch' for the fused ops.
+        SA options (`SA_OPTIONS`), name (default): meaning:
+{sa_options}
 
-    The defaults follow the first measurements in DESIGN section 1 (alpha 1, beta 10, tau 4, KD T 4 weight 1);
-    benchmarks/ carries the ablation that revisits them.
+    The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
@@ -60,18 +120,18 @@ class SADistillLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            tau: float = 4.0,
-            p: float = 2.0,
-            alpha: float = 1.0,
-            beta: float = 10.0,
-            kd_weight: float = 1.0,
-            temperature: float = 4.0,
-            connector: str = 'bottleneck',
-            backend: str = 'auto',
-            standardize: bool = False,
-            warmup_steps: int = 0,
-            head_weight: float = 0.0,
-            cam_weight: float = 0.0,
+            tau: float = _DEFAULTS['tau'],
+            p: float = _DEFAULTS['p'],
+            alpha: float = _DEFAULTS['alpha'],
+            beta: float = _DEFAULTS['beta'],
+            kd_weight: float = _DEFAULTS['kd_weight'],
+            temperature: float = _DEFAULTS['temperature'],
+            connector: str = _DEFAULTS['connector'],
+            backend: str = _DEFAULTS['backend'],
+            standardize: bool = _DEFAULTS['standardize'],
+            warmup_steps: int = _DEFAULTS['warmup_steps'],
+            head_weight: float = _DEFAULTS['head_weight'],
+            cam_weight: float = _DEFAULTS['cam_weight'],
     ):
         super().__init__(student_channels, teacher_channels)
         if tau <= 0 or temperature <= 0:
@@ -151,10 +211,16 @@ class SADistillLoss(DistillLoss):
             terms['sa_cam'] = self.cam_weight * (cam_s - cam_t).pow(2).sum(-1).mean()
         return terms
 
-    def stage_terms(self, student_feats, teacher_feats) -> torch.Tensor:
-        """Unweighted (L_dist, L_att) of every stage pair: a (K, 2) float32 tensor."""
+    def spatial_pairs(self, student_feats, teacher_feats):
+        """[(projected student, teacher)] of the pairs SA's spatial terms take: all but the final pair of the head
+        terms. Each pair is (B, Ct_k, Ht_k, Wt_k)."""
         self.check_features(student_feats, teacher_feats)
-        return self.projected_terms(self.connectors.pairs(student_feats, teacher_feats))
+        k = len(self.connectors)
+        return self.connectors.pairs(student_feats[:k], teacher_feats[:k])
+
+    def stage_terms(self, student_feats, teacher_feats) -> torch.Tensor:
+        """Unweighted (L_dist, L_att) of every spatial stage pair: a (K, 2) float32 tensor."""
+        return self.projected_terms(self.spatial_pairs(student_feats, teacher_feats))
 
     def projected_terms(self, pairs) -> torch.Tensor:
         """(K, 2) float32 (L_dist, L_att) of (projected student, teacher) pairs, each (B, Ct_k, Ht_k, Wt_k)."""
@@ -168,14 +234,11 @@ class SADistillLoss(DistillLoss):
 
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        self.check_features(student_feats, teacher_feats)
-        spatial = len(self.connectors)
         terms = {}
-        if spatial:
-            dist, att = self.projected_terms(
-                self.connectors.pairs(student_feats[:spatial], teacher_feats[:spatial])).mean(dim=0)
+        if len(self.connectors):
+            dist, att = self.stage_terms(student_feats, teacher_feats).mean(dim=0)
             terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
-        if spatial < len(student_feats):
+        if len(self.connectors) < len(student_feats):
             terms.update(self.head_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
             ramp = min(1.0, float(self.steps) / self.warmup_steps)
@@ -183,5 +246,8 @@ class SADistillLoss(DistillLoss):
             if self.training:
                 self.steps += 1
         if self.kd_weight:
+            if student_logits is None or teacher_logits is None:
+                raise ValueError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
+                                 "pass them, or kd_weight=0 to distil features only.")
             terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
         return terms

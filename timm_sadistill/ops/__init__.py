@@ -124,6 +124,6 @@ def sa_loss(
         beta: float = 1.0,
         backend: str = 'auto',
 ) -> torch.Tensor:
-    """Scalar alpha * L_dist + beta * L_att (DESIGN section 1, steps 2-4) for one stage pair."""
+    """Scalar alpha * L_dist + beta * L_att for one stage pair (docs/method.md#the-sa-loss)."""
     dist, att = sa_loss_terms(s, t, tau, p, backend=backend)
     return alpha * dist + beta * att

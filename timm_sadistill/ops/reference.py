@@ -56,7 +56,7 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tens
 
 
 def sa_loss_terms(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The two unweighted SA terms (DESIGN section 1).
+    """The two unweighted SA terms (docs/method.md#the-sa-loss).
 
     L_dist = spatial_kl(s, t, tau); L_att = 1/B * sum_b ||a^S_b - a^T_b||_2^2 with a = spatial_attention(., p).
 

@@ -8,17 +8,16 @@ import torch.nn as nn
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
-from .._checkpoint import check_checkpoint_readable, state_dict_mismatch
+from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from .._features import FeatureTaps, StagesArg, list_stages, pair_stages
-from .._registry import create_distill_loss, get_distill_loss_class
-from ..losses.base import DistillLoss
+from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
 except ImportError:  # pragma: no cover - older timm
     resolve_classification_loss = None
 
-__all__ = ['DistillTask', 'DistillTrainableModule', 'resolve_teacher', 'resolve_loss_weights']
+__all__ = ['DistillTask', 'DistillTrainableModule', 'check_teacher_weights', 'resolve_teacher', 'resolve_loss_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +69,29 @@ def resolve_loss_weights(
     return 1.0, 1.0
 
 
+def check_teacher_weights(
+        teacher: str,
+        pretrained_path: Optional[str],
+        pretrained: bool,
+        path_option: str = 'teacher_pretrained_path=<checkpoint>',
+        hub_option: str = 'teacher_pretrained=True',
+) -> None:
+    """Refuse a teacher given by name that cannot get weights: its checkpoint must exist (FileNotFoundError) and be
+    readable (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
+
+    ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
+    before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
+    """
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
+                                    f"teacher's .safetensors or .pth file.")
+        check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
+    elif not pretrained:
+        raise ValueError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
+                         f"{hub_option} to download them from the hub.")
+
+
 def resolve_teacher(
         teacher: Union[str, nn.Module, DistillationTeacher],
         student: nn.Module,
@@ -87,16 +109,7 @@ def resolve_teacher(
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
-        if pretrained_path:
-            if not os.path.isfile(pretrained_path):
-                raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
-                                        f"teacher's .safetensors or .pth file.")
-            check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
-        elif not pretrained:
-            raise ValueError(
-                f"Teacher '{teacher}' is given by name without weights: pass teacher_pretrained_path=<checkpoint> "
-                "(safetensors or timm .pth), or teacher_pretrained=True to download its weights from the hub."
-            )
+        check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
         try:
             resolved = DistillationTeacher(
@@ -177,13 +190,15 @@ class DistillTask(TrainingTask):
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
 
-        policy = loss.stage_policy if isinstance(loss, DistillLoss) else get_distill_loss_class(loss).stage_policy
+        loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
+        policy = loss_class.stage_policy
         s_stages, t_stages = pair_stages(
             student_model, self.teacher.model, student_stages, teacher_stages, img_size=img_size, policy=policy,
         )
-        loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
-        if isinstance(loss, str) and loss_class.uses_final_pair(**loss_kwargs):
-            s_stages, t_stages = list(s_stages) + [list_stages(student_model)[-1]], list(t_stages) + [list_stages(self.teacher.model)[-1]]
+        if loss_class.uses_final_pair(**(loss_kwargs if isinstance(loss, str) else vars(loss))):
+            # the final feature maps (the input of each model's head) ride as an extra last pair
+            s_stages = [*s_stages, list_stages(student_model)[-1]]
+            t_stages = [*t_stages, list_stages(self.teacher.model)[-1]]
         student_taps = FeatureTaps(student_model, s_stages, img_size=img_size)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
         object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=img_size))
@@ -248,23 +263,17 @@ class DistillTask(TrainingTask):
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """The bare student (through DDP, compile and EMA wrappers), or the compiled eval model."""
         resolved = super().get_eval_model(module=module, ema=ema)
-        current = resolved
-        while current is not None:
-            if isinstance(current, DistillTrainableModule):
-                return current.student
-            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
-        return resolved
+        base = unwrap_model(resolved) if resolved is not None else None
+        return base.student if isinstance(base, DistillTrainableModule) else resolved
 
     def _loss_of(self, module: Optional[nn.Module], ema: bool) -> Optional[DistillLoss]:
         module = module if module is not None else self.get_trainable_module(ema=ema)
         if module is None:
             return None
-        current = module
-        while not isinstance(current, DistillTrainableModule):
-            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
-            if current is None:
-                raise RuntimeError(f"{type(module).__name__} holds no DistillTrainableModule.")
-        return current.distill_loss
+        base = unwrap_model(module)
+        if not isinstance(base, DistillTrainableModule):
+            raise RuntimeError(f"{type(module).__name__} holds no DistillTrainableModule.")
+        return base.distill_loss
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The loss's connectors (and any other loss state): ``{'distill_loss': state_dict}``."""

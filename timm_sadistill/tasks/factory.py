@@ -4,7 +4,7 @@ from typing import Union
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
-from .._registry import get_distill_loss_class
+from ..losses import get_distill_loss_class
 from .distill import DistillTask
 from .sa import SADistillTask
 

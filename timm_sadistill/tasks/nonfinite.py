@@ -8,6 +8,9 @@ import logging
 from typing import Dict, List
 
 import torch
+from timm.utils.model import unwrap_model
+
+from .distill import DistillTask
 
 __all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'describe_nonfinite', 'guard_finite_loss']
 
@@ -30,7 +33,6 @@ def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[
     Works for `DistillTask` (input, teacher stages and logits, student stages and logits, each loss term) and for
     any timm task (input, output and every term of its result).
     """
-    from .distill import DistillTask
     found = []
     if not torch.isfinite(input).all():
         found.append(_describe('input', input))
@@ -42,9 +44,7 @@ def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[
                 found.append(_describe(f"teacher stage '{stage.name}'", feat))
         if not torch.isfinite(teacher_logits).all():
             found.append(_describe('teacher logits', teacher_logits))
-        trainable = task.get_trainable_module()
-        student_taps = getattr(trainable, 'module', trainable).student_taps
-        logits, feats = student_taps(input)
+        _, feats = unwrap_model(task.get_trainable_module()).student_taps(input)
         for stage, feat in zip(task.student_stages, feats):
             if not torch.isfinite(feat).all():
                 found.append(_describe(f"student stage '{stage.name}'", feat))
@@ -63,14 +63,41 @@ def describe_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> str:
     return '; '.join(culprits)
 
 
-def guard_finite_loss(task, result: Dict[str, torch.Tensor], input: torch.Tensor, target: torch.Tensor,
-                      skip: bool = False) -> bool:
-    """True when ``result['loss']`` is finite. Otherwise name the culprits, then warn and return False (``skip``,
-    the caller drops the step) or raise `NonFiniteLossError`."""
-    if torch.isfinite(result['loss'].detach()):
+def _finite_everywhere(loss: torch.Tensor, all_ranks: bool) -> bool:
+    """Whether the scalar ``loss`` is finite here and, with ``all_ranks``, on every rank of the process group."""
+    finite = torch.isfinite(loss.detach())
+    if all_ranks:  # ranks must agree on skipping a step, or DDP waits forever for the rank that skipped
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def guard_finite_loss(
+        task,
+        result: Dict[str, torch.Tensor],
+        input: torch.Tensor,
+        target: torch.Tensor,
+        skip: bool = False,
+        where: str = '',
+        all_ranks: bool = False,
+) -> bool:
+    """The non-finite policy of a training step: True when ``result['loss']`` is finite. Otherwise name the
+    culprits (`describe_nonfinite`), then warn and return False (``skip``: the caller drops the step) or raise
+    `NonFiniteLossError`.
+
+    Args:
+        where: the step, for the message (e.g. ``'epoch 3, batch 17'``).
+        all_ranks: decide over every rank of the process group (one all-reduce of one integer), as a distributed
+            loop must: a step is dropped on every rank or on none.
+    """
+    if _finite_everywhere(result['loss'], all_ranks):
         return True
-    message = 'Non-finite training loss; ' + describe_nonfinite(task, input, target)
+    culprits = describe_nonfinite(task, input, target)
     if skip:
-        _logger.warning(message + '. Skipping this step (--skip-nonfinite).')
+        _logger.warning(f"Skipping {'step at ' + where if where else 'this step'} (--skip-nonfinite): "
+                        f"non-finite loss; {culprits}.")
         return False
-    raise NonFiniteLossError(message + '. Lower the learning rate, use bf16 instead of fp16, or pass --skip-nonfinite.')
+    raise NonFiniteLossError(
+        f"Non-finite loss{' at ' + where if where else ''}: {culprits}. Lower the learning rate, use bf16 instead "
+        "of fp16, check the data, or pass --skip-nonfinite to skip such steps."
+    )

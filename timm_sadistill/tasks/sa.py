@@ -1,24 +1,30 @@
-"""`SADistillTask`: the SA method as a timm training task, with SA's options spelled out."""
-from typing import Optional, Union
+"""`SADistillTask`: the SA method as a timm training task, taking SA's options as keywords."""
+from typing import Any, Union
 
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
+from ..losses.sa import SA_OPTIONS, document_sa_options
 from .distill import DistillTask
 
 __all__ = ['SADistillTask']
 
+_SA_OPTION_NAMES = frozenset(option.name for option in SA_OPTIONS)
 
+
+@document_sa_options
 class SADistillTask(DistillTask):
     """Spatial-attention-map distillation (`SADistillLoss`, registered as ``'sa'``) as a `timm.task.TrainingTask`.
 
     ``loss = task_loss_weight * CE + distill_loss_weight * (sa_dist + sa_att + sa_kd)``; see `SADistillLoss` for the
-    formulas and shapes. SA options left at None take `SADistillLoss`'s defaults, the ones the benchmark ablation
-    measured. Every other argument (criterion, teacher_pretrained_path, weights, ``temperature`` of the logit KD
-    term, student_stages, teacher_stages, img_size, device, ...) is `DistillTask`'s.
+    formulas and shapes. Every other argument (criterion, teacher_pretrained_path, weights, student_stages,
+    teacher_stages, img_size, device, ...) is `DistillTask`'s.
+
+    SA options (keywords, declared in `SA_OPTIONS`; None keeps the default), name (default): meaning:
+{sa_options}
 
     Example:
-        >>> task = SADistillTask(student, 'resnet50', teacher_pretrained_path='t.safetensors', img_size=224)
+        >>> task = SADistillTask(student, 'resnet50', teacher_pretrained_path='t.safetensors', img_size=224, beta=10)
         >>> out = task(images, labels); out['loss'].backward()
     """
 
@@ -26,17 +32,10 @@ class SADistillTask(DistillTask):
             self,
             student_model: nn.Module,
             teacher_model: Union[str, nn.Module, DistillationTeacher],
-            tau: Optional[float] = None,
-            p: Optional[float] = None,
-            alpha: Optional[float] = None,
-            beta: Optional[float] = None,
-            kd_weight: Optional[float] = None,
-            connector: Optional[str] = None,
-            backend: Optional[str] = None,
-            **task_kwargs,
+            **kwargs: Any,
     ):
-        sa_options = dict(tau=tau, p=p, alpha=alpha, beta=beta, kd_weight=kd_weight, connector=connector, backend=backend)
-        if 'loss' in task_kwargs:
+        if 'loss' in kwargs:
             raise TypeError("SADistillTask always uses the 'sa' loss; use DistillTask(loss=...) for another one.")
-        super().__init__(student_model, teacher_model, loss='sa', **task_kwargs,
-                         **{k: v for k, v in sa_options.items() if v is not None})
+        # None stands for "not given" (as unset --sa-* flags arrive), so the loss keeps its default
+        kwargs = {k: v for k, v in kwargs.items() if not (k in _SA_OPTION_NAMES and v is None)}
+        super().__init__(student_model, teacher_model, loss='sa', **kwargs)

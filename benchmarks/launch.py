@@ -22,7 +22,7 @@ __all__ = ['RECIPE', 'TEACHER_SCHEDULE', 'STUDENT_SCHEDULE', 'RunResult', 'read_
 RECIPE = ['--img-size', '64', '--opt', 'adamw', '--weight-decay', '0.05', '-j', '0', '--checkpoint-hist', '1',
           '--scale', '0.5', '1.0', '--hflip', '0', '--color-jitter', '0']
 # dataset -> (epochs, batch size, lr, warmup epochs)
-# teachers: the full train split of a dataset (datasets.write_image_folder with train_per_class=None)
+# teachers: the full train split of a dataset (data.write_image_folder with train_per_class=None)
 TEACHER_SCHEDULE = {'digits': (12, 32, 2e-3, 1), 'lfw': (30, 32, 2e-3, 1)}
 # data-starved students (10 images a class): lfw's 20 train images need small batches to take a few steps an
 # epoch; no warmup, since with a few steps an epoch timm's epoch-wise warmup spends a whole epoch at warmup_lr

@@ -1,8 +1,9 @@
 """Small real datasets that ship inside packages, written as timm ImageFolder trees (no download).
 
-Distillation shows where the student is data-starved (DESIGN section 4), so every writer produces a fixed,
-seeded, stratified train/validation split and can cap the train split at N images per class: the teacher
-trains on the full split, the student on the capped one, and both are scored on the same validation split.
+Distillation shows where the student is data-starved (docs/method.md#measuring-it-data-starved-students), so
+every writer produces a fixed, seeded, stratified train/validation split and can cap the train split at N images
+per class: the teacher trains on the full split, the student on the capped one, and both are scored on the same
+validation split.
 
     root/train/<class>/<index>.png
     root/validation/<class>/<index>.png
