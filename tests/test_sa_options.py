@@ -121,3 +121,11 @@ def test_head_terms_train_across_families(student, teacher):
     assert torch.isfinite(out['loss'])
     assert any(not torch.equal(before[k], v) for k, v in task.distill_loss.head_connector.state_dict().items())
     assert all(torch.equal(teacher_before[k], v) for k, v in t.state_dict().items())
+
+
+def test_head_terms_refuse_a_token_head_with_a_clear_error():
+    student, teacher = _models('test_resnet', 'test_vit')
+    with pytest.raises(ValueError, match="teacher's head .*VisionTransformer.* set them to 0"):
+        tsd.create_distill_task('sa', student, teacher, img_size=64, cam_weight=1.0, verbose=False)
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)  # without them it trains
+    assert task(torch.randn(2, 3, 64, 64), torch.zeros(2, dtype=torch.long))['loss'].isfinite()

@@ -29,6 +29,28 @@ from .kd import kd_divergence
 __all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
 
 
+def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
+    """The head terms run ``model.forward_head`` on (B, C, H, W) maps; refuse a head that takes tokens instead."""
+    param = next(model.parameters(), None)
+    probe = torch.zeros(2, channels, 2, 2, device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None else None)
+    was_training = model.training
+    model.eval()  # the probe must not move BatchNorm statistics
+    try:
+        with torch.no_grad():
+            out = model.forward_head(probe)
+        fits = tuple(out.shape) == (2, model.num_classes)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        fits = False
+    finally:
+        model.train(was_training)
+    if not fits:
+        raise ValueError(
+            f"head_weight and cam_weight apply the {side}'s head ({type(model).__name__}) to its final (B, C, H, W) "
+            "feature map, and this head does not take one (a token head?); set them to 0 for this pair."
+        )
+
+
 def parse_bool(text: str) -> bool:
     """'true'/'1'/'yes' -> True, 'false'/'0'/'no' -> False (argparse's ``type=bool`` takes any text as True)."""
     value = str(text).strip().lower()
@@ -169,6 +191,9 @@ class SADistillLoss(DistillLoss):
         """
         if not self.uses_final_pair(head_weight=self.head_weight, cam_weight=self.cam_weight):
             return
+        for side, model, channels in (('student', student, self.student_channels[-1]),
+                                      ('teacher', teacher, self.teacher_channels[-1])):
+            _check_map_head(model, channels, side)
         object.__setattr__(self, '_teacher', teacher)
         object.__setattr__(self, '_student', student)
         if self.head_weight:
