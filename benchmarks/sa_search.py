@@ -8,9 +8,11 @@ the library's: ``create_distill_task`` builds the stages and the loss, and each 
 ``trainable_module`` with the stored teacher outputs, as ``DistillTask.forward`` does with live ones.
 """
 import argparse
+import csv
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -359,15 +361,19 @@ def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str,
     """Markdown table: mean ± SE top-1 and the paired difference to ``reference`` of each spec."""
     ep = epochs or SETTINGS[setting].epochs
     results = {}
+    teacher_top1 = float('nan')
     for spec in specs:
         acc = {}
         for seed in seeds:
             path = run_path(cache, SETTINGS[setting], views, ep, spec, seed)
             if os.path.isfile(path):
                 with open(path) as f:
-                    acc[seed] = json.load(f)['top1']
+                    run = json.load(f)
+                acc[seed] = run['top1']
+                teacher_top1 = run['teacher_top1']
         results[spec] = acc
-    lines = [f'| {setting} | top-1 (mean ± SE) | n | Δ vs {reference} (paired ± SE) | wins |', '|---|---|---|---|---|']
+    lines = [f'| {setting} (teacher {teacher_top1:.1f}) | top-1 (mean ± SE) | n | Δ vs {reference} (paired ± SE) | wins |',
+             '|---|---|---|---|---|']
     for spec, acc in results.items():
         v = np.array(list(acc.values()))
         if not len(v):
@@ -377,6 +383,35 @@ def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str,
         delta = '' if spec == reference else f'{m:+.2f} ± {se:.2f}'
         lines.append(f'| {spec} | {v.mean():.2f} ± {se_v:.2f} | {len(v)} | {delta} | {"" if spec == reference else f"{w}/{n}"} |')
     return '\n'.join(lines)
+
+
+def write_results(args: argparse.Namespace, seeds: Sequence[int], tables: Sequence[str]) -> None:
+    """The markdown tables with the command that made them, and every run behind them as csv rows."""
+    command = 'python benchmarks/sa_search.py ' + ' '.join(
+        shlex.quote(a) for a in sys.argv[1:] if a not in ('--report', '--out', '--title', args.report, args.out, args.title))
+    setups = '; '.join(f'{s.name}: {s.teacher} -> {s.student}, {s.per_class} img/class, {s.epochs} epochs'
+                       for s in (SETTINGS[n] for n in args.settings.split(',')))
+    text = [f'# {args.title}' if args.title else '# SA search', '',
+            f'Runs: `{command}` (then the same with `--report {args.report} --out ...` for these tables).', '',
+            f'Settings: {setups}; seeds {seeds[0]}..{seeds[-1]}; {args.views} teacher views per image. '
+            'Top-1 (%) on the validation split after the last epoch; Δ is the paired difference on the same seeds '
+            '(mean ± standard error), wins = seeds where the row beats the reference.', '', *(t + '\n' for t in tables)]
+    with open(args.out, 'w') as f:
+        f.write('\n'.join(text))
+    rows = []
+    for setting in args.settings.split(','):
+        s = SETTINGS[setting]
+        for spec in args.specs.split(';'):
+            for seed in seeds:
+                path = run_path(args.cache, s, args.views, args.epochs or s.epochs, spec, seed)
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        rows.append(json.load(f))
+    with open(os.path.splitext(args.out)[0] + '.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['setting', 'spec', 'seed', 'top1', 'teacher_top1', 'views', 'epochs',
+                                               'wall_s'], extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -391,6 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument('--jobs', type=int, default=1, help='runs in parallel (processes)')
     ap.add_argument('--per-class', type=int, default=None, help="override the settings' student images per class")
     ap.add_argument('--report', metavar='REFERENCE', help='print the table against this spec instead of running')
+    ap.add_argument('--out', help='with --report: also write the tables (markdown) and the runs (csv, same name)')
+    ap.add_argument('--title', default='', help='with --out: the heading of the markdown file')
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds: List[int] = []
@@ -401,8 +438,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for name in list(SETTINGS):
             SETTINGS[name] = replace(SETTINGS[name], per_class=args.per_class)
     if args.report:
-        for setting in args.settings.split(','):
-            print(report(setting, args.specs.split(';'), seeds, args.cache, args.views, args.epochs, args.report), '\n')
+        tables = [report(setting, args.specs.split(';'), seeds, args.cache, args.views, args.epochs, args.report)
+                  for setting in args.settings.split(',')]
+        print('\n\n'.join(tables))
+        if args.out:
+            write_results(args, seeds, tables)
         return
     runs = [(setting, spec, seed, args.cache, args.views, args.epochs)
             for setting in args.settings.split(',') for seed in seeds for spec in args.specs.split(';')]
