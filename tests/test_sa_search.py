@@ -1,0 +1,61 @@
+"""benchmarks/sa_search.py: its data, its statistics, and a real (tiny) teacher + student run through it."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import sa_search
+
+
+def test_shapes_dataset_is_seeded_balanced_and_the_class_lives_in_the_layout():
+    images, labels = sa_search.shapes_arrays(n_per_class=6, seed=3)
+    again, _ = sa_search.shapes_arrays(n_per_class=6, seed=3)
+    assert images.shape == (60, 32, 32) and np.array_equal(images, again)
+    assert np.bincount(labels).tolist() == [6] * 10
+    assert images.min() >= 0 and images.max() <= 1
+    # classes 0 and 1 share both shapes and differ only in where the second one sits (right of vs below): the
+    # bright pixels spread along x for one and along y for the other
+    def spread(image):
+        ys, xs = np.nonzero(image > 0.6)
+        return xs.var() - ys.var()
+
+    assert all(spread(image) > 0 for image in images[labels == 0])
+    assert all(spread(image) < 0 for image in images[labels == 1])
+
+
+def test_parse_spec_reads_numbers_booleans_and_stage_lists():
+    assert sa_search.parse_spec('sa') == ('sa', {})
+    assert sa_search.parse_spec('sa[cam_weight=1,standardize=true,connector=conv1x1]') == (
+        'sa', {'cam_weight': 1, 'standardize': True, 'connector': 'conv1x1'})
+    assert sa_search.parse_spec('kd[temperature=8.0,distill_loss_weight=0.5]') == (
+        'kd', {'temperature': 8.0, 'distill_loss_weight': 0.5})
+    assert sa_search.parse_spec('sa[teacher_stages=-2|-1]') == ('sa', {'teacher_stages': [-2, -1]})
+
+
+def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
+    a = {0: 90.0, 1: 92.0, 2: 91.0, 3: 95.0}
+    b = {0: 89.0, 1: 92.5, 2: 89.0, 5: 10.0}  # seed 5 has no partner and is left out
+    mean, se, wins, n = sa_search.paired_stats(a, b)
+    diffs = np.array([1.0, -0.5, 2.0])
+    assert n == 3 and wins == 2
+    assert mean == pytest.approx(diffs.mean())
+    assert se == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
+
+
+def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_path, monkeypatch):
+    tiny = sa_search.Setting('tiny', 'digits', 'test_resnet', 'test_resnet', per_class=2, teacher_per_class=4,
+                             teacher_epochs=1, epochs=2, batch_size=8)
+    monkeypatch.setitem(sa_search.SETTINGS, 'tiny', tiny)
+    cache = str(tmp_path)
+    none = sa_search.cached_run('tiny', 'none', 0, cache, views=2, epochs=None)
+    sa = sa_search.cached_run('tiny', 'sa[cam_weight=1]', 0, cache, views=2, epochs=None)
+    assert 0 <= none['top1'] <= 100 and 0 <= sa['top1'] <= 100
+    assert none['teacher_top1'] == sa['teacher_top1']  # one cached teacher for the setting
+    bank = sa_search.bank_for(tiny, cache, 2)
+    assert bank.views.shape == (2, 20, 3, 64, 64) and bank.logits.shape == (2, 20, 10)
+    # the banked outputs are the teacher's on those views, as a live teacher would give them
+    with torch.no_grad():
+        torch.testing.assert_close(bank.teacher(bank.views[1]), bank.logits[1])
+    # a cached run is read back, not retrained
+    assert sa_search.cached_run('tiny', 'sa[cam_weight=1]', 0, cache, views=2, epochs=None) == sa
