@@ -381,7 +381,7 @@ def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str,
         m, se, w, n = paired_stats(acc, results.get(reference, {}))
         se_v = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float('nan')
         delta = '' if spec == reference else f'{m:+.2f} ± {se:.2f}'
-        lines.append(f'| {spec} | {v.mean():.2f} ± {se_v:.2f} | {len(v)} | {delta} | {"" if spec == reference else f"{w}/{n}"} |')
+        lines.append(f'| {spec.replace("|", chr(92) + "|")} | {v.mean():.2f} ± {se_v:.2f} | {len(v)} | {delta} | {"" if spec == reference else f"{w}/{n}"} |')
     return '\n'.join(lines)
 
 
