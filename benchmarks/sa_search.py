@@ -346,6 +346,15 @@ def cached_run(setting: str, spec: str, seed: int, cache: str, views: int, epoch
     return result
 
 
+def parse_seeds(text: str) -> List[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3' -> [0, 3]; '9,8' keeps the order."""
+    seeds: List[int] = []
+    for part in text.split(','):
+        lo, _, hi = part.partition('-')
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    return seeds
+
+
 def paired_stats(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float, int, int]:
     """(mean of a - b, standard error of that mean, wins of a, n) over the seeds both have."""
     seeds = sorted(set(a) & set(b))
@@ -382,6 +391,35 @@ def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str,
         se_v = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float('nan')
         delta = '' if spec == reference else f'{m:+.2f} ± {se:.2f}'
         lines.append(f'| {spec.replace("|", chr(92) + "|")} | {v.mean():.2f} ± {se_v:.2f} | {len(v)} | {delta} | {"" if spec == reference else f"{w}/{n}"} |')
+    return '\n'.join(lines)
+
+
+def load_top1(cache: str, setting: str, spec: str, seeds: Sequence[int], views: int,
+              epochs: Optional[int]) -> Dict[int, float]:
+    """seed -> top-1 of the cached runs of (setting, spec)."""
+    s = SETTINGS[setting]
+    acc = {}
+    for seed in seeds:
+        path = run_path(cache, s, views, epochs or s.epochs, spec, seed)
+        if os.path.isfile(path):
+            with open(path) as f:
+                acc[seed] = json.load(f)['top1']
+    return acc
+
+
+def summary(cache: str, settings: Sequence[Tuple[str, Sequence[int]]], specs: Sequence[str],
+            deltas: Sequence[Tuple[str, str]], views: int) -> str:
+    """One row per setting: each spec's mean top-1 and the paired (a - b) of each (a, b) in ``deltas``."""
+    head = ['setting', 'n', *specs, *(f'{a} − {b}' for a, b in deltas)]
+    lines = ['| ' + ' | '.join(h.replace('|', chr(92) + '|') for h in head) + ' |', '|' + '---|' * len(head)]
+    for setting, seeds in settings:
+        acc = {spec: load_top1(cache, setting, spec, seeds, views, None) for spec in specs}
+        cells = [setting, str(min(len(a) for a in acc.values()))]
+        cells += [f'{np.mean(list(a.values())):.1f}' if a else '' for a in acc.values()]
+        for a, b in deltas:
+            m, se, wins, n = paired_stats(acc[a], acc[b])
+            cells.append(f'{m:+.1f} ± {se:.1f} ({wins}/{n})')
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -428,15 +466,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument('--report', metavar='REFERENCE', help='print the table against this spec instead of running')
     ap.add_argument('--out', help='with --report: also write the tables (markdown) and the runs (csv, same name)')
     ap.add_argument('--title', default='', help='with --out: the heading of the markdown file')
+    ap.add_argument('--summary', metavar='A-B;...', help="print one row per setting with the paired A - B of each "
+                    "pair of specs (seeds per setting: --seeds, or 'setting:seeds' entries in --settings)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    seeds: List[int] = []
-    for part in args.seeds.split(','):
-        lo, _, hi = part.partition('-')
-        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    seeds = parse_seeds(args.seeds)
     if args.per_class:
         for name in list(SETTINGS):
             SETTINGS[name] = replace(SETTINGS[name], per_class=args.per_class)
+    if args.summary:
+        chosen = []
+        for entry in args.settings.split(','):
+            name, _, own = entry.partition(':')
+            chosen.append((name, parse_seeds(own) if own else seeds))
+        deltas = [tuple(d.split(' - ')) for d in args.summary.split(';')]
+        print(summary(args.cache, chosen, args.specs.split(';'), deltas, args.views))
+        return
     if args.report:
         tables = [report(setting, args.specs.split(';'), seeds, args.cache, args.views, args.epochs, args.report)
                   for setting in args.settings.split(',')]
