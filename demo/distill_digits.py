@@ -69,7 +69,7 @@ def main() -> int:
     for name, result in results.items():
         print(f'| {name} | {result.top1_final:.1f} | {result.wall_s:.0f} | {os.path.relpath(result.output_dir)} |')
     print(f'\ntotal {time.perf_counter() - start:.0f} s; outputs (summary.csv, model.safetensors, logs) in '
-          f'{os.path.relpath(args.out)}/. One seed: the README's Results have paired means over seeds.')
+          f"{os.path.relpath(args.out)}/. One seed: the README's Results have paired means over seeds.")
     return 0
 
 
