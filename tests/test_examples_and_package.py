@@ -41,3 +41,16 @@ def test_wheel_holds_package_and_entry_point(tmp_path):
     assert all(n.startswith(('timm_sadistill/', 'timm_sadistill-')) for n in names), names
     assert not any(n.endswith(('/datasets.py', '/experiment.py')) for n in names)
     assert 'timm-sadistill = timm_sadistill.cli:main' in entry_points
+
+
+SCRIPTS = sorted(p for p in [*(ROOT / 'demo').glob('*.py'), *(ROOT / 'benchmarks').glob('*.py')]
+                 if "__name__ == '__main__'" in p.read_text())  # the modules beside them are imported, not run
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_demo_and_benchmark_scripts_start(script):
+    """Each script parses its arguments (a syntax error or a moved import fails here, before any long run)."""
+    proc = subprocess.run([sys.executable, str(script), '--help'], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'usage' in proc.stdout.lower()
