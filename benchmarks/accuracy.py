@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)  # the checkout's benchmarks/ recipes (and the package,
 
 from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
 from benchmarks.launch import (  # noqa: E402
-    RECIPE, read_summary, run_train, schedule_flags)
+    RECIPE, parse_seeds, read_summary, run_train, schedule_flags)
 
 IMG_SIZE = 64  # RECIPE's --img-size
 # teacher -> student; 'hetero' crosses families (ConvNeXt stages vs ResNet layers, LayerNorm vs BatchNorm)
@@ -71,15 +71,6 @@ class Run:
     method: str
     extra: Tuple[str, ...]
     seed: int
-
-
-def parse_seeds(text: str) -> List[int]:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,3' -> [0, 3]."""
-    seeds: List[int] = []
-    for part in text.split(','):
-        lo, _, hi = part.partition('-')
-        seeds.extend(range(int(lo), int(hi or lo) + 1))
-    return seeds
 
 
 def slug(text: str) -> str:

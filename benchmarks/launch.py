@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ['RECIPE', 'TEACHER_SCHEDULE', 'STUDENT_SCHEDULE', 'RunResult', 'read_summary', 'train_command', 'run_train',
-           'schedule_flags']
+__all__ = ['RECIPE', 'TEACHER_SCHEDULE', 'STUDENT_SCHEDULE', 'RunResult', 'parse_seeds', 'read_summary',
+           'train_command', 'run_train', 'schedule_flags']
 
 # The small-data, 64-px CPU recipe of the demo and the benchmarks (timm train.py flags). Light augmentation only:
 # digits must not be flipped, and colour jitter means nothing on grey images. AdamW with timm's cosine schedule.
@@ -52,6 +52,15 @@ def schedule_flags(dataset: str, teacher: bool = False, epochs: Optional[int] = 
     default_epochs, batch_size, lr, warmup = (TEACHER_SCHEDULE if teacher else STUDENT_SCHEDULE)[dataset]
     return ['--epochs', str(epochs or default_epochs), '-b', str(batch_size), '--lr', str(lr),
             '--warmup-epochs', str(min(warmup, (epochs or default_epochs) - 1))]
+
+
+def parse_seeds(text: str) -> List[int]:
+    """Seeds of a benchmark's command line: '0-4' -> [0, 1, 2, 3, 4]; '0,3' -> [0, 3]; '9,8' keeps the order."""
+    seeds: List[int] = []
+    for part in text.split(','):
+        lo, _, hi = part.partition('-')
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    return seeds
 
 
 def read_summary(output_dir: str) -> List[Dict[str, float]]:

@@ -30,6 +30,7 @@ import timm  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
 import timm_sadistill as tsd  # noqa: E402
+from benchmarks.launch import parse_seeds  # noqa: E402
 
 IMG = 64
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
@@ -344,15 +345,6 @@ def cached_run(setting: str, spec: str, seed: int, cache: str, views: int, epoch
     os.replace(path + '.tmp', path)
     print(f"{setting:14s} {spec:50s} seed {seed:3d}: {result['top1']:6.2f} ({result['wall_s']:.0f} s)", flush=True)
     return result
-
-
-def parse_seeds(text: str) -> List[int]:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,3' -> [0, 3]; '9,8' keeps the order."""
-    seeds: List[int] = []
-    for part in text.split(','):
-        lo, _, hi = part.partition('-')
-        seeds.extend(range(int(lo), int(hi or lo) + 1))
-    return seeds
 
 
 def paired_stats(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float, int, int]:
