@@ -266,7 +266,8 @@ class SADistillLoss(DistillLoss):
         if len(self.connectors) < len(student_feats):
             terms.update(self.head_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
-            ramp = min(1.0, float(self.steps) / self.warmup_steps)
+            # a tensor, not a Python float: reading the step count back would sync the device every step
+            ramp = (self.steps.float() / self.warmup_steps).clamp(max=1.0)
             terms = {k: v * ramp for k, v in terms.items()}
             if self.training:
                 self.steps += 1
