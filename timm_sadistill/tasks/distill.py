@@ -316,6 +316,10 @@ class DistillTask(TrainingTask):
             teacher_input = self.teacher.normalize_input(input, self.student_mean, self.student_std)
             teacher_logits, teacher_feats = self.teacher_taps(teacher_input)
         logits, terms = self.trainable_module(input, teacher_feats, teacher_logits, target)
+        return self.combine(logits, terms, target)
+
+    def combine(self, logits: torch.Tensor, terms: Dict[str, torch.Tensor], target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The result dict of `forward` from the student's logits (B, K) and the loss's weighted terms."""
         task_loss = self.criterion(logits, target)
         kd_loss = torch.stack([v.float() for v in terms.values()]).sum()
         return {
