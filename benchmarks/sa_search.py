@@ -153,7 +153,6 @@ SETTINGS = {
     'digits-mobile': Setting('digits-mobile', 'digits', 'resnet18', 'mobilenetv3_small_050'),
     'digits-weak': Setting('digits-weak', 'digits', 'resnet18', 'test_resnet', teacher_per_class=7, teacher_epochs=30),
     'shapes-homo': Setting('shapes-homo', 'shapes', 'resnet18', 'test_resnet'),
-    'shapes-hetero': Setting('shapes-hetero', 'shapes', 'convnext_atto', 'test_resnet'),
 }
 
 
@@ -173,14 +172,12 @@ def train_teacher(setting: Setting, cache: str) -> Tuple[nn.Module, float]:
     tr = take_per_class(tr, labels, setting.teacher_per_class)
     key = f'{setting.dataset}-{setting.teacher}-n{setting.teacher_per_class or "all"}-e{setting.teacher_epochs}'
     path = os.path.join(cache, 'teachers', key + '.pt')
-    num_classes = int(labels.max()) + 1
-    model = timm.create_model(setting.teacher, num_classes=num_classes)
+    torch.manual_seed(0)
+    model = timm.create_model(setting.teacher, num_classes=int(labels.max()) + 1)
     x_val, y_val = to_tensor(images[va]), torch.from_numpy(labels[va])
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path))
         return model.eval(), evaluate(model, x_val, y_val)
-    torch.manual_seed(0)
-    model = timm.create_model(setting.teacher, num_classes=num_classes)
     x, y = to_tensor(images[tr]), torch.from_numpy(labels[tr])
     bs = 32
     steps_per_epoch = max(1, math.ceil(len(y) / bs))
@@ -293,9 +290,7 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
             else:
                 t_logits = bank.logits[v, idx]
                 t_feats = [bank.feats[j][v, idx] for j in t_indices]
-                logits, terms = module(x, t_feats, t_logits, y)
-                kd = torch.stack([t.float() for t in terms.values()]).sum()
-                loss = task.task_loss_weight * task.criterion(logits, y) + task.distill_loss_weight * kd
+                loss = task.combine(*module(x, t_feats, t_logits, y), y)['loss']
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -357,22 +352,25 @@ def paired_stats(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float
     return float(d.mean()), se, int((d > 0).sum()), len(d)
 
 
+def load_runs(cache: str, setting: str, spec: str, seeds: Sequence[int], views: int,
+              epochs: Optional[int]) -> Dict[int, Dict]:
+    """seed -> the cached result of (setting, spec) at that seed, for the seeds that have one."""
+    s = SETTINGS[setting]
+    runs = {}
+    for seed in seeds:
+        path = run_path(cache, s, views, epochs or s.epochs, spec, seed)
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs[seed] = json.load(f)
+    return runs
+
+
 def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str, views: int, epochs: Optional[int],
            reference: str) -> str:
     """Markdown table: mean ± SE top-1 and the paired difference to ``reference`` of each spec."""
-    ep = epochs or SETTINGS[setting].epochs
-    results = {}
-    teacher_top1 = float('nan')
-    for spec in specs:
-        acc = {}
-        for seed in seeds:
-            path = run_path(cache, SETTINGS[setting], views, ep, spec, seed)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    run = json.load(f)
-                acc[seed] = run['top1']
-                teacher_top1 = run['teacher_top1']
-        results[spec] = acc
+    runs = {spec: load_runs(cache, setting, spec, seeds, views, epochs) for spec in specs}
+    results = {spec: {seed: run['top1'] for seed, run in by_seed.items()} for spec, by_seed in runs.items()}
+    teacher_top1 = next((run['teacher_top1'] for by_seed in runs.values() for run in by_seed.values()), float('nan'))
     lines = [f'| {setting} (teacher {teacher_top1:.1f}) | top-1 (mean ± SE) | n | Δ vs {reference} (paired ± SE) | wins |',
              '|---|---|---|---|---|']
     for spec, acc in results.items():
@@ -386,26 +384,14 @@ def report(setting: str, specs: Sequence[str], seeds: Sequence[int], cache: str,
     return '\n'.join(lines)
 
 
-def load_top1(cache: str, setting: str, spec: str, seeds: Sequence[int], views: int,
-              epochs: Optional[int]) -> Dict[int, float]:
-    """seed -> top-1 of the cached runs of (setting, spec)."""
-    s = SETTINGS[setting]
-    acc = {}
-    for seed in seeds:
-        path = run_path(cache, s, views, epochs or s.epochs, spec, seed)
-        if os.path.isfile(path):
-            with open(path) as f:
-                acc[seed] = json.load(f)['top1']
-    return acc
-
-
 def summary(cache: str, settings: Sequence[Tuple[str, Sequence[int]]], specs: Sequence[str],
             deltas: Sequence[Tuple[str, str]], views: int) -> str:
     """One row per setting: each spec's mean top-1 and the paired (a - b) of each (a, b) in ``deltas``."""
     head = ['setting', 'n', *specs, *(f'{a} − {b}' for a, b in deltas)]
     lines = ['| ' + ' | '.join(h.replace('|', chr(92) + '|') for h in head) + ' |', '|' + '---|' * len(head)]
     for setting, seeds in settings:
-        acc = {spec: load_top1(cache, setting, spec, seeds, views, None) for spec in specs}
+        acc = {spec: {seed: run['top1'] for seed, run in load_runs(cache, setting, spec, seeds, views, None).items()}
+               for spec in specs}
         cells = [setting, str(min(len(a) for a in acc.values()))]
         cells += [f'{np.mean(list(a.values())):.1f}' if a else '' for a in acc.values()]
         for a, b in deltas:
@@ -428,15 +414,8 @@ def write_results(args: argparse.Namespace, seeds: Sequence[int], tables: Sequen
             '(mean ± standard error), wins = seeds where the row beats the reference.', '', *(t + '\n' for t in tables)]
     with open(args.out, 'w') as f:
         f.write('\n'.join(text))
-    rows = []
-    for setting in args.settings.split(','):
-        s = SETTINGS[setting]
-        for spec in args.specs.split(';'):
-            for seed in seeds:
-                path = run_path(args.cache, s, args.views, args.epochs or s.epochs, spec, seed)
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        rows.append(json.load(f))
+    rows = [run for setting in args.settings.split(',') for spec in args.specs.split(';')
+            for run in load_runs(args.cache, setting, spec, seeds, args.views, args.epochs).values()]
     with open(os.path.splitext(args.out)[0] + '.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['setting', 'spec', 'seed', 'top1', 'teacher_top1', 'views', 'epochs',
                                                'wall_s'], extrasaction='ignore')
