@@ -1,11 +1,8 @@
 """The errors the command line turns into a short message and exit status 2."""
+from ..errors import UsageError
 from ..tasks.nonfinite import NonFiniteLossError
 
 __all__ = ['UsageError', 'USER_ERRORS']
-
-
-class UsageError(Exception):
-    """A problem with the user's command or files: its message names the problem and the fix."""
 
 
 # "The user asked for something that cannot work": the library raises these with messages that name the problem and
