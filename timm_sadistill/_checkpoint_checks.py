@@ -6,12 +6,14 @@ architecture or class count), and load_state_dict errors alone do not say which 
 import os
 import zipfile
 
+from .errors import UsageError
+
 __all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'state_dict_mismatch']
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UsageError):
     """A checkpoint file is missing, truncated or not a checkpoint."""
 
 
@@ -21,6 +23,9 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
     Reads only headers (the safetensors metadata or the zip central directory), never the tensors. Legacy
     (non-zip) torch pickles cannot be checked without loading them and pass.
     """
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"{what} '{path}' is a folder, not a checkpoint file; pass a file in it, "
+                                  "e.g. model.safetensors or last.pth.tar.")
     if not os.path.isfile(path):
         raise CheckpointReadError(f"{what} '{path}' does not exist; pass the path of an existing checkpoint file.")
     try:

@@ -18,6 +18,7 @@ from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ._common import create_model, run_command
+from .errors import UsageError
 from .distill_options import add_sa_arguments, add_stage_arguments, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
@@ -37,12 +38,12 @@ def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int
     tensors = []
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
+            raise UsageError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
         try:
             with Image.open(path) as image:
                 tensors.append(transform(image.convert('RGB' if in_chans == 3 else 'L')))
         except UnidentifiedImageError:
-            raise ValueError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
+            raise UsageError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
     return torch.stack(tensors)
 
 
@@ -61,7 +62,7 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[
         return load_file(path), None
     checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
+        raise UsageError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
                          "last.pth.tar or model.safetensors")
     if 'state_dict' in checkpoint:
         return clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state')
@@ -84,7 +85,7 @@ def load_student_checkpoint(task: DistillTask, path: str) -> None:
         else:
             task.get_eval_model().load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint '{path}' does not fit this student/connectors ({state_dict_mismatch(e)}); pass the --model, "
             "--num-classes, --img-size, stage and --sa-connector flags of the training run"
         ) from None
