@@ -3,11 +3,12 @@ import sys
 from typing import Callable
 
 import timm
+import torch
 import torch.nn as nn
 
 from .errors import USER_ERRORS, UsageError
 
-__all__ = ['create_model', 'run_command']
+__all__ = ['create_model', 'check_device', 'run_command']
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -18,6 +19,16 @@ def create_model(name: str, **kwargs) -> nn.Module:
             f"(e.g. python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\")"
         )
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def check_device(flag: str, name: str) -> None:
+    """Refuse a device name torch does not know, or a CUDA device on a machine without one, naming ``flag``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} '{name}' is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: no CUDA GPU is available on this machine; use {flag} cpu.")
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
