@@ -155,7 +155,7 @@ def test_dkd_matches_decoupled_formula(shape, soft_target):
 
 def test_dkd_without_labels_says_so():
     s, t, sl, tl, y = _inputs(SHAPES[0])
-    with pytest.raises(ValueError, match='labels'):
+    with pytest.raises(tsd.UsageError, match='labels'):
         tsd.create_distill_loss('dkd')(s, t, sl, tl)
 
 
@@ -227,14 +227,14 @@ def test_feature_channel_mismatch_is_a_clear_error():
     shape = SHAPES[0]
     s, t, sl, tl, y = _inputs(shape)
     loss = tsd.create_distill_loss('sa', student_channels=[9], teacher_channels=[16])
-    with pytest.raises(ValueError, match=r'built for student channels \[9\]'):
+    with pytest.raises(tsd.UsageError, match=r'built for student channels \[9\]'):
         loss(s, t, sl, tl)
 
 
 def test_feature_losses_need_channels():
-    with pytest.raises(ValueError, match='student_channels and teacher_channels'):
+    with pytest.raises(tsd.UsageError, match='student_channels and teacher_channels'):
         tsd.create_distill_loss('sa')
-    with pytest.raises(ValueError, match='one entry per stage pair'):
+    with pytest.raises(tsd.UsageError, match='one entry per stage pair'):
         tsd.create_distill_loss('at', student_channels=[1, 2], teacher_channels=[1])
 
 
@@ -268,5 +268,5 @@ def test_sa_logit_term_without_logits_says_how_to_turn_it_off():
     shape = SHAPES[0]
     s, t, sl, tl, y = _inputs(shape)
     loss = tsd.create_distill_loss('sa', **_channels(shape))
-    with pytest.raises(ValueError, match='kd_weight=0 to distil features only'):
+    with pytest.raises(tsd.UsageError, match='kd_weight=0 to distil features only'):
         loss(s, t, None, None)

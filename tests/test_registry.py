@@ -25,9 +25,9 @@ def test_third_party_loss_registers_and_duplicates_are_refused():
         loss = tsd.create_distill_loss('test_logit_l2')
         terms = loss([], [], torch.ones(2, 3), torch.zeros(2, 3))
         assert float(terms['logit_l2']) == 1.0
-        with pytest.raises(ValueError, match=r"'test_logit_l2' is already registered by .*LogitL2; pick another name"):
+        with pytest.raises(tsd.UsageError, match=r"'test_logit_l2' is already registered by .*LogitL2; pick another name"):
             tsd.register_distill_loss('test_logit_l2')(LogitL2)
-        with pytest.raises(ValueError, match="'sa' is already registered"):
+        with pytest.raises(tsd.UsageError, match="'sa' is already registered"):
             tsd.register_distill_loss('sa')(LogitL2)
     finally:
         from timm_sadistill.losses import _registry
@@ -35,15 +35,15 @@ def test_third_party_loss_registers_and_duplicates_are_refused():
 
 
 def test_unknown_names_and_bad_classes_are_clear_errors():
-    with pytest.raises(ValueError, match="Unknown distillation loss 'nope'; registered: at, cwd, dkd, fitnet, kd, sa"):
+    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'nope'; registered: at, cwd, dkd, fitnet, kd, sa"):
         tsd.create_distill_loss('nope')
-    with pytest.raises(TypeError, match='DistillLoss subclasses'):
+    with pytest.raises(tsd.UsageError, match='DistillLoss subclasses'):
         tsd.register_distill_loss('plain')(torch.nn.MSELoss)
-    with pytest.raises(ValueError, match='non-empty string'):
+    with pytest.raises(tsd.UsageError, match='non-empty string'):
         tsd.register_distill_loss('')
     with pytest.raises(ValueError, match="Unknown connector 'mlp'; use one of bottleneck, conv1x1, identity, regressor"):
         tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], connector='mlp')
-    with pytest.raises(ValueError, match="Unknown AT mode"):
+    with pytest.raises(tsd.UsageError, match="Unknown AT mode"):
         tsd.create_distill_loss('at', student_channels=[4], teacher_channels=[8], mode='fancy')
 
 

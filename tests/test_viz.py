@@ -134,21 +134,22 @@ def test_render_grid_and_save_from_a_loader(teacher, pattern_data, tmp_path):
     assert path == str(tmp_path / 'run' / 'attention_maps.png')
     width, height = Image.open(path).size
     assert abs((width / 7) / (height / 3) - 1) < 0.25  # 3 rows, 1 + 2 * 3 stage pairs columns of square-ish cells
-    with pytest.raises(ValueError, match='one label per image'):
+    with pytest.raises(tsd.UsageError, match='one label per image'):
         render_attention_maps(images[:2], attention_maps(task, images[:2]), str(tmp_path / 'x.png'), titles=['a'])
 
 
 def test_attention_maps_refuse_a_non_sa_task(teacher, pattern_data):
     student = timm.create_model('test_resnet', num_classes=4)
     task = tsd.create_distill_task('at', student, teacher, img_size=64, verbose=False)
-    with pytest.raises(TypeError, match="create_distill_task\\('sa'"):
+    with pytest.raises(tsd.UsageError, match="create_distill_task\\('sa'"):
         attention_maps(task, pattern_data[0][:2])
 
 
 def test_render_without_matplotlib_says_how_to_install(monkeypatch, pattern_data, tmp_path):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)
-    with pytest.raises(ImportError, match=r'pip install timm-sadistill\[viz\]'):
+    with pytest.raises(tsd.MissingExtraError, match=r'pip install timm-sadistill\[viz\]') as raised:
         render_attention_maps(pattern_data[0][:1], [], str(tmp_path / 'x.png'))
+    assert isinstance(raised.value, ImportError)  # what Python callers expect of a missing package
 
 
 # ---------------------------------------------------------------- viz command

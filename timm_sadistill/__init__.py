@@ -1,6 +1,6 @@
 """timm-sadistill: spatial-attention-map distillation (SA) and classic baselines for timm models."""
 from . import ops
-from .errors import UsageError
+from .errors import MissingExtraError, UsageError
 from .losses import (  # registers the losses
     ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss,
     create_distill_loss, get_distill_loss_class, list_distill_losses, loss_options, register_distill_loss,
@@ -11,7 +11,7 @@ from .tasks import DistillTask, NonFiniteLossError, SADistillTask, create_distil
 __version__ = '0.1.0'
 
 __all__ = [
-    'ops', 'UsageError',
+    'ops', 'UsageError', 'MissingExtraError',
     'DistillLoss', 'SADistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class', 'loss_options',
     'FeatureTaps', 'StageInfo', 'list_stages', 'pair_stages',

@@ -3,15 +3,21 @@
 Telling "cannot be read" apart from "does not fit the model" matters: the fixes differ (another file vs another
 architecture or class count), and load_state_dict errors alone do not say which it is.
 """
+import argparse
 import os
 import zipfile
+from typing import Any, Optional
 
-__all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'state_dict_mismatch']
+import torch
+
+from .errors import UsageError
+
+__all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'load_checkpoint', 'read_checkpoint_args', 'state_dict_mismatch']
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UsageError):
     """A checkpoint file is missing, truncated or not a checkpoint."""
 
 
@@ -21,6 +27,9 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
     Reads only headers (the safetensors metadata or the zip central directory), never the tensors. Legacy
     (non-zip) torch pickles cannot be checked without loading them and pass.
     """
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"{what} '{path}' is a folder, not a checkpoint file; pass a file in it, "
+                                  "e.g. model.safetensors or last.pth.tar.")
     if not os.path.isfile(path):
         raise CheckpointReadError(f"{what} '{path}' does not exist; pass the path of an existing checkpoint file.")
     try:
@@ -39,6 +48,25 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
             f"{str(e).splitlines()[0][:160]}). Pass another file, e.g. model_best.pth.tar or an earlier "
             "checkpoint-N.pth.tar from the same folder."
         ) from e
+
+
+def load_checkpoint(path: str) -> Any:
+    """``torch.load`` of a timm checkpoint, memory-mapped, weights only.
+
+    weights_only refuses arbitrary objects; train checkpoints also hold the run's argparse.Namespace ('args'),
+    which timm's own loader allow-lists the same way.
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+
+
+def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:
+    """The flags of the run that wrote a timm checkpoint (its 'args'), or None when it has none."""
+    if path.endswith('.safetensors'):
+        return None
+    checkpoint = load_checkpoint(path)
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    return args if isinstance(args, argparse.Namespace) else None
 
 
 def state_dict_mismatch(error: RuntimeError, limit: int = 240) -> str:

@@ -16,6 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils.model import unwrap_model
 
 from . import ops
+from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
 from .tasks.distill import DistillTask
 
@@ -51,7 +52,7 @@ class StageMaps:
 def _sa_loss_of(task: DistillTask) -> SADistillLoss:
     loss = task.distill_loss
     if not isinstance(loss, SADistillLoss):
-        raise TypeError(
+        raise UsageError(
             f"Attention maps show SA's terms, but the task distils with {type(loss).__name__}; "
             "build the task with create_distill_task('sa', ...)."
         )
@@ -104,12 +105,12 @@ def attention_maps(task: DistillTask, images: torch.Tensor) -> List[StageMaps]:
 
 
 def require_matplotlib() -> type:
-    """matplotlib's `Figure` class; ImportError saying how to install the viz extra when matplotlib is missing."""
+    """matplotlib's `Figure` class; `MissingExtraError` (an ImportError) with the pip command when it is missing."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("Drawing attention maps needs matplotlib: install the viz extra: "
+        raise MissingExtraError("Drawing attention maps needs matplotlib: install the viz extra: "
                           "pip install timm-sadistill[viz]") from e
     return Figure
 
@@ -145,7 +146,7 @@ def render_attention_maps(
     images = images.detach().float().cpu()
     num_images, channels = images.shape[:2]
     if titles is not None and len(titles) != num_images:
-        raise ValueError(f"titles must have one label per image, got {len(titles)} for {num_images} images.")
+        raise UsageError(f"titles must have one label per image, got {len(titles)} for {num_images} images.")
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     shown = (images * std_t + mean_t).clamp(0, 1)
@@ -209,7 +210,7 @@ def save_attention_maps(
     if not isinstance(images, torch.Tensor):
         batch = next(iter(images), None)
         if batch is None:
-            raise ValueError("The loader given to save_attention_maps is empty; pass images or a non-empty loader.")
+            raise UsageError("The loader given to save_attention_maps is empty; pass images or a non-empty loader.")
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
     if max_images is not None:
         images = images[:max_images]

@@ -7,7 +7,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .errors import USER_ERRORS, UsageError
+from ._common import run_command
+from .errors import UsageError
 
 __all__ = ['main', 'UsageError', 'SUBCOMMANDS']
 
@@ -32,11 +33,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
-        sys.stderr.write(_usage() + f"timm-sadistill: error: unknown subcommand '{command}'; "
+        sys.stderr.write(f"timm-sadistill: error: unknown subcommand '{command}'; "
                          f"choose one of {', '.join(SUBCOMMANDS)}.\n")
         return 2
-    try:
-        return importlib.import_module(SUBCOMMANDS[command]).main(rest) or 0
-    except USER_ERRORS as e:
-        sys.stderr.write(f"timm-sadistill {command}: error: {e}\n")
-        return 2
+    return run_command(f'timm-sadistill {command}', lambda: importlib.import_module(SUBCOMMANDS[command]).main(rest) or 0)

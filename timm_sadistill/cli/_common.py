@@ -1,30 +1,44 @@
-"""Helpers shared by the ``stages`` and ``viz`` subcommands: model creation and error reporting."""
+"""Helpers shared by the subcommands: model creation and the one place that turns a user error into exit status 2."""
 import sys
 from typing import Callable
 
 import timm
+import torch
 import torch.nn as nn
 
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, UsageError
 
-__all__ = ['create_model', 'run_command']
+__all__ = ['create_model', 'check_device', 'run_command']
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """A randomly initialised timm model (nothing downloads); ValueError naming how to find models when unknown."""
+    """A randomly initialised timm model (nothing downloads); UsageError naming how to find models when unknown."""
     if not timm.is_model(name):
-        raise ValueError(
+        raise UsageError(
             f"unknown model '{name}'; find timm model names with timm.list_models('*resnet*') "
             f"(e.g. python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\")"
         )
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def check_device(flag: str, name: str) -> None:
+    """Refuse a device name torch does not know, or a CUDA device on a machine without one, naming ``flag``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} '{name}' is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: no CUDA GPU is available on this machine; use {flag} cpu.")
+
+
 def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a user error becomes one ``<prog>: error: ...`` line on stderr and exit status 2."""
+    """Run ``body``; a user error (`USER_ERRORS`) becomes one ``<prog>: error: ...`` line on stderr and exit status 2.
+
+    Any other exception propagates: it is a bug, and its traceback is what a report needs.
+    """
     try:
         return body()
     except USER_ERRORS as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"{prog}: error: {message}\n")
         return 2

@@ -5,6 +5,7 @@ Test-only hook: ``TSD_TEST_PAUSE_IN_SAVE=<seconds>`` sleeps after a temp file is
 so a test can kill the process mid-save. Never set it outside tests.
 """
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from timm.utils import CheckpointSaver
 
-__all__ = ['atomic_write', 'AtomicCheckpointSaver', 'save_safetensors_atomic']
+__all__ = ['atomic_write', 'AtomicCheckpointSaver', 'save_safetensors_atomic', 'remove_partial_writes']
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +52,18 @@ def _replace_durably(tmp_path: str, path: str) -> None:
     _test_pause()
     os.replace(tmp_path, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# the temp names: atomic_write's, and timm's CheckpointSaver's (tmp.pth.tar)
+_TEMP_PATTERNS = ('.*.tmp', 'tmp.pth.tar')
+
+
+def remove_partial_writes(folder: str) -> None:
+    """Delete the temp files a process killed while saving left in ``folder`` (a checkpoint's worth of bytes each)."""
+    for pattern in _TEMP_PATTERNS:
+        for path in glob.glob(os.path.join(folder, pattern)):
+            _logger.info(f"Removing '{path}', a partial write of an interrupted run.")
+            os.unlink(path)
 
 
 @contextlib.contextmanager

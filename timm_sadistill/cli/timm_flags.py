@@ -1,17 +1,98 @@
 """The flags of timm's train.py that ``timm-sadistill train`` takes: timm's names, defaults and meanings.
 
 Kept as timm writes them (timm's train.py is not installed with timm, so its parser cannot be imported); the
-distillation flags are `distill_options`'s and the training-loop flags `train`'s.
+distillation flags are `distill_options`'s and the training-loop flags `train`'s. The flags of train.py that this
+command does not implement are `NEEDS_TIMM_TRAIN`: each is refused with one line that points to ``timm-train``
+(tests/test_flag_parity.py holds train.py's flag list against both).
 """
 import argparse
+from typing import Any, Dict, Tuple
 
 import torch
+from timm.utils import ParseKwargs
 
-__all__ = ['add_timm_arguments']
+__all__ = ['add_timm_arguments', 'NEEDS_TIMM_TRAIN', 'needs_timm_train_message']
+
+# train.py's flags that need train.py itself (datasets other than folders, NaFlex and variable-resolution loaders,
+# augmentation splits, logging services, TTA, ...), with train.py's defaults: a ``-c`` file that holds a default
+# (as train.py's own args.yaml does for every flag) passes, any other value is refused.
+NEEDS_TIMM_TRAIN: Dict[Tuple[str, ...], Any] = {
+    ('--train-num-samples',): None,
+    ('--val-num-samples',): None,
+    ('--dataset-download',): False,
+    ('--input-img-mode',): None,
+    ('--input-key',): None,
+    ('--target-key',): None,
+    ('--dataset-trust-remote-code',): False,
+    ('--pretrained-path',): None,
+    ('--fuser',): '',
+    ('--fast-norm',): False,
+    ('--torchcompile-mode',): None,
+    ('--torchscript',): False,
+    ('--model-dtype',): None,
+    ('--synchronize-step',): False,
+    ('--device-modules',): None,
+    ('--epoch-repeats',): 0.0,
+    ('--train-crop-mode',): None,
+    ('--color-jitter-prob',): None,
+    ('--grayscale-prob',): None,
+    ('--gaussian-blur-prob',): None,
+    ('--aug-repeats',): 0,
+    ('--aug-splits',): 0,
+    ('--jsd-loss',): False,
+    ('--resplit',): False,
+    ('--drop-connect',): None,
+    ('--split-bn',): False,
+    ('--model-ema-force-cpu',): False,
+    ('--val-interval',): 1,
+    ('--recovery-interval',): 0,
+    ('--save-images',): False,
+    ('--tta',): 0,
+    ('--use-multi-epochs-loader',): False,
+    ('--log-wandb',): False,
+    ('--wandb-project',): None,
+    ('--wandb-tags',): [],
+    ('--wandb-resume-id',): '',
+    ('--train-img-sizes',): None,
+    ('--train-batch-sizes',): None,
+    ('--train-size-probs',): None,
+    ('--train-size-schedule',): 'constant',
+    ('--train-size-schedule-spread',): 0.65,
+    ('--train-size-random-mix',): 0.1,
+    ('--train-batches-per-epoch', '--train-steps-per-epoch'): None,
+    ('--variable-batch-loss-scale',): 'none',
+    ('--naflex-loader',): False,
+    ('--naflex-train-seq-lens',): [128, 256, 576, 784, 1024],
+    ('--naflex-max-seq-len',): 576,
+    ('--naflex-patch-sizes',): None,
+    ('--naflex-patch-size-probs',): None,
+    ('--naflex-loss-scale',): 'linear',
+    ('--naflex-patchify-channels-first',): False,
+    # timm's own distillation tasks; --distill picks ours, and its logit KD is kd_distill_type logit, kd_loss_type kl
+    ('--kd-distill-type',): 'logit',
+    ('--kd-loss-type',): 'kl',
+    ('--kd-student-feature-dim',): None,
+    ('--kd-teacher-feature-dim',): None,
+    ('--kd-token-distill-type',): 'soft',
+}
+
+
+def needs_timm_train_message(flag: str) -> str:
+    """The one line that refuses a train.py flag this command does not implement."""
+    return (f"{flag} is a flag of timm's train.py that timm-sadistill train does not implement; use it with your "
+            f"train.py through `timm-sadistill timm-train path/to/train.py ... {flag} ... --distill METHOD`")
+
+
+class _NeedsTimmTrain(argparse.Action):
+    """Refuses its flag (whatever values follow it) with `needs_timm_train_message`."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(needs_timm_train_message(option_string))
 
 
 def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The subset of timm train.py's flags this command supports, with timm's names, defaults and meanings."""
+    """timm train.py's flags: those this command supports, with timm's names, defaults and meanings, and the
+    `NEEDS_TIMM_TRAIN` ones, hidden from --help and refused when given."""
     group = parser.add_argument_group('Dataset parameters')
     parser.add_argument('data', nargs='?', metavar='DIR', const=None,
                         help='path to dataset (positional is *deprecated*, use --data-dir)')
@@ -62,6 +143,20 @@ def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
                        help='Enable compilation w/ specified backend (default: inductor).')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='Drop path rate (default: None)')
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='Drop block rate (default: None)')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL',
+                       help='Global pool type, one of (fast, avg, max, avgmax, avgmaxc). Model default if None.')
+    group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
+    group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='Extra timm.create_model keyword arguments, key=value')
+    group.add_argument('--head-init-scale', default=None, type=float, help='Head initialization scale')
+    group.add_argument('--head-init-bias', default=None, type=float, help='Head initialization bias value')
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='Enable gradient checkpointing through model blocks/stages')
+    group.add_argument('--sync-bn', action='store_true', default=False, help='Enable synchronized BatchNorm.')
+    group.add_argument('--dist-bn', type=str, default='reduce',
+                       help='Distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
 
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
@@ -85,6 +180,13 @@ def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
                        help='Clip gradient norm (default: None, no clipping)')
     group.add_argument('--clip-mode', type=str, default='norm',
                        help='Gradient clipping mode. One of ("norm", "value", "agc")')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay (default: None)')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0,
+                       help='layer-wise lr decay minimum scale clamp (default: 0)')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                       help='layer-wise lr decay no optimization scale (default: None)')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='Extra optimizer keyword arguments, key=value')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
@@ -117,6 +219,21 @@ def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
                        help='epochs to cooldown LR at min_lr, after cyclic schedule ends')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
                        help='LR decay rate (default: 0.1)')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='learning rate noise on/off epoch percentages')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT',
+                       help='learning rate noise limit percent (default: 0.67)')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV',
+                       help='learning rate noise std-dev (default: 1.0)')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT',
+                       help='learning rate cycle len multiplier (default: 1.0)')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT',
+                       help='amount to decay each learning rate cycle (default: 0.5)')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N',
+                       help='learning rate cycle limit, cycles enabled if > 1')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='learning rate k-decay for cosine/poly (default: 1.0)')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='patience epochs for Plateau LR scheduler (default: 10)')
 
     group = parser.add_argument_group('Augmentation and regularization parameters')
     group.add_argument('--no-aug', action='store_true', default=False,
@@ -149,6 +266,11 @@ def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
                        help='Turn off mixup after this epoch, disabled if 0 (default: 0)')
     group.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+    group.add_argument('--bce-loss', action='store_true', default=False, help='Enable BCE loss w/ Mixup/CutMix use.')
+    group.add_argument('--bce-sum', action='store_true', default=False, help='Sum over classes when using BCE loss.')
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='Threshold for binarizing softened BCE targets (default: None, disabled).')
+    group.add_argument('--bce-pos-weight', type=float, default=None, help='Positive weighting for BCE loss.')
     group.add_argument('--train-interpolation', type=str, default='random',
                        help='Training interpolation (random, bilinear, bicubic default: "random")')
 
@@ -177,3 +299,6 @@ def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
                        help='name of train experiment, name of sub-folder for output')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='Best metric (default: "top1"')
+
+    for flags in NEEDS_TIMM_TRAIN:  # nargs='*': the refusal must not depend on how many values follow the flag
+        parser.add_argument(*flags, nargs='*', action=_NeedsTimmTrain, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
 from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
-from .errors import UsageError
+from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 
 __all__ = ['main', 'patched_timm_tasks']
 
@@ -48,7 +48,7 @@ def _task_modules() -> List[Any]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog='timm-sadistill timm-train', allow_abbrev=False,  # no prefix matching: train.py's flags must pass through
         usage='timm-sadistill timm-train TRAIN_PY <train.py flags> --kd-model-name NAME --teacher-checkpoint FILE '
               '--distill METHOD [--sa-* ...]',
@@ -150,6 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     script, rest = argv[0], argv[1:]
     _check_script(script)
     ours, train_py_argv = parser.parse_known_args(rest)
+    check_finite_floats(parser, ours)
     if ours.distill == 'none':
         raise UsageError("timm-train needs --distill METHOD (e.g. sa); without it, run train.py directly.")
     peeked = _peek_train_py_args(train_py_argv)

@@ -30,22 +30,26 @@ import torch.nn as nn
 import yaml
 from timm import utils
 from timm.data import Mixup, resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
-from .._checkpoint_checks import check_checkpoint_readable
+from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
 from ..losses import loss_options
 from ..tasks import create_distill_task, guard_finite_loss
+from ._common import check_device
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
 from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
-from .errors import UsageError
+from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 from .progress import ProgressBar
-from .timm_flags import add_timm_arguments
+from .run_folder import (
+    check_output_path, check_resume_matches, create_run_folder, disk_full_is_usage_error, trim_summary,
+)
+from .timm_flags import NEEDS_TIMM_TRAIN, add_timm_arguments, needs_timm_train_message
 
 __all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate', 'main']
 
@@ -59,10 +63,10 @@ DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 
 def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(config parser, main parser): the first reads only ``-c/--config``, whose YAML sets the second's defaults."""
-    config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+    config_parser = OneLineArgumentParser(description='Training Config', add_help=False)
     config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                                help='YAML config file specifying default arguments')
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog='timm-sadistill train', parents=[config_parser], allow_abbrev=False,
         description='Train a timm model, optionally distilling a teacher into it (timm train.py flags).',
     )
@@ -82,20 +86,52 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
     config_parser, parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        if not os.path.isfile(args_config.config):
-            raise UsageError(f"Config file '{args_config.config}' does not exist; pass a YAML file to -c/--config.")
-        with open(args_config.config) as f:
-            config = yaml.safe_load(f) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise UsageError(f"Config file '{args_config.config}' sets unknown options {', '.join(unknown)}; "
-                             "use the flag names with '_' for '-' (e.g. batch_size).")
-        parser.set_defaults(**config)
+        parser.set_defaults(**_read_config(args_config.config, parser))
     args = parser.parse_args(remaining)
     args.config = args_config.config
+    check_finite_floats(parser, args)
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}.")
     args_text = yaml.safe_dump({k: v for k, v in vars(args).items()}, default_flow_style=False)
     return args, args_text
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The defaults a ``-c`` YAML file sets, keyed by destination. Keys are flag names with '_' for '-', as in timm's
+    args.yaml (``kd_model_name`` is ``--kd-model-name``); a train.py flag of `NEEDS_TIMM_TRAIN` passes only at
+    train.py's default, which timm's args.yaml lists for every flag."""
+    if not os.path.isfile(path):
+        raise UsageError(f"Config file '{path}' does not exist; pass a YAML file to -c/--config.")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, 'problem_mark', None)
+            where = f' at line {mark.line + 1}' if mark is not None else ''
+            raise UsageError(f"Config file '{path}' is not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                             "fix it or pass another -c file.") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"Config file '{path}' holds a {type(config).__name__}, not 'flag_name: value' lines; fix it.")
+    dests = {}
+    for action in parser._actions:
+        dests[action.dest] = action.dest
+        dests.update({flag.lstrip('-').replace('-', '_'): action.dest for flag in action.option_strings})
+    refused = {flag.lstrip('-').replace('-', '_'): (flag, default) for flags, default in NEEDS_TIMM_TRAIN.items()
+               for flag in flags}
+    defaults, unknown = {}, []
+    for key, value in config.items():
+        if key in refused:
+            flag, default = refused[key]
+            if value != default:
+                raise UsageError(f"Config file '{path}' sets {key}: " + needs_timm_train_message(flag))
+        elif key in dests:
+            defaults[dests[key]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UsageError(f"Config file '{path}' sets unknown options {', '.join(sorted(unknown))}; "
+                         "use the flag names with '_' for '-' (e.g. batch_size).")
+    return defaults
 
 
 def _check_distill_args(args: argparse.Namespace) -> None:
@@ -125,10 +161,17 @@ def _check_distill_args(args: argparse.Namespace) -> None:
 
 
 def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: torch.device) -> nn.Module:
+    """timm train.py's choice of training loss (``--bce-loss`` replaces cross-entropy)."""
+    bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
     if mixup_active:  # smoothing is part of the mixup targets
-        loss = SoftTargetCrossEntropy()
+        loss = BinaryCrossEntropy(**bce_kwargs) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
-        loss = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        if args.bce_loss:
+            loss = BinaryCrossEntropy(smoothing=args.smoothing, **bce_kwargs)
+        else:
+            loss = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif args.bce_loss:  # timm's train.py ignores --bce-loss without smoothing or mixup; taking it is less surprising
+        loss = BinaryCrossEntropy(smoothing=0., **bce_kwargs)
     else:
         loss = nn.CrossEntropyLoss()
     return loss.to(device=device)
@@ -332,8 +375,11 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
     _check_distill_args(args)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume checkpoint '{args.resume}' does not exist; pass a last.pth.tar of an earlier run.")
+    if args.resume:
+        check_checkpoint_readable(args.resume, '--resume checkpoint')
+        check_resume_matches(args.resume, read_checkpoint_args(args.resume), args)
+    check_output_path(args.output or './output/train')
+    check_device('--device', args.device)
     device = utils.init_distributed_device(args)
     try:
         return _train_on_device(args, args_text, device)
@@ -348,25 +394,37 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     utils.random_seed(args.seed, args.rank)
 
-    for flag, path in (('--initial-checkpoint', args.initial_checkpoint), ('--resume', args.resume)):
-        if path:  # before anything is created or written: a bad file must not cost the output folder
-            check_checkpoint_readable(path, f'{flag} checkpoint')
+    if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
+        check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     model = create_model(
         args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, checkpoint_path=args.initial_checkpoint or None,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
+        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
+        **args.model_kwargs,
     )
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and amp_dtype == torch.float16 else None
 
     dataset_train, dataset_eval = create_datasets(args, data_config)
+    _check_num_classes(args, dataset_train)
     loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
     train_loss = _create_train_loss(args, mixup_active, device)
 
@@ -381,7 +439,7 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
             args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
         args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
     # the trainable module holds the student and the loss's connectors, so both train
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
     resume_epoch = None
     if args.resume:
@@ -406,10 +464,10 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     decreasing_metric = eval_metric == 'loss'
     output_dir = saver = None
     if utils.is_primary(args):
-        experiment = args.experiment or '-'.join([
+        experiment = '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
         ])
-        output_dir = utils.get_outdir(args.output or './output/train', experiment)
+        output_dir = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
         saver = AtomicCheckpointSaver(
             model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
@@ -432,6 +490,7 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
             lr_scheduler.step(start_epoch)
     if utils.is_primary(args):
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
     best_metric = best_epoch = None
     for epoch in range(start_epoch, num_epochs):
@@ -441,8 +500,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
                 break
         train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, lr_scheduler,
                                         amp_autocast, loss_scaler, mixup_fn)
-        if args.distributed:  # BatchNorm running stats differ per rank: average them as timm does
-            utils.distribute_bn(task.get_trainable_module(), args.world_size, True)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
+            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
         eval_metrics = None
         if loader_eval is not None:
@@ -457,11 +516,14 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
 
         if saver is not None:
             lrs = [group['lr'] for group in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs), write_header=epoch == start_epoch and not args.resume)
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-            if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, 'model.safetensors')):
-                _export_student(task, args, output_dir, epoch)
+            summary = os.path.join(output_dir, 'summary.csv')
+            with disk_full_is_usage_error(output_dir):
+                # the header goes into a new or empty file (also when --resume starts a new --experiment)
+                utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                                     write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+                if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, 'model.safetensors')):
+                    _export_student(task, args, output_dir, epoch)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
@@ -471,6 +533,15 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
     _dump_rank_params(task, args)
     return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+
+
+def _check_num_classes(args: argparse.Namespace, dataset) -> None:
+    """Refuse ``--num-classes`` below the class folders of the training split: labels past the head would fail (or,
+    on a GPU, corrupt memory) deep inside the loss."""
+    classes = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if classes and len(classes) > args.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
+                         f"'{os.path.join(args.data_dir, args.train_split)}'; pass --num-classes {len(classes)}.")
 
 
 def _export_student(task: TrainingTask, args: argparse.Namespace, output_dir: str, epoch: int) -> None:

@@ -16,8 +16,10 @@ from timm.models import clean_state_dict
 
 from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
-from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
-from ._common import create_model, run_command
+from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
+from ._common import check_device, create_model, run_command
+from .errors import OneLineArgumentParser, UsageError, check_finite_floats
+from .run_folder import check_output_path
 from .distill_options import add_sa_arguments, add_stage_arguments, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
@@ -37,20 +39,15 @@ def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int
     tensors = []
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
+            raise UsageError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
         try:
             with Image.open(path) as image:
                 tensors.append(transform(image.convert('RGB' if in_chans == 3 else 'L')))
         except UnidentifiedImageError:
-            raise ValueError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
+            raise UsageError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
+        except OSError as e:  # PIL decodes on first use: a truncated file fails here, not in open
+            raise UsageError(f"image '{path}' cannot be decoded ({e}); pass an intact image file") from None
     return torch.stack(tensors)
-
-
-def _torch_load(path: str) -> Any:
-    # weights_only refuses arbitrary objects; train checkpoints also hold the run's argparse.Namespace ('args'),
-    # which timm's own loader allow-lists the same way.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
@@ -59,9 +56,9 @@ def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         return load_file(path), None
-    checkpoint = _torch_load(path)
+    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
+        raise UsageError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
                          "last.pth.tar or model.safetensors")
     if 'state_dict' in checkpoint:
         return clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state')
@@ -84,14 +81,14 @@ def load_student_checkpoint(task: DistillTask, path: str) -> None:
         else:
             task.get_eval_model().load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint '{path}' does not fit this student/connectors ({state_dict_mismatch(e)}); pass the --model, "
             "--num-classes, --img-size, stage and --sa-connector flags of the training run"
         ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files, one row of the picture each')
     parser.add_argument('-o', '--output', default='attention_maps.png', metavar='PNG',
                         help='picture to write (default: attention_maps.png)')
@@ -111,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ..viz import require_matplotlib, save_attention_maps
     require_matplotlib()  # fail before building models when the picture cannot be drawn
+    check_finite_floats(parser, args)
+    check_device('--device', args.device)
+    check_output_path(os.path.dirname(os.path.abspath(args.output)), flag='-o/--output')
 
     device = torch.device(args.device)
     class_kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
@@ -142,10 +142,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     """Write the attention-map picture; 0 on success, 2 on a user error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    return run_command(PROG, lambda: _run(args))
+    return run_command(PROG, lambda: _run(parser, args))
 
 
 if __name__ == '__main__':

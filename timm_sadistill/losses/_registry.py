@@ -7,6 +7,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Type, TypeVar
 
+from ..errors import UsageError
 from .base import DistillLoss
 
 __all__ = [
@@ -39,14 +40,14 @@ def register_distill_loss(name: str) -> Callable[[LossClass], LossClass]:
         ValueError: when ``name`` is taken; TypeError when the class is not a `DistillLoss`.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"A distillation loss name must be a non-empty string, got {name!r}.")
+        raise UsageError(f"A distillation loss name must be a non-empty string, got {name!r}.")
 
     def register(cls: LossClass) -> LossClass:
         if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
-            raise TypeError(f"@register_distill_loss('{name}') decorates DistillLoss subclasses, got {cls!r}.")
+            raise UsageError(f"@register_distill_loss('{name}') decorates DistillLoss subclasses, got {cls!r}.")
         if name in _LOSSES:
             taken = _LOSSES[name]
-            raise ValueError(
+            raise UsageError(
                 f"Distillation loss '{name}' is already registered by {taken.__module__}.{taken.__qualname__}; "
                 f"pick another name (taken: {', '.join(list_distill_losses())})."
             )
@@ -65,7 +66,7 @@ def list_distill_losses() -> List[str]:
 def get_distill_loss_class(name: str) -> Type[DistillLoss]:
     """The class registered as ``name``; ValueError listing the registered names when there is none."""
     if name not in _LOSSES:
-        raise ValueError(f"Unknown distillation loss '{name}'; registered: {', '.join(list_distill_losses())}.")
+        raise UsageError(f"Unknown distillation loss '{name}'; registered: {', '.join(list_distill_losses())}.")
     return _LOSSES[name]
 
 
@@ -90,6 +91,6 @@ def create_distill_loss(name: str, **kwargs) -> DistillLoss:
     options = loss_options(name)
     unknown = [k for k in kwargs if k not in options.defaults]
     if unknown and not options.takes_any:
-        raise TypeError(f"Distillation loss '{name}' takes no option {', '.join(map(repr, unknown))}; "
+        raise UsageError(f"Distillation loss '{name}' takes no option {', '.join(map(repr, unknown))}; "
                         f"it takes {', '.join(options.defaults)}.")
     return get_distill_loss_class(name)(**kwargs)

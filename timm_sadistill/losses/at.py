@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
+from ..errors import UsageError
 from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import align_spatial
@@ -38,7 +39,7 @@ class ATLoss(DistillLoss):
     ):
         super().__init__(student_channels, teacher_channels)
         if mode not in ('code', 'paper'):
-            raise ValueError(f"Unknown AT mode '{mode}'; use 'code' (the authors' code) or 'paper'.")
+            raise UsageError(f"Unknown AT mode '{mode}'; use 'code' (the authors' code) or 'paper'.")
         self.p = p
         self.weight = weight
         self.mode = mode

@@ -4,6 +4,8 @@ from typing import ClassVar, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
+
 __all__ = ['DistillLoss']
 
 
@@ -32,12 +34,12 @@ class DistillLoss(nn.Module):
     def __init__(self, student_channels: Sequence[int] = (), teacher_channels: Sequence[int] = ()):
         super().__init__()
         if len(student_channels) != len(teacher_channels):
-            raise ValueError(
+            raise UsageError(
                 f"student_channels and teacher_channels must have one entry per stage pair, got "
                 f"{list(student_channels)} and {list(teacher_channels)}."
             )
         if self.stage_policy != 'none' and not student_channels:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self).__name__} distils features: pass student_channels and teacher_channels, one per "
                 "stage pair (a task fills them in from its stage taps)."
             )
@@ -57,7 +59,7 @@ class DistillLoss(nn.Module):
         got_s = [f.shape[1] for f in student_feats]
         got_t = [f.shape[1] for f in teacher_feats]
         if got_s != self.student_channels or got_t != self.teacher_channels:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self).__name__} was built for student channels {self.student_channels} and teacher channels "
                 f"{self.teacher_channels}, got features with {got_s} and {got_t}."
             )

@@ -4,6 +4,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ._registry import register_distill_loss
 from .base import DistillLoss
 
@@ -40,7 +41,7 @@ class DKDLoss(DistillLoss):
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         if target is None:
-            raise ValueError("DKD needs the labels: pass target=(B,) class indices (the task passes its target).")
+            raise UsageError("DKD needs the labels: pass target=(B,) class indices (the task passes its target).")
         labels = target.argmax(dim=-1) if target.dim() == 2 else target
         tau = self.temperature
         s = student_logits.float() / tau

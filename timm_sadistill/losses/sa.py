@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
+from ..errors import UsageError
 from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, list_connectors
@@ -45,7 +46,7 @@ def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
     finally:
         model.train(was_training)
     if not fits:
-        raise ValueError(
+        raise UsageError(
             f"head_weight and cam_weight apply the {side}'s head ({type(model).__name__}) to its final (B, C, H, W) "
             "feature map, and this head does not take one (a token head?); set them to 0 for this pair."
         )
@@ -157,11 +158,11 @@ class SADistillLoss(DistillLoss):
     ):
         super().__init__(student_channels, teacher_channels)
         if tau <= 0 or temperature <= 0:
-            raise ValueError(f"tau and temperature must be positive, got tau={tau}, temperature={temperature}.")
+            raise UsageError(f"tau and temperature must be positive, got tau={tau}, temperature={temperature}.")
         if p <= 0:
-            raise ValueError(f"p must be positive, got {p}.")
+            raise UsageError(f"p must be positive, got {p}.")
         if backend not in ops.BACKENDS:
-            raise ValueError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
+            raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
         self.p = p
         self.alpha = alpha
@@ -171,7 +172,7 @@ class SADistillLoss(DistillLoss):
         self.backend = backend
         self.standardize = standardize
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+            raise UsageError(f"warmup_steps must be >= 0, got {warmup_steps}.")
         self.warmup_steps = int(warmup_steps)
         self.head_weight = head_weight
         self.cam_weight = cam_weight
@@ -273,7 +274,7 @@ class SADistillLoss(DistillLoss):
                 self.steps += 1
         if self.kd_weight:
             if student_logits is None or teacher_logits is None:
-                raise ValueError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
+                raise UsageError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
                                  "pass them, or kd_weight=0 to distil features only.")
             terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
         return terms

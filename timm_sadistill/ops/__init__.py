@@ -10,6 +10,7 @@ from typing import Tuple
 
 import torch
 
+from ..errors import UsageError
 from . import reference
 
 __all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms', 'sa_loss', 'triton_available', 'BACKENDS']
@@ -30,14 +31,14 @@ def triton_available() -> bool:
 
 def _use_triton(backend: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
     if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend '{backend}'; use one of {', '.join(BACKENDS)}.")
+        raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(BACKENDS)}.")
     if backend == 'torch':
         return False
     if backend == 'auto':
         return x.is_cuda and all(y.dtype in TRITON_DTYPES for y in (x, *others)) and triton_available()
     for y in (x, *others):
         if y.dtype not in TRITON_DTYPES:
-            raise TypeError(
+            raise UsageError(
                 f"backend='triton' supports {', '.join(str(d) for d in TRITON_DTYPES)}, got {y.dtype}; "
                 "use backend='torch' for it."
             )
@@ -53,29 +54,29 @@ def _use_triton(backend: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def _check_features(name: str, x: torch.Tensor) -> None:
     if x.dim() != 4:
-        raise ValueError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(x.shape)}.")
+        raise UsageError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor (float32, float16, bfloat16 or float64), got {x.dtype}.")
+        raise UsageError(f"{name} must be a floating point tensor (float32, float16, bfloat16 or float64), got {x.dtype}.")
     if x.numel() == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}.")
+        raise UsageError(f"{name} must be non-empty, got shape {tuple(x.shape)}.")
 
 
 def _check_positive(**params: float) -> None:
     for name, value in params.items():
         if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}.")
+            raise UsageError(f"{name} must be > 0, got {value}.")
 
 
 def _check_pair(s: torch.Tensor, t: torch.Tensor) -> None:
     _check_features('s', s)
     _check_features('t', t)
     if s.shape != t.shape:
-        raise ValueError(
+        raise UsageError(
             f"s and t must have the same shape, got s {tuple(s.shape)} and t {tuple(t.shape)}; "
             "project and resize the student features to the teacher's (a connector) first."
         )
     if s.device != t.device:
-        raise ValueError(f"s and t must be on the same device, got s on {s.device} and t on {t.device}.")
+        raise UsageError(f"s and t must be on the same device, got s on {s.device} and t on {t.device}.")
 
 
 def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') -> torch.Tensor:

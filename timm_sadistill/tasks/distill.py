@@ -1,6 +1,5 @@
 """`DistillTask`: feature and logit distillation as a `timm.task.TrainingTask`."""
 import logging
-import os
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -76,16 +75,13 @@ def check_teacher_weights(
         path_option: str = 'teacher_pretrained_path=<checkpoint>',
         hub_option: str = 'teacher_pretrained=True',
 ) -> None:
-    """Refuse a teacher given by name that cannot get weights: its checkpoint must exist (FileNotFoundError) and be
-    readable (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
+    """Refuse a teacher given by name that cannot get weights: its checkpoint must be a readable file
+    (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
 
     ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
     before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
     """
-    if pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
-                                    f"teacher's .safetensors or .pth file.")
+    if pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
         check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
     elif not pretrained:
         raise ValueError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
