@@ -116,7 +116,7 @@ def test_unknown_stage_lists_the_valid_ones(resnet):
         FeatureTaps(resnet, ['layer9'])
     with pytest.raises(ValueError, match=r"Stage index 7 is out of range.*'layer1' \(1\)"):
         FeatureTaps(resnet, [7])
-    with pytest.raises(TypeError, match='name .* or an index'):
+    with pytest.raises(tsd.UsageError, match='name .* or an index'):
         FeatureTaps(resnet, [1.5])
 
 
