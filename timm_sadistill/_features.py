@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from einops import rearrange
+from timm.models import get_pretrained_cfg
 from timm.utils.model import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -20,7 +21,7 @@ from .errors import UsageError
 
 __all__ = [
     'StageInfo', 'FeatureTaps', 'list_stages', 'resolve_stages', 'pair_stages', 'default_img_size',
-    'input_size_overlay', 'check_input_size', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
+    'input_size_kwargs', 'check_input_size', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
 ]
 
 StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
@@ -72,16 +73,17 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     return int(size[-2]), int(size[-1])
 
 
-def input_size_overlay(img_size: Union[int, Sequence[int]], in_chans: int = 3) -> Dict[str, Any]:
-    """``pretrained_cfg_overlay`` that builds a timm model for inputs of ``img_size``.
+def input_size_kwargs(name: str, img_size: Optional[Union[int, Sequence[int]]]) -> Dict[str, Any]:
+    """``timm.create_model(name, **input_size_kwargs(name, 64))`` builds model ``name`` for inputs of ``img_size``.
 
-    timm builds models whose ``pretrained_cfg`` has ``fixed_input_size`` (ViT, Swin, EVA...) for the cfg's
-    ``input_size`` (their position embeddings and windows depend on it) and resamples pretrained position
-    embeddings to it on load; other models ignore it. Pass as
-    ``timm.create_model(name, pretrained_cfg_overlay=input_size_overlay(64))``.
+    Models whose ``pretrained_cfg`` has ``fixed_input_size`` (ViT, Swin, EVA...) take an ``img_size`` argument that
+    their position embeddings and windows depend on (timm resamples pretrained position embeddings to it on load);
+    other models take any size, and no such argument. None gives no arguments (the model's default size).
     """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[-2]), int(img_size[-1]))
-    return {'input_size': (in_chans, h, w)}
+    cfg = get_pretrained_cfg(name)
+    if img_size is None or cfg is None or not cfg.fixed_input_size:
+        return {}
+    return {'img_size': (img_size, img_size) if isinstance(img_size, int) else (int(img_size[-2]), int(img_size[-1]))}
 
 
 def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 'img_size', role: str = 'model') -> None:

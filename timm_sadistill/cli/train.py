@@ -38,11 +38,13 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable
+from .._features import input_size_kwargs
 from ..losses import loss_options
 from ..tasks import create_distill_task, guard_finite_loss
+from ._common import check_img_size
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
-from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from .errors import UsageError
 from .progress import ProgressBar
 from .timm_flags import add_timm_arguments
@@ -80,7 +82,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
     """(args, args as YAML text for args.yaml); ``-c FILE`` sets defaults as in timm's train.py."""
     config_parser, parser = build_parser()
-    args_config, remaining = config_parser.parse_known_args(argv)
+    args_config, remaining = config_parser.parse_known_args(join_stage_values(argv))
     if args_config.config:
         if not os.path.isfile(args_config.config):
             raise UsageError(f"Config file '{args_config.config}' does not exist; pass a YAML file to -c/--config.")
@@ -352,9 +354,11 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         if path:  # before anything is created or written: a bad file must not cost the output folder
             check_checkpoint_readable(path, f'{flag} checkpoint')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_model(
+    img_size = tuple(args.input_size[-2:]) if args.input_size else check_img_size(args.img_size)
+    model = create_model(  # a ViT student is built for the training size
         args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
         drop_rate=args.drop, drop_path_rate=args.drop_path, checkpoint_path=args.initial_checkpoint or None,
+        **input_size_kwargs(args.model, img_size),
     )
     if args.num_classes is None:
         args.num_classes = model.num_classes

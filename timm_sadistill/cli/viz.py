@@ -18,7 +18,7 @@ from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ._common import create_model, run_command
-from .distill_options import add_sa_arguments, add_stage_arguments, sa_options
+from .distill_options import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 
@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     """Write the attention-map picture; 0 on success, 2 on a user error."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_stage_values(sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
     return run_command(PROG, lambda: _run(args))
