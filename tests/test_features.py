@@ -56,6 +56,12 @@ def test_hooked_submodule_path_and_feature_info_stage_agree(resnet):
     assert conv.shape[1] == taps.stages[1].channels
     # hooks live only during the call: copies (EMA) never carry them
     assert all(not m._forward_hooks for m in resnet.modules())
+    # and through a task, which hands its taps the resolved stages (a path's StageInfo has no feature_info index)
+    task = tsd.create_distill_task('sa', resnet, timm.create_model('resnet18', num_classes=5), img_size=64,
+                                   student_stages=['layer3.0.conv2'], teacher_stages=['layer3.1.conv2'], verbose=False)
+    assert [s.name for s in task.student_stages] == ['layer3.0.conv2'] and task.student_stages[0].index is None
+    out = task(x, torch.tensor([0, 4]))
+    assert torch.isfinite(out['loss']) and out['sa_att'] > 0
 
 
 def test_vit_tokens_become_grids_without_prefix_tokens(vit):
@@ -116,7 +122,7 @@ def test_unknown_stage_lists_the_valid_ones(resnet):
         FeatureTaps(resnet, ['layer9'])
     with pytest.raises(ValueError, match=r"Stage index 7 is out of range.*'layer1' \(1\)"):
         FeatureTaps(resnet, [7])
-    with pytest.raises(TypeError, match='name .* or an index'):
+    with pytest.raises(tsd.UsageError, match='name .* or an index'):
         FeatureTaps(resnet, [1.5])
 
 

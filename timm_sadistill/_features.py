@@ -8,17 +8,20 @@ token sequences of ViT-style models become (B, C, H, W) grids without their pref
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from einops import rearrange
+from timm.models import get_pretrained_cfg
 from timm.utils.model import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import UsageError
+
 __all__ = [
     'StageInfo', 'FeatureTaps', 'list_stages', 'resolve_stages', 'pair_stages', 'default_img_size',
-    'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
+    'input_size_kwargs', 'check_input_size', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
 ]
 
 StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
@@ -55,10 +58,59 @@ def list_stages(model: nn.Module) -> List[StageInfo]:
 
 
 def default_img_size(model: nn.Module) -> Tuple[int, int]:
-    """(H, W) of the model's default input, from its ``pretrained_cfg`` (224 x 224 when it has none)."""
-    cfg = getattr(unwrap_model(model), 'pretrained_cfg', None) or {}
+    """(H, W) of the model's default input: the size a patch model was built for, else its ``pretrained_cfg``'s
+    (224 x 224 when it has none).
+
+    A ViT built with ``timm.create_model(name, img_size=64)`` keeps 224 in its ``pretrained_cfg``; its patch
+    embedding knows the size it takes.
+    """
+    base = unwrap_model(model)
+    built = getattr(getattr(base, 'patch_embed', None), 'img_size', None)
+    if built is not None:
+        return int(built[0]), int(built[1])
+    cfg = getattr(base, 'pretrained_cfg', None) or {}
     size = cfg.get('test_input_size') or cfg.get('input_size') or (3, 224, 224)
     return int(size[-2]), int(size[-1])
+
+
+def input_size_kwargs(name: str, img_size: Optional[Union[int, Sequence[int]]]) -> Dict[str, Any]:
+    """``timm.create_model(name, **input_size_kwargs(name, 64))`` builds model ``name`` for inputs of ``img_size``.
+
+    Models whose ``pretrained_cfg`` has ``fixed_input_size`` (ViT, Swin, EVA...) take an ``img_size`` argument that
+    their position embeddings and windows depend on (timm resamples pretrained position embeddings to it on load);
+    other models take any size, and no such argument. None gives no arguments (the model's default size).
+    """
+    cfg = get_pretrained_cfg(name)
+    if img_size is None or cfg is None or not cfg.fixed_input_size:
+        return {}
+    return {'img_size': (img_size, img_size) if isinstance(img_size, int) else (int(img_size[-2]), int(img_size[-1]))}
+
+
+def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 'img_size', role: str = 'model') -> None:
+    """Refuse an input size (H, W) a patch model cannot take, before anything runs.
+
+    A model built for a fixed size (timm's ``strict_img_size``) takes only that size; otherwise, unless it pads
+    (``dynamic_img_pad``), H and W must be multiples of its patch size.
+
+    Raises:
+        UsageError: naming ``option`` (the caller's word for the size: ``img_size`` or ``--img-size``) and the fix.
+    """
+    embed = getattr(unwrap_model(model), 'patch_embed', None)
+    patch = getattr(embed, 'patch_size', None)
+    if patch is None:
+        return
+    name = type(unwrap_model(model)).__name__
+    built = getattr(embed, 'img_size', None)
+    if getattr(embed, 'strict_img_size', False) and built is not None and tuple(built) != tuple(img_size):
+        raise UsageError(
+            f"The {role} ({name}) was built for {built[0]}x{built[1]} inputs, not {option} {img_size[0]}x{img_size[1]}; "
+            f"build it for that size: timm.create_model(name, img_size={img_size[0]}) (or dynamic_img_size=True)."
+        )
+    if not getattr(embed, 'dynamic_img_pad', False) and (img_size[0] % patch[0] or img_size[1] % patch[1]):
+        raise UsageError(
+            f"{option} {img_size[0]}x{img_size[1]} is not a multiple of the {role}'s patch size "
+            f"{patch[0]}x{patch[1]} ({name}); use a multiple of {patch[0]}, e.g. {max(1, round(img_size[0] / patch[0])) * patch[0]}."
+        )
 
 
 def _as_hw(img_size: Optional[Union[int, Sequence[int]]], model: nn.Module) -> Tuple[int, int]:
@@ -84,7 +136,7 @@ def resolve_stages(model: nn.Module, stages: StagesArg) -> List[Union[StageInfo,
     """Turn names and indices into `StageInfo`s (kept as they are); paths outside ``feature_info`` stay strings.
 
     Raises:
-        ValueError: for an unknown name or an index out of range, listing the valid stages.
+        UsageError: for an unknown name, an index out of range or a value that is neither, listing the valid stages.
     """
     if isinstance(stages, (str, int)):
         stages = [stages]
@@ -97,19 +149,19 @@ def resolve_stages(model: nn.Module, stages: StagesArg) -> List[Union[StageInfo,
             resolved.append(spec)
             continue
         if isinstance(spec, bool) or not isinstance(spec, (str, int)):
-            raise TypeError(f"A stage is a name (str) or an index (int) into feature_info, got {spec!r}.")
+            raise UsageError(f"A stage is a name (str) or an index (int) into feature_info, got {spec!r}.")
         if isinstance(spec, int):
             if not -len(known) <= spec < len(known):
-                raise ValueError(f"Stage index {spec} is out of range; {_valid_names_message(model)}.")
+                raise UsageError(f"Stage index {spec} is out of range; {_valid_names_message(model)}.")
             resolved.append(known[spec])
         elif spec in by_name:
             resolved.append(by_name[spec])
         elif spec == 'auto':
-            raise ValueError("'auto' selects all stages and cannot be mixed with other stages; pass stages='auto'.")
+            raise UsageError("'auto' selects all stages and cannot be mixed with other stages; pass stages='auto'.")
         elif spec in modules and spec != '':
             resolved.append(spec)
         else:
-            raise ValueError(f"Unknown stage '{spec}'; {_valid_names_message(model)}.")
+            raise UsageError(f"Unknown stage '{spec}'; {_valid_names_message(model)}.")
     return resolved
 
 
@@ -132,7 +184,7 @@ def _tokens_to_grid(tokens: torch.Tensor, model: nn.Module, input_hw: Tuple[int,
     else:
         grid_h = grid_w = math.isqrt(num_patches)
     if grid_h * grid_w != num_patches:
-        raise ValueError(
+        raise UsageError(
             f"Cannot lay {num_patches} tokens of {type(model).__name__} out as a grid; "
             "tap a stage listed in feature_info instead."
         )
@@ -169,7 +221,7 @@ class FeatureTaps(nn.Module):
                 s for s in _auto_candidates(model) if min(self.img_size) // s.reduction >= AUTO_MIN_MAP
             ]
             if not resolved:
-                raise ValueError(
+                raise UsageError(
                     f"{type(unwrap_model(model)).__name__} has no stage with a map of at least "
                     f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {self.img_size}; pass a larger img_size or "
                     f"explicit stages ({_valid_names_message(model)})."
@@ -178,7 +230,9 @@ class FeatureTaps(nn.Module):
             resolved = resolve_stages(model, stages)
         base = unwrap_model(model)
         self.use_hooks = (
-            any(isinstance(s, str) for s in resolved)
+            # a path outside feature_info, given as a string or as the StageInfo of one (index None, as a task
+            # passes the stages pair_stages resolved) has no index for forward_intermediates
+            any(isinstance(s, str) or s.index is None for s in resolved)
             or not hasattr(base, 'forward_intermediates')
             or isinstance(model, DistributedDataParallel)
         )
@@ -228,7 +282,7 @@ class FeatureTaps(nn.Module):
             return _tokens_to_grid(x, base, input_hw)
         if x.dim() == 4:
             return x.permute(0, 3, 1, 2) if getattr(base, 'output_fmt', 'NCHW') == 'NHWC' else x
-        raise ValueError(
+        raise UsageError(
             f"Stage '{name}' of {type(base).__name__} outputs shape {tuple(x.shape)}, not a feature map or token "
             f"sequence; pick another stage ({_valid_names_message(self.model)})."
         )
@@ -265,17 +319,41 @@ class FeatureTaps(nn.Module):
         return base.forward_head(final), [by_index[s.index] for s in self.stages]
 
 
+def _nearest_reduction(reduction: int, reductions: Sequence[int]) -> int:
+    """The entry of ``reductions`` closest to ``reduction`` in ratio (|log r - log reduction|); ties go to the
+    smaller reduction (the larger map). 14 -> 16 among (4, 8, 16, 32)."""
+    return min(reductions, key=lambda r: (abs(math.log(r / reduction)), r))
+
+
 def _match_by_reduction(explicit: List[StageInfo], other: nn.Module, side: str) -> List[StageInfo]:
+    """The ``auto`` stage of ``other`` for each explicit stage: equal reduction, else the nearest one."""
     candidates = {s.reduction: s for s in _auto_candidates(other)}
-    matched = []
-    for stage in explicit:
-        if stage.reduction not in candidates:
-            raise ValueError(
-                f"'auto' finds no {side} stage with reduction {stage.reduction} to pair with '{stage.name}'; "
-                f"{side} reductions are {sorted(candidates)}. Pass {side}_stages explicitly."
-            )
-        matched.append(candidates[stage.reduction])
-    return matched
+    if not candidates:
+        raise UsageError(
+            f"'auto' finds no {side} stage of reduction {AUTO_MIN_REDUCTION} or more in feature_info to pair with "
+            f"{[s.name for s in explicit]}; pass {side}_stages explicitly."
+        )
+    return [candidates[_nearest_reduction(stage.reduction, list(candidates))] for stage in explicit]
+
+
+def _auto_pairs(
+        s_by_red: Dict[int, StageInfo],
+        t_by_red: Dict[int, StageInfo],
+        min_side: int,
+) -> List[Tuple[StageInfo, StageInfo]]:
+    """(student, teacher) ``auto`` pairs, shallow to deep, whose teacher map is at least 4x4 at an input of
+    ``min_side`` pixels: the stages of equal reduction; when the models share no reduction at all (a patch-14 ViT
+    against a CNN), the mutually nearest reductions (each is the other's `_nearest_reduction`), so that every
+    stage is used at most once; the connector then resizes the student map to the teacher's."""
+    kept = {r: t for r, t in t_by_red.items() if min_side // r >= AUTO_MIN_MAP}
+    if any(r in s_by_red for r in t_by_red):
+        return [(s_by_red[r], kept[r]) for r in sorted(kept) if r in s_by_red]
+    pairs = []
+    for rt in sorted(kept):
+        rs = _nearest_reduction(rt, list(s_by_red))
+        if _nearest_reduction(rs, list(kept)) == rt:
+            pairs.append((s_by_red[rs], kept[rt]))
+    return pairs
 
 
 def pair_stages(
@@ -290,7 +368,9 @@ def pair_stages(
 
     ``auto`` on both sides pairs the deepest stage of each reduction that both models have (so a 4-stage ResNet
     pairs with a 12-block ViT at reduction 16) and keeps the pairs whose teacher map is at least 4x4 at
-    ``img_size`` (default: the student's input size). ``auto`` on one side matches the other side's reductions.
+    ``img_size`` (default: the student's input size). Where no reduction is shared (a patch-14 ViT against a
+    CNN), the mutually nearest reductions pair (14 with 16) and the student map is resized to the teacher's
+    (docs/method.md#stage-selection). ``auto`` on one side matches the other side's reductions, or the nearest.
     Explicit lists must have equal lengths. ``policy`` picks among auto pairs: ``'all'``, ``'last'``, ``'middle'``
     or ``'none'`` (a loss on logits only).
 
@@ -303,26 +383,26 @@ def pair_stages(
     teacher_auto = isinstance(teacher_stages, str) and teacher_stages == 'auto'
     if policy == 'none':
         if not (student_auto and teacher_auto):
-            raise ValueError("This loss distils logits only; leave student_stages and teacher_stages at 'auto'.")
+            raise UsageError("This loss distils logits only; leave student_stages and teacher_stages at 'auto'.")
         return [], []
     hw = _as_hw(img_size, student)
     taps_kwargs = dict(img_size=hw)
     if student_auto and teacher_auto:
         t_by_red = {s.reduction: s for s in _auto_candidates(teacher)}
         s_by_red = {s.reduction: s for s in _auto_candidates(student)}
-        common = [r for r in sorted(t_by_red) if r in s_by_red and min(hw) // r >= AUTO_MIN_MAP]
-        if not common:
-            raise ValueError(
-                f"'auto' found no student/teacher stages of equal reduction with maps of at least "
+        pairs = _auto_pairs(s_by_red, t_by_red, min(hw)) if s_by_red else []
+        if not pairs:
+            raise UsageError(
+                f"'auto' found no student/teacher stages to pair with teacher maps of at least "
                 f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {hw}: student reductions {sorted(s_by_red)}, "
                 f"teacher reductions {sorted(t_by_red)}. Pass a larger img_size, or explicit "
                 f"student_stages and teacher_stages of equal length."
             )
         if policy == 'last':
-            common = common[-1:]
+            pairs = pairs[-1:]
         elif policy == 'middle':
-            common = [common[(len(common) - 1) // 2]]
-        return [s_by_red[r] for r in common], [t_by_red[r] for r in common]
+            pairs = [pairs[(len(pairs) - 1) // 2]]
+        return [s for s, _ in pairs], [t for _, t in pairs]
     if student_auto:
         t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
         return _match_by_reduction(t, student, 'student'), t
@@ -331,7 +411,7 @@ def pair_stages(
         return s, _match_by_reduction(s, teacher, 'teacher')
     t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
     if len(s) != len(t):
-        raise ValueError(
+        raise UsageError(
             f"student_stages and teacher_stages must have equal length to pair them, got {len(s)} "
             f"({[x.name for x in s]}) and {len(t)} ({[x.name for x in t]}); pass lists of equal length, "
             "or 'auto' on one side to match the other by reduction."

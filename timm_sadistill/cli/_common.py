@@ -1,24 +1,36 @@
 """Helpers shared by the subcommands: model creation and the one place that turns a user error into exit status 2."""
 import sys
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
+from .._features import input_size_kwargs
 from .errors import USER_ERRORS, UsageError
 
-__all__ = ['create_model', 'check_device', 'run_command']
+__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command']
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """A randomly initialised timm model (nothing downloads); UsageError naming how to find models when unknown."""
+def check_img_size(img_size: Optional[int], flag: str = '--img-size') -> Optional[Tuple[int, int]]:
+    """(N, N) for ``--img-size N``, None when not given; UsageError for N <= 0 (timm would take the model's default
+    without a word)."""
+    if img_size is None:
+        return None
+    if img_size <= 0:
+        raise UsageError(f"{flag} {img_size}: the input size is a positive number of pixels, e.g. {flag} 224.")
+    return img_size, img_size
+
+
+def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, **kwargs) -> nn.Module:
+    """A randomly initialised timm model (nothing downloads), built for inputs of ``img_size`` (H, W) when given (a
+    ViT takes only the size it is built for); UsageError naming how to find models when unknown."""
     if not timm.is_model(name):
         raise UsageError(
             f"unknown model '{name}'; find timm model names with timm.list_models('*resnet*') "
             f"(e.g. python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\")"
         )
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(name, pretrained=False, **input_size_kwargs(name, img_size), **kwargs)
 
 
 def check_device(flag: str, name: str) -> None:

@@ -5,7 +5,8 @@
 translation of the parsed flags into ``create_distill_task`` keywords.
 """
 import argparse
-from typing import Any, Dict, List, Union
+import re
+from typing import Any, Dict, List, Sequence, Union
 
 from ..losses import list_distill_losses
 from ..losses.sa import SA_OPTIONS, SAOption
@@ -13,9 +14,12 @@ from ..tasks import check_teacher_weights
 from .errors import UsageError
 
 __all__ = [
-    'add_distill_arguments', 'add_stage_arguments', 'add_sa_arguments', 'parse_stages', 'sa_flag', 'sa_options',
-    'distill_task_kwargs', 'check_teacher_flags',
+    'add_distill_arguments', 'add_stage_arguments', 'add_sa_arguments', 'parse_stages', 'join_stage_values',
+    'sa_flag', 'sa_options', 'distill_task_kwargs', 'check_teacher_flags',
 ]
+
+STAGE_FLAGS = ('--distill-stages', '--teacher-stages')
+_NEGATIVE_FIRST = re.compile(r'-\d+(,.*)?')  # '-2,-1', '-1,layer4': a stage list that starts with a negative index
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags: bool = True) -> None:
@@ -61,8 +65,28 @@ def parse_stages(value: str) -> Union[str, List[Union[str, int]]]:
     return stages
 
 
+def join_stage_values(argv: Sequence[str]) -> List[str]:
+    """``['--teacher-stages', '-2,-1']`` -> ``['--teacher-stages=-2,-1']``, the rest of ``argv`` as it is.
+
+    argparse reads a value that starts with '-' and is not a plain number as an option of its own ("expected one
+    argument"); the README writes ``--teacher-stages -2,-1``, so every parser of the stage flags reads ``argv``
+    through this first.
+    """
+    joined: List[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in STAGE_FLAGS and i + 1 < len(argv) and _NEGATIVE_FIRST.fullmatch(argv[i + 1]):
+            joined.append(f'{argv[i]}={argv[i + 1]}')
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
 def add_stage_arguments(group) -> None:
-    """``--distill-stages`` and ``--teacher-stages`` (names, indices or auto), as every subcommand spells them."""
+    """``--distill-stages`` and ``--teacher-stages`` (names, indices or auto), as every subcommand spells them; parse
+    ``argv`` through `join_stage_values` so that ``--teacher-stages -2,-1`` reads as written."""
     group.add_argument('--distill-stages', type=parse_stages, default='auto', metavar='STAGES',
                        help='Student stages: comma list of feature_info names or indices, or auto (default: auto)')
     group.add_argument('--teacher-stages', type=parse_stages, default='auto', metavar='STAGES',

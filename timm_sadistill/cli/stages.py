@@ -2,7 +2,9 @@
 
 Prints the selectable stages of a timm model (name, index into ``feature_info``, channels, reduction, the map size
 measured at the input size, and whether ``auto`` may pick it) and, with a teacher, the stage pairs ``auto`` chooses
-for the method and the connector each pair gets. Models are built with random weights: nothing downloads.
+for the method, the connector each pair gets and, where the two maps differ in size (a patch-14 ViT against a CNN),
+the resize of the student's map to the teacher's. Models are built with random weights for the input size (a ViT
+takes only the size it is built for): nothing downloads.
 """
 import argparse
 import sys
@@ -11,9 +13,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .._features import FeatureTaps, StageInfo, default_img_size, list_stages, pair_stages
+from .._features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
+from ..errors import UsageError
 from ..losses import REQUIRED, get_distill_loss_class, list_distill_losses, loss_options
-from ._common import create_model, run_command
+from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'stage_map_sizes', 'connector_description']
 
@@ -53,12 +56,11 @@ def _hw(size: Tuple[int, int]) -> str:
     return f'{size[0]}x{size[1]}'
 
 
-def _stage_rows(model: nn.Module, img_size: Tuple[int, int]) -> List[Sequence[str]]:
-    sizes = stage_map_sizes(model, img_size)
+def _stage_rows(model: nn.Module, img_size: Tuple[int, int], sizes: Dict[str, Tuple[int, int]]) -> List[Sequence[str]]:
     # The stages 'auto' may pick at this input size: FeatureTaps applies the same rule (reduction >= 4, map >= 4x4).
     try:
         auto = set(FeatureTaps(model, 'auto', img_size=img_size).names)
-    except ValueError:  # no stage qualifies at this size: the table still shows what exists
+    except UsageError:  # no stage qualifies at this size: the table still shows what exists
         auto = set()
     return [
         (s.name, str(s.index), str(s.channels), str(s.reduction), _hw(sizes[s.name]), 'yes' if s.name in auto else '')
@@ -69,13 +71,18 @@ def _stage_rows(model: nn.Module, img_size: Tuple[int, int]) -> List[Sequence[st
 def _pair_rows(
         method: str,
         pairs: Tuple[List[StageInfo], List[StageInfo]],
+        student_sizes: Dict[str, Tuple[int, int]],
         teacher_sizes: Dict[str, Tuple[int, int]],
 ) -> List[Sequence[str]]:
-    return [
-        (f'{s.name} ({s.channels})', f'{t.name} ({t.channels})', str(t.reduction), _hw(teacher_sizes[t.name]),
-         connector_description(method, s.channels, t.channels))
-        for s, t in zip(*pairs)
-    ]
+    """One row per pair; ``resized`` shows the student map resized to the teacher's (docs/method.md#alignment)."""
+    rows = []
+    for s, t in zip(*pairs):
+        s_map, t_map = student_sizes[s.name], teacher_sizes[t.name]
+        reduction = str(t.reduction) if s.reduction == t.reduction else f'{s.reduction}->{t.reduction}'
+        resized = f'{_hw(s_map)}->{_hw(t_map)}' if s_map != t_map else ''
+        rows.append((f'{s.name} ({s.channels})', f'{t.name} ({t.channels})', reduction, _hw(t_map),
+                     connector_description(method, s.channels, t.channels), resized))
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,26 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    model = create_model(args.model)
-    img_size = (args.img_size, args.img_size) if args.img_size else default_img_size(model)
-    rows = _stage_rows(model, img_size)
+    requested = check_img_size(args.img_size)
+    model = create_model(args.model, img_size=requested)
+    img_size = requested or default_img_size(model)
+    check_input_size(model, img_size, option='--img-size', role=f'model {args.model}')
+    teacher = None
+    if args.teacher is not None:  # built (and checked) before anything prints: an error is then the only output
+        teacher = create_model(args.teacher, img_size=img_size, num_classes=model.num_classes,
+                               in_chans=getattr(model, 'in_chans', 3))
+        check_input_size(teacher, img_size, option='--img-size', role=f'teacher {args.teacher}')
+    sizes = stage_map_sizes(model, img_size)
+    rows = _stage_rows(model, img_size, sizes)
     if not rows:
         print(f"{args.model} has no feature_info: distil submodule paths (see model.named_modules()).")
     else:
         print(f"Stages of {args.model} at {_hw(img_size)} (random weights):")
         print(_table(('name', 'index', 'channels', 'reduction', 'map', 'auto'), rows))
-    if args.teacher is None:
+    if teacher is None:
         return 0
 
-    teacher = create_model(args.teacher, num_classes=model.num_classes, in_chans=getattr(model, 'in_chans', 3))
     policy = get_distill_loss_class(args.distill).stage_policy
     if policy == 'none':
         print(f"\n{args.distill} distils logits only: no stage pairs.")
         return 0
     pairs = pair_stages(model, teacher, img_size=img_size, policy=policy)
     print(f"\n{args.distill} pairs chosen by auto (policy '{policy}'), {args.model} -> {args.teacher} at {_hw(img_size)}:")
-    print(_table(('student', 'teacher', 'reduction', 'map', 'connector'),
-                 _pair_rows(args.distill, pairs, stage_map_sizes(teacher, img_size))))
+    rows = _pair_rows(args.distill, pairs, sizes, stage_map_sizes(teacher, img_size))
+    print(_table(('student', 'teacher', 'reduction', 'map', 'connector', 'resized'), rows))
+    if any(row[-1] for row in rows):
+        print("resized: the student's map is resized to the teacher's after its connector (pooled down, bilinear up).")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
-from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 
 __all__ = ['main', 'patched_timm_tasks']
@@ -149,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     script, rest = argv[0], argv[1:]
     _check_script(script)
-    ours, train_py_argv = parser.parse_known_args(rest)
+    ours, train_py_argv = parser.parse_known_args(join_stage_values(rest))
     check_finite_floats(parser, ours)
     if ours.distill == 'none':
         raise UsageError("timm-train needs --distill METHOD (e.g. sa); without it, run train.py directly.")

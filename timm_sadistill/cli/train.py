@@ -38,12 +38,13 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
+from .._features import input_size_kwargs
 from ..losses import loss_options
 from ..tasks import create_distill_task, guard_finite_loss
-from ._common import check_device
+from ._common import check_device, check_img_size
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
-from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
+from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 from .progress import ProgressBar
 from .run_folder import (
@@ -84,7 +85,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
     """(args, args as YAML text for args.yaml); ``-c FILE`` sets defaults as in timm's train.py."""
     config_parser, parser = build_parser()
-    args_config, remaining = config_parser.parse_known_args(argv)
+    args_config, remaining = config_parser.parse_known_args(join_stage_values(argv))
     if args_config.config:
         parser.set_defaults(**_read_config(args_config.config, parser))
     args = parser.parse_args(remaining)
@@ -397,11 +398,12 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
         check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_model(
+    img_size = tuple(args.input_size[-2:]) if args.input_size else check_img_size(args.img_size)
+    model = create_model(  # a ViT student is built for the training size
         args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
         drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
         bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
-        **args.model_kwargs,
+        **input_size_kwargs(args.model, img_size), **args.model_kwargs,
     )
     if args.head_init_scale is not None:
         with torch.no_grad():

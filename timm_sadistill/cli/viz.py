@@ -20,7 +20,7 @@ from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, sta
 from ._common import check_device, create_model, run_command
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 from .run_folder import check_output_path
-from .distill_options import add_sa_arguments, add_stage_arguments, sa_options
+from .distill_options import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 
@@ -143,7 +143,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def main(argv: Optional[list] = None) -> int:
     """Write the attention-map picture; 0 on success, 2 on a user error."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_stage_values(sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
     return run_command(PROG, lambda: _run(parser, args))

@@ -51,6 +51,12 @@ class DistillLoss(nn.Module):
         """Whether a loss built with ``options`` wants the models' final feature maps as its last stage pair."""
         return False
 
+    @classmethod
+    def compares_logits(cls, **options) -> bool:
+        """Whether a loss built with ``options`` compares student and teacher logits (they must have equal class
+        counts). Losses on logits only do; feature losses do not."""
+        return cls.stage_policy == 'none'
+
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Called once by the task with the bare student and teacher, before any optimizer exists (no-op here)."""
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 __all__ = ['create_connector', 'list_connectors', 'align_spatial', 'ConnectorList']
 
 
@@ -36,7 +38,7 @@ def _regressor(in_channels: int, out_channels: int) -> nn.Module:
 
 def _identity(in_channels: int, out_channels: int) -> nn.Module:
     if in_channels != out_channels:
-        raise ValueError(
+        raise UsageError(
             f"The 'identity' connector needs equal channels, got student {in_channels} and teacher {out_channels}; "
             "use 'conv1x1' or 'bottleneck'."
         )
@@ -58,7 +60,7 @@ def list_connectors() -> List[str]:
 def create_connector(kind: str, in_channels: int, out_channels: int) -> nn.Module:
     """A connector of ``kind`` ('bottleneck', 'conv1x1', 'regressor' or 'identity') from Cs to Ct channels."""
     if kind not in _CONNECTORS:
-        raise ValueError(f"Unknown connector '{kind}'; use one of {', '.join(list_connectors())}.")
+        raise UsageError(f"Unknown connector '{kind}'; use one of {', '.join(list_connectors())}.")
     return _CONNECTORS[kind](in_channels, out_channels)
 
 

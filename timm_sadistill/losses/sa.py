@@ -185,6 +185,11 @@ class SADistillLoss(DistillLoss):
     def uses_final_pair(cls, **options) -> bool:
         return bool(options.get('head_weight') or options.get('cam_weight'))
 
+    @classmethod
+    def compares_logits(cls, **options) -> bool:
+        """The logit term (kd_weight, default on) and the class-activation maps (cam_weight) compare per class."""
+        return bool(options.get('kd_weight', _DEFAULTS['kd_weight']) or options.get('cam_weight'))
+
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Keep the two models' heads for the head terms; the SRRL connector maps student to teacher pre-logits.
 

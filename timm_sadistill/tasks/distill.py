@@ -4,11 +4,15 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import create_model
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
-from .._features import FeatureTaps, StagesArg, list_stages, pair_stages
+from .._features import (
+    FeatureTaps, StagesArg, check_input_size, default_img_size, input_size_kwargs, list_stages, pair_stages,
+)
+from ..errors import UsageError
 from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
@@ -76,7 +80,7 @@ def check_teacher_weights(
         hub_option: str = 'teacher_pretrained=True',
 ) -> None:
     """Refuse a teacher given by name that cannot get weights: its checkpoint must be a readable file
-    (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
+    (`CheckpointReadError`, a UsageError); without one, only leave to download (``pretrained``) will do (UsageError).
 
     ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
     before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
@@ -84,7 +88,7 @@ def check_teacher_weights(
     if pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
         check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
     elif not pretrained:
-        raise ValueError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
+        raise UsageError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
                          f"{hub_option} to download them from the hub.")
 
 
@@ -96,37 +100,92 @@ def resolve_teacher(
         pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        img_size: Optional[Union[int, Sequence[int]]] = None,
 ) -> DistillationTeacher:
     """A frozen `DistillationTeacher` from a model name, a module or a teacher.
 
     A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint); only ``pretrained=True``
-    lets timm fetch them from the hub. The number of classes and input channels follow the student.
+    lets timm fetch them from the hub. The number of classes and input channels follow the student, and a
+    fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
     """
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
         check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
+        # DistillationTeacher(name) as timm builds it, plus the input size that a fixed-size model needs
+        overlay = {**(dict(file=pretrained_path, num_classes=base.num_classes) if pretrained_path else {}),
+                   **(pretrained_cfg_overlay or {})}
         try:
-            resolved = DistillationTeacher(
-                teacher, num_classes=base.num_classes, in_chans=getattr(base, 'in_chans', 3),
-                pretrained_path=pretrained_path, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                device=device, dtype=dtype,
+            model = create_model(
+                teacher, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
+                in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
+                **input_size_kwargs(teacher, img_size or default_img_size(base)),
             )
         except RuntimeError as e:
             if not pretrained_path:
                 raise
-            raise ValueError(
+            raise UsageError(
                 f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {base.num_classes} classes; "
                 f"check --teacher / the student's num_classes. Details: {state_dict_mismatch(e)}"
             ) from e
+        resolved = DistillationTeacher(model, device=device, dtype=dtype)
     elif isinstance(teacher, nn.Module):
         resolved = DistillationTeacher(teacher, device=device, dtype=dtype)
     else:
-        raise TypeError(f"teacher must be a model name, an nn.Module or a DistillationTeacher, got {type(teacher).__name__}.")
+        raise UsageError(f"teacher must be a model name, an nn.Module or a DistillationTeacher, got {type(teacher).__name__}.")
     resolved.eval()
     resolved.requires_grad_(False)
     return resolved
+
+
+def _input_channels(model: nn.Module) -> Optional[int]:
+    """Input channels of a timm model: its ``in_chans``, else those of the conv its ``pretrained_cfg`` names first."""
+    base = unwrap_model(model)
+    if hasattr(base, 'in_chans'):
+        return int(base.in_chans)
+    first = (getattr(base, 'pretrained_cfg', None) or {}).get('first_conv')
+    first = first[0] if isinstance(first, (list, tuple)) else first
+    return getattr(dict(base.named_modules()).get(first or ''), 'in_channels', None)
+
+
+def _check_input_channels(
+        student: nn.Module,
+        teacher: DistillationTeacher,
+        student_mean: torch.Tensor,
+        student_std: torch.Tensor,
+) -> int:
+    """The input channels C both models take; refuses models of different C, and a renormalisation for the teacher
+    (student mean/std -> teacher mean/std, (1, C, 1, 1) each) that the channels cannot take (timm keeps 3-entry
+    ImageNet statistics in the cfg of a 1-channel model)."""
+    s_chans = _input_channels(student) or student_mean.shape[1]
+    t_chans = _input_channels(teacher.model) or s_chans
+    if s_chans != t_chans:
+        raise UsageError(
+            f"The student takes {s_chans}-channel inputs and the teacher {t_chans}-channel inputs; build both with "
+            f"the same in_chans."
+        )
+    same_stats = torch.equal(student_mean, teacher.mean_kd) and torch.equal(student_std, teacher.std_kd)
+    sizes = {student_mean.shape[1], student_std.shape[1], teacher.mean_kd.shape[1], teacher.std_kd.shape[1]}
+    if not same_stats and sizes != {s_chans}:
+        raise UsageError(
+            f"The models take {s_chans}-channel inputs, but the teacher's input is renormalised from the student's "
+            f"mean/std to its own and their pretrained_cfg statistics have {sorted(sizes)} entries; give both models "
+            f"{s_chans}-entry statistics: timm.create_model(..., pretrained_cfg_overlay=dict(mean=..., std=...))."
+        )
+    return s_chans
+
+
+def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
+    """Refuse, for a loss that compares the two models' logits, models with different class counts."""
+    s_classes = getattr(unwrap_model(student), 'num_classes', None)
+    t_classes = getattr(unwrap_model(teacher), 'num_classes', None)
+    if s_classes is not None and t_classes is not None and s_classes != t_classes:
+        raise UsageError(
+            f"{loss_class.__name__} compares the student's and the teacher's logits, but the student has "
+            f"{s_classes} classes and the teacher {t_classes}; build both with the same num_classes (or use a "
+            f"feature-only method: at, fitnet, cwd, or sa with kd_weight=0)."
+        )
 
 
 class DistillTask(TrainingTask):
@@ -150,7 +209,9 @@ class DistillTask(TrainingTask):
         distill_loss_weight, task_loss_weight: weights, with timm's rules (`resolve_loss_weights`).
         temperature: logit temperature for losses that have one (None keeps the loss's default).
         student_stages, teacher_stages: stages to distil: ``'auto'``, names, indices or submodule paths.
-        img_size: input size for ``'auto'`` pairing (default: the student's).
+        img_size: (H, W) or N, the training input size: ``'auto'`` pairs stages at it, and a teacher given by name
+            is built for it. Default: the student's input size; a forward on another size is then refused when
+            ``'auto'`` chose the stages (it would distil maps the rule keeps out), naming ``img_size``.
         device, dtype, verbose: as in timm's tasks.
         **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``).
     """
@@ -179,25 +240,35 @@ class DistillTask(TrainingTask):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.teacher = resolve_teacher(
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
-            teacher_pretrained_cfg_overlay, self.device, self.dtype,
+            teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
         )
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or default_img_size(student_model))
+        for role, model in (('student', student_model), ('teacher', self.teacher.model)):
+            check_input_size(model, hw, role=role)
         if criterion is None and resolve_classification_loss is not None:
             criterion = resolve_classification_loss(None, self.device, criterion_kwargs=criterion_kwargs)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
 
         loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
+        loss_options = loss_kwargs if isinstance(loss, str) else vars(loss)
+        if loss_class.compares_logits(**loss_options):
+            _check_class_counts(student_model, self.teacher.model, loss_class)
         policy = loss_class.stage_policy
         s_stages, t_stages = pair_stages(
-            student_model, self.teacher.model, student_stages, teacher_stages, img_size=img_size, policy=policy,
+            student_model, self.teacher.model, student_stages, teacher_stages, img_size=hw, policy=policy,
         )
-        if loss_class.uses_final_pair(**(loss_kwargs if isinstance(loss, str) else vars(loss))):
+        auto = any(isinstance(x, str) and x == 'auto' for x in (student_stages, teacher_stages))
+        # the input size 'auto' chose the stages at: a forward on another size is refused (see _check_input)
+        self.auto_img_size: Optional[Tuple[int, int]] = hw if auto and s_stages else None
+        self.img_size_given = img_size is not None
+        if loss_class.uses_final_pair(**loss_options):
             # the final feature maps (the input of each model's head) ride as an extra last pair
             s_stages = [*s_stages, list_stages(student_model)[-1]]
             t_stages = [*t_stages, list_stages(self.teacher.model)[-1]]
-        student_taps = FeatureTaps(student_model, s_stages, img_size=img_size)
+        student_taps = FeatureTaps(student_model, s_stages, img_size=hw)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
-        object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=img_size))
+        object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=hw))
         if isinstance(loss, str):
             if temperature is not None:
                 loss_kwargs['temperature'] = temperature
@@ -205,7 +276,7 @@ class DistillTask(TrainingTask):
                 loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels, **loss_kwargs,
             )
         elif loss_kwargs or temperature is not None:
-            raise TypeError("Loss options go to create_distill_loss; a built loss takes none here.")
+            raise UsageError("Loss options go to create_distill_loss; a built loss takes none here.")
         loss.bind(unwrap_model(student_model), self.teacher.model)
         self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device))
 
@@ -215,9 +286,13 @@ class DistillTask(TrainingTask):
         std = cfg.get('std', (0.229, 0.224, 0.225))
         self.register_buffer('student_mean', torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
+        self.in_chans = _check_input_channels(base, self.teacher, self.student_mean, self.student_std)
 
         if self.verbose:
-            pairs = ', '.join(f'{s.name}->{t.name}' for s, t in zip(student_taps.stages, self.teacher_taps.stages))
+            pairs = ', '.join(
+                f'{s.name}->{t.name}' + (f' (resized /{s.reduction} -> /{t.reduction})' if s.reduction != t.reduction else '')
+                for s, t in zip(student_taps.stages, self.teacher_taps.stages)
+            )
             _logger.info(
                 f"{type(self).__name__}: loss={type(loss).__name__}, stages [{pairs or 'logits only'}], "
                 f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}"
@@ -306,8 +381,27 @@ class DistillTask(TrainingTask):
             parameters = parameters[:-2]
         return parameters + list(trainable.distill_loss.parameters())
 
+    def _check_input(self, input: torch.Tensor) -> None:
+        """Refuse an input the models were not set up for, before it fails deep inside them (shape checks only)."""
+        if input.shape[1] != self.in_chans:
+            raise UsageError(
+                f"The input has {input.shape[1]} channels but the student and teacher take {self.in_chans} "
+                f"(in_chans={self.in_chans}); feed {self.in_chans}-channel images, or build both models with "
+                f"in_chans={input.shape[1]}."
+            )
+        hw = tuple(input.shape[-2:])
+        if self.auto_img_size is not None and hw != self.auto_img_size:
+            paired = f'{self.auto_img_size[0]}x{self.auto_img_size[1]}'
+            given = f'img_size={paired}' if self.img_size_given else f"input size {paired} (the student's default: no img_size given)"
+            raise UsageError(
+                f"'auto' chose the stage pairs at {given}, but the input is {hw[0]}x{hw[1]}: "
+                f"pass img_size={hw[0] if hw[0] == hw[1] else hw} to create the task, so that auto keeps only maps "
+                f"of at least 4x4 at that size, or name the stages."
+            )
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """input (B, C, H, W), target (B,) or (B, K) -> {'loss', 'output', 'task_loss', 'kd_loss', terms...}."""
+        self._check_input(input)
         with torch.no_grad():
             teacher_input = self.teacher.normalize_input(input, self.student_mean, self.student_std)
             teacher_logits, teacher_feats = self.teacher_taps(teacher_input)

@@ -4,6 +4,7 @@ from typing import Any, Union
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
+from ..errors import UsageError
 from ..losses.sa import SA_OPTIONS, document_sa_options
 from .distill import DistillTask
 
@@ -35,7 +36,7 @@ class SADistillTask(DistillTask):
             **kwargs: Any,
     ):
         if 'loss' in kwargs:
-            raise TypeError("SADistillTask always uses the 'sa' loss; use DistillTask(loss=...) for another one.")
+            raise UsageError("SADistillTask always uses the 'sa' loss; use DistillTask(loss=...) for another one.")
         # None stands for "not given" (as unset --sa-* flags arrive), so the loss keeps its default
         kwargs = {k: v for k, v in kwargs.items() if not (k in _SA_OPTION_NAMES and v is None)}
         super().__init__(student_model, teacher_model, loss='sa', **kwargs)
