@@ -11,7 +11,7 @@ Distributed: ``torchrun --standalone --nproc_per_node=N -m timm_sadistill train 
 
 Test-only hooks (never set them outside tests):
     ``TSD_TEST_DUMP_PARAMS=<dir>``: every rank writes its final student state to ``<dir>/rank<k>.safetensors``.
-    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.atomic_save`.
+    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill._atomic`.
 """
 import argparse
 import logging
