@@ -6,13 +6,15 @@ architecture or class count), and load_state_dict errors alone do not say which 
 import os
 import zipfile
 
+from .errors import UsageError
+
 __all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'state_dict_mismatch']
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file is missing, truncated or not a checkpoint."""
+class CheckpointReadError(UsageError):
+    """A checkpoint file is missing, truncated or not a checkpoint: the user's file, so a `UsageError`."""
 
 
 def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:

@@ -10,7 +10,9 @@ from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from .._features import FeatureTaps, StagesArg, list_stages, pair_stages
+from ..errors import UsageError
 from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
+from ..model_folder import check_model_folder, model_folder_of
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
@@ -78,11 +80,17 @@ def check_teacher_weights(
 ) -> None:
     """Refuse a teacher given by name that cannot get weights: its checkpoint must exist (FileNotFoundError) and be
     readable (`CheckpointReadError`); without one, only leave to download (``pretrained``) will do (ValueError).
+    A ``local-dir:<folder>`` teacher brings its own weights: the folder must pass `check_model_folder`.
 
     ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
     before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
     """
-    if pretrained_path:
+    folder = model_folder_of(teacher)
+    if folder is not None:
+        if pretrained_path:
+            raise UsageError(f"Teacher '{teacher}' loads its weights from its folder; drop {path_option}.")
+        check_model_folder(folder)
+    elif pretrained_path:
         if not os.path.isfile(pretrained_path):
             raise FileNotFoundError(f"Teacher checkpoint '{pretrained_path}' does not exist; pass the path of the "
                                     f"teacher's .safetensors or .pth file.")
@@ -103,14 +111,20 @@ def resolve_teacher(
 ) -> DistillationTeacher:
     """A frozen `DistillationTeacher` from a model name, a module or a teacher.
 
-    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint); only ``pretrained=True``
-    lets timm fetch them from the hub. The number of classes and input channels follow the student.
+    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint), a ``local-dir:<folder>``
+    name from its folder (config.json and weights, as `timm_sadistill.model_folder` writes them); only
+    ``pretrained=True`` lets timm fetch them from the hub. The number of classes and input channels follow the student.
     """
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
         check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
+        folder = model_folder_of(teacher)
+        folder_classes = check_model_folder(folder).get('num_classes') if folder is not None else None
+        if folder_classes is not None and folder_classes != base.num_classes:
+            raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
+                             f"create the student with num_classes={folder_classes} (--num-classes {folder_classes}).")
         try:
             resolved = DistillationTeacher(
                 teacher, num_classes=base.num_classes, in_chans=getattr(base, 'in_chans', 3),
@@ -118,6 +132,11 @@ def resolve_teacher(
                 device=device, dtype=dtype,
             )
         except RuntimeError as e:
+            if folder is not None:
+                raise UsageError(
+                    f"The weights in '{folder}' do not fit the architecture its config.json names; export the "
+                    f"folder again. Details: {state_dict_mismatch(e)}"
+                ) from e
             if not pretrained_path:
                 raise
             raise ValueError(
