@@ -190,3 +190,19 @@ def test_a_bad_teacher_folder_is_a_one_line_usage_error(problem, workdir, teache
     errors = [line for line in result.stderr.splitlines() if 'error:' in line]
     assert len(errors) == 1 and BAD_FOLDERS[problem] in errors[0], result.stderr[-3000:]
     assert not output.exists()  # refused before anything was written
+
+
+def test_a_timm_that_cannot_write_the_folder_still_gets_the_legacy_weights(tmp_path, monkeypatch):
+    import argparse
+    import timm
+    from safetensors.torch import load_file
+    from timm.task import ClassificationTask
+    from timm_sadistill.cli import export
+
+    monkeypatch.setattr(export, 'MODEL_FOLDER_SUPPORTED', False)  # timm < 1.0.29
+    model = timm.create_model(STUDENT, num_classes=NUM_CLASSES)
+    args = argparse.Namespace(model=STUDENT, num_classes=NUM_CLASSES)
+    export.export_student(ClassificationTask(model), args, str(tmp_path), epoch=0, data_config={})
+    assert [p.name for p in tmp_path.iterdir()] == ['model.safetensors']
+    saved = load_file(str(tmp_path / 'model.safetensors'))
+    assert all(torch.equal(saved[name], value) for name, value in model.state_dict().items())

@@ -27,10 +27,13 @@ from ._checkpoint_checks import check_checkpoint_readable
 from .errors import UsageError
 
 __all__ = [
-    'LOCAL_DIR_PREFIX', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'ModelCard', 'save_model_folder',
+    'MODEL_FOLDER_SUPPORTED', 'LOCAL_DIR_PREFIX', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'ModelCard', 'save_model_folder',
     'render_model_card', 'model_folder_of', 'check_model_folder', 'model_folder_weights',
 ]
 
+# timm writes the preprocessing a model was trained with into config.json only since its save_config_for_hf takes
+# data_config (timm 1.0.29); older timm can load such a folder but not write one
+MODEL_FOLDER_SUPPORTED = 'data_config' in inspect.signature(save_config_for_hf).parameters
 LOCAL_DIR_PREFIX = 'local-dir:'
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -147,10 +150,10 @@ def save_model_folder(
         ``folder``.
 
     Raises:
-        UsageError: timm older than the ``save_config_for_hf(data_config=...)`` this format needs, or
+        UsageError: timm older than 1.0.29 (see `MODEL_FOLDER_SUPPORTED`), or
             ``label_names`` whose count is not the model's number of classes.
     """
-    if 'data_config' not in inspect.signature(save_config_for_hf).parameters:
+    if not MODEL_FOLDER_SUPPORTED:
         raise UsageError(f"The model folder needs timm >= 1.0.29 (save_config_for_hf with data_config); this is timm "
                          f"{timm.__version__}: pip install -U timm.")
     model = unwrap_model(model)

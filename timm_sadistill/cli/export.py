@@ -2,21 +2,27 @@
 see `timm_sadistill.model_folder`) and, for one more release, the bare ``<output>/<experiment>/model.safetensors``."""
 import argparse
 import hashlib
+import logging
 import os
 import shlex
 import shutil
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence
 
+import timm
 from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write, save_safetensors_atomic
 from ..losses import loss_options
-from ..model_folder import WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights, save_model_folder
+from ..model_folder import (
+    MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights, save_model_folder,
+)
 from .distill_options import distill_task_kwargs
 
 __all__ = ['MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'label_names_of', 'run_command']
+
+_logger = logging.getLogger(__name__)
 
 MODEL_FOLDER = 'model'
 LEGACY_WEIGHTS_FILE = 'model.safetensors'  # the bare export before the model folder; kept for one release
@@ -129,7 +135,13 @@ def export_student(
     ``<output_dir>/model.safetensors``; ``eval_metrics`` (top1, top5) and ``command`` go into the model card."""
     model = unwrap_model(task.get_eval_model(ema=task.has_ema()))
     metadata = {'arch': args.model, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
+    legacy_path = os.path.join(output_dir, LEGACY_WEIGHTS_FILE)
+    if not MODEL_FOLDER_SUPPORTED:
+        _logger.warning(f"timm {timm.__version__} cannot write the model folder (timm >= 1.0.29 can); "
+                        f"only {LEGACY_WEIGHTS_FILE} is written.")
+        save_safetensors_atomic({k: v.cpu() for k, v in model.state_dict().items()}, legacy_path, metadata)
+        return
     card = _model_card(task, args, epoch, data_config, label_names, eval_metrics, command)
     folder = save_model_folder(model, os.path.join(output_dir, MODEL_FOLDER), data_config, label_names, card, metadata)
-    with atomic_write(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)) as tmp_path:
+    with atomic_write(legacy_path) as tmp_path:
         shutil.copyfile(os.path.join(folder, WEIGHTS_FILE), tmp_path)
