@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import COMMON_FLAGS, FIXTURES, NUM_CLASSES, STUDENT, TEACHER, check_ok, cli_env, read_summary, \
-    run_cli, write_image_folder
+from test_cli import COMMON_FLAGS, FIXTURES, NUM_CLASSES, STUDENT, TEACHER, check_ok, cli_env, read_summary, run_cli
+from test_cli import workdir  # noqa: F401  (the generated ImageFolder, one per module)
 
 # trained preprocessing that differs from every default, so the folder must carry it
 PREPROCESSING = ['--mean', '0.4', '0.5', '0.6', '--std', '0.2', '0.25', '0.3', '--crop-pct', '0.8',
                  '--interpolation', 'bicubic']
 _CLASSES_AT = COMMON_FLAGS.index('--num-classes')
 FLAGS_WITHOUT_CLASSES = COMMON_FLAGS[:_CLASSES_AT] + COMMON_FLAGS[_CLASSES_AT + 2:]
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('export')
-    write_image_folder(root / 'data')
-    return root
 
 
 @pytest.fixture(scope='module')
