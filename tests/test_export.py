@@ -199,3 +199,10 @@ def test_a_timm_that_cannot_write_the_folder_still_gets_the_legacy_weights(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ['model.safetensors']
     saved = load_file(str(tmp_path / 'model.safetensors'))
     assert all(torch.equal(saved[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_teacher_folder_without_its_prefix_is_told_to_add_it(workdir, teacher, tmp_path):
+    result = run_cli(['train', '--data-dir', 'data', '--model', STUDENT, '--distill', 'sa', '--teacher', 'out/teacher/model',
+                      '--epochs', '1', '--output', str(tmp_path / 'out')] + COMMON_FLAGS, workdir)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert '--teacher local-dir:out/teacher/model' in result.stderr

@@ -111,6 +111,8 @@ def _check_distill_args(args: argparse.Namespace) -> None:
         return
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
+    if os.path.isdir(args.teacher):
+        raise UsageError(f"--teacher '{args.teacher}' is a folder; name it as timm does: --teacher local-dir:{args.teacher}.")
     if model_folder_of(args.teacher) is None and not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
     check_teacher_flags(args.teacher, args)
