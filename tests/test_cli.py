@@ -133,15 +133,23 @@ def test_sa_student_logs_teacher_accuracy_and_every_loss_term(student_run):
 
 def test_exported_student_loads_with_timm_and_as_a_teacher_checkpoint(student_run):
     import timm
-    from safetensors.torch import load_file
+    import timm_sadistill as tsd
 
     folder, _ = student_run
     path = str(folder / 'model.safetensors')
     model = timm.create_model(STUDENT, pretrained=True, num_classes=NUM_CLASSES,
                               pretrained_cfg_overlay=dict(file=path, num_classes=NUM_CLASSES))
-    exported = load_file(path)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, exported[name], rtol=0, atol=0)
+    # the export is the student the run ranked best: its EMA weights in model_best.pth.tar
+    trained = torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)['state_dict_ema']
+    assert model.state_dict().keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    reference = timm.create_model(STUDENT, num_classes=NUM_CLASSES)
+    reference.load_state_dict(trained)
+    task = tsd.create_distill_task('kd', timm.create_model(TEACHER, num_classes=NUM_CLASSES), STUDENT,
+                                   teacher_pretrained_path=path)
+    images = torch.randn(4, 3, 64, 64)
+    torch.testing.assert_close(task.teacher.model(images), reference.eval()(images), rtol=0, atol=0)
 
 
 def test_resume_restores_state_and_continues_the_epoch_count(workdir, teacher_run, student_run):
@@ -201,7 +209,10 @@ def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run
         assert torch.equal(rank0[name], rank1[name]), name
     assert [p.name for p in output.iterdir()] == ['ddp']
     assert sorted(p.name for p in (output / 'ddp').iterdir()) == [
-        'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model.safetensors', 'model_best.pth.tar', 'summary.csv']
+        'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model', 'model.safetensors', 'model_best.pth.tar',
+        'summary.csv']
+    assert sorted(p.name for p in (output / 'ddp' / 'model').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert 'torchrun --nproc_per_node=2' in (output / 'ddp' / 'model' / 'README.md').read_text()
 
 
 def test_non_finite_loss_stops_with_the_terms_or_is_skipped_on_request(workdir, teacher_run):

@@ -18,7 +18,7 @@ _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
 
 class CheckpointReadError(UsageError):
-    """A checkpoint file is missing, truncated or not a checkpoint."""
+    """A checkpoint file is missing, truncated or not a checkpoint: the user's file, so a `UsageError`."""
 
 
 def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:

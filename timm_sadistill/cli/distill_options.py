@@ -34,7 +34,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags
                        help='Distillation method; "none" trains a plain model (default: none)')
     if include_timm_kd_flags:
         group.add_argument('--teacher', '--kd-model-name', dest='teacher', default=None, metavar='MODEL',
-                           help='Teacher model name (timm); its weights come from --teacher-checkpoint')
+                           help='Teacher model name (timm), weights from --teacher-checkpoint; or local-dir:FOLDER '
+                                '(a run\'s model/ folder: weights and classes included)')
         group.add_argument('--distill-loss-weight', default=None, type=float,
                            help='Weight of the distillation loss (timm rules: alone, task weight stays 1)')
         group.add_argument('--task-loss-weight', default=None, type=float,

@@ -20,7 +20,7 @@ from .errors import UsageError
 __all__ = ['check_output_path', 'create_run_folder', 'check_resume_matches', 'trim_summary', 'disk_full_is_usage_error']
 
 # files that mean "this folder holds a run's results"; args.yaml alone (a run stopped before its first epoch) does not
-_SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model.safetensors', 'summary.csv', 'checkpoint-*.pth.tar')
+_SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model', 'model.safetensors', 'summary.csv', 'checkpoint-*.pth.tar')
 
 # flags that decide what a checkpoint holds: resuming under others cannot load it
 _RESUME_FLAGS = ('model', 'distill', 'teacher', 'distill_stages', 'teacher_stages', 'sa_connector')

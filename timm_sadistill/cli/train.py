@@ -2,16 +2,17 @@
 
 ``--distill none`` trains a plain model with timm's ClassificationTask (that is how teachers are trained);
 ``--distill sa|kd|at|fitnet|cwd|dkd`` builds ``create_distill_task(...)`` with a frozen teacher loaded from
-``--teacher-checkpoint`` (or the hub with ``--teacher-pretrained``). The output folder is timm's:
-``<output>/<experiment>/`` with args.yaml, summary.csv, last.pth.tar, model_best.pth.tar (readable by
-``timm.task.resume_task_checkpoint``) and model.safetensors (the student at its best epoch, loadable with
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N), num_classes=N)``).
+``--teacher-checkpoint``, from a model folder (``--teacher local-dir:<folder>``) or from the hub with
+``--teacher-pretrained``. The output folder is timm's: ``<output>/<experiment>/`` with args.yaml, summary.csv,
+last.pth.tar, model_best.pth.tar (readable by ``timm.task.resume_task_checkpoint``) and model/, the student at its
+best epoch as a timm model folder (``timm.create_model('local-dir:<output>/<experiment>/model', pretrained=True)``;
+see `timm_sadistill.cli.export`).
 
 Distributed: ``torchrun --standalone --nproc_per_node=N -m timm_sadistill train ...``; only rank 0 writes files.
 
 Test-only hooks (never set them outside tests):
     ``TSD_TEST_DUMP_PARAMS=<dir>``: every rank writes its final student state to ``<dir>/rank<k>.safetensors``.
-    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill.cli.atomic_save`.
+    ``TSD_TEST_PAUSE_IN_SAVE=<seconds>``: see `timm_sadistill._atomic`.
 """
 import argparse
 import logging
@@ -40,12 +41,14 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
 from .._features import input_size_kwargs
 from ..losses import loss_options
+from ..model_folder import check_model_folder, model_folder_of
 from ..tasks import create_distill_task, guard_finite_loss
 from ._common import check_device, check_img_size
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
 from .data import create_datasets, create_loaders
 from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
+from .export import LEGACY_WEIGHTS_FILE, export_student, label_names_of, train_command_line
 from .progress import ProgressBar
 from .run_folder import (
     check_output_path, check_resume_matches, create_run_folder, disk_full_is_usage_error, trim_summary,
@@ -145,7 +148,9 @@ def _check_distill_args(args: argparse.Namespace) -> None:
         return
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
-    if not is_model(args.teacher):
+    if os.path.isdir(args.teacher):
+        raise UsageError(f"--teacher '{args.teacher}' is a folder; name it as timm does: --teacher local-dir:{args.teacher}.")
+    if model_folder_of(args.teacher) is None and not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
     check_teacher_flags(args.teacher, args)
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
@@ -371,9 +376,15 @@ def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
         save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(folder, f'rank{args.rank}.safetensors'))
 
 
-def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
-    """Run the whole training; returns ``{'output_dir', 'best_metric', 'best_epoch'}`` (output_dir None off rank 0)."""
+def train(args: argparse.Namespace, args_text: str, command: Optional[str] = None) -> Dict[str, Any]:
+    """Run the whole training; returns ``{'output_dir', 'best_metric', 'best_epoch'}`` (output_dir None off rank 0).
+
+    ``command`` (the command line of the run) goes into the exported model card.
+    """
     _check_distill_args(args)
+    teacher_folder = model_folder_of(args.teacher) if args.distill != 'none' else None
+    if args.num_classes is None and teacher_folder is not None:  # a teacher folder knows the classes
+        args.num_classes = check_model_folder(teacher_folder).get('num_classes')
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.resume:
@@ -383,13 +394,13 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
     check_device('--device', args.device)
     device = utils.init_distributed_device(args)
     try:
-        return _train_on_device(args, args_text, device)
+        return _train_on_device(args, args_text, device, command)
     finally:
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.device) -> Dict[str, Any]:
+def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.device, command: Optional[str]) -> Dict[str, Any]:
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
@@ -524,8 +535,9 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
                 utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
                                      write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
                 best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-                if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, 'model.safetensors')):
-                    _export_student(task, args, output_dir, epoch)
+                if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)):
+                    export_student(task, args, output_dir, epoch, data_config,
+                                   label_names_of(dataset_train, args.num_classes), eval_metrics, command)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
@@ -546,17 +558,10 @@ def _check_num_classes(args: argparse.Namespace, dataset) -> None:
                          f"'{os.path.join(args.data_dir, args.train_split)}'; pass --num-classes {len(classes)}.")
 
 
-def _export_student(task: TrainingTask, args: argparse.Namespace, output_dir: str, epoch: int) -> None:
-    """model.safetensors: the bare student (EMA weights when EMA is ranked), keys as timm.create_model expects."""
-    model = task.get_eval_model(ema=task.has_ema())
-    state = get_state_dict(model, unwrap_model)
-    metadata = {'arch': args.model, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
-    save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(output_dir, 'model.safetensors'), metadata)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``timm-sadistill train ...``; returns the exit status."""
     utils.setup_default_logging()
-    args, args_text = parse_args(list(sys.argv[1:] if argv is None else argv))
-    train(args, args_text)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, args_text = parse_args(argv)
+    train(args, args_text, command=train_command_line(argv, int(os.environ.get('WORLD_SIZE', 1))))
     return 0

@@ -14,6 +14,7 @@ from .._features import (
 )
 from ..errors import UsageError
 from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
+from ..model_folder import check_model_folder, model_folder_of
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
@@ -81,11 +82,17 @@ def check_teacher_weights(
 ) -> None:
     """Refuse a teacher given by name that cannot get weights: its checkpoint must be a readable file
     (`CheckpointReadError`, a UsageError); without one, only leave to download (``pretrained``) will do (UsageError).
+    A ``local-dir:<folder>`` teacher brings its own weights: the folder must pass `check_model_folder`.
 
     ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
     before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
     """
-    if pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
+    folder = model_folder_of(teacher)
+    if folder is not None:
+        if pretrained_path:
+            raise UsageError(f"Teacher '{teacher}' loads its weights from its folder; drop {path_option}.")
+        check_model_folder(folder)
+    elif pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
         check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
     elif not pretrained:
         raise UsageError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
@@ -104,15 +111,21 @@ def resolve_teacher(
 ) -> DistillationTeacher:
     """A frozen `DistillationTeacher` from a model name, a module or a teacher.
 
-    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint); only ``pretrained=True``
-    lets timm fetch them from the hub. The number of classes and input channels follow the student, and a
-    fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
+    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint), a ``local-dir:<folder>``
+    name from its folder (config.json and weights, as `timm_sadistill.model_folder` writes them); only
+    ``pretrained=True`` lets timm fetch them from the hub. The number of classes and input channels follow the student,
+    and a fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
     """
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
         check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
+        folder = model_folder_of(teacher)
+        folder_classes = check_model_folder(folder).get('num_classes') if folder is not None else None
+        if folder_classes is not None and folder_classes != base.num_classes:
+            raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
+                             f"create the student with num_classes={folder_classes} (--num-classes {folder_classes}).")
         # DistillationTeacher(name) as timm builds it, plus the input size that a fixed-size model needs
         overlay = {**(dict(file=pretrained_path, num_classes=base.num_classes) if pretrained_path else {}),
                    **(pretrained_cfg_overlay or {})}
@@ -123,6 +136,11 @@ def resolve_teacher(
                 **input_size_kwargs(teacher, img_size or default_img_size(base)),
             )
         except RuntimeError as e:
+            if folder is not None:
+                raise UsageError(
+                    f"The weights in '{folder}' do not fit the architecture its config.json names; export the "
+                    f"folder again. Details: {state_dict_mismatch(e)}"
+                ) from e
             if not pretrained_path:
                 raise
             raise UsageError(

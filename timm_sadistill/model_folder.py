@@ -1,0 +1,219 @@
+"""The model folder: a trained model in timm's Hub layout, loadable by name with ``local-dir:<folder>``.
+
+    <folder>/config.json         architecture, num_classes, label_names, model_args and the pretrained_cfg
+                                 (mean, std, input size, crop, interpolation) the model was trained with,
+                                 written by timm's own `save_config_for_hf`
+    <folder>/model.safetensors   the weights, keys as ``timm.create_model`` expects
+    <folder>/README.md           the model card: the Hub's YAML header, how the model was made, its accuracy
+
+``timm.create_model('local-dir:<folder>', pretrained=True)``, timm's ``validate.py --model local-dir:<folder>
+--pretrained`` and ``create_distill_task(..., teacher='local-dir:<folder>')`` read it. Every file is written
+atomically, so a crash mid-export leaves the previous file in place.
+"""
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+import timm
+import torch.nn as nn
+import yaml
+from timm.models._hub import _PREFERRED_FILES, save_config_for_hf
+from timm.utils.model import get_state_dict, unwrap_model
+
+from ._atomic import atomic_write, save_safetensors_atomic
+from ._checkpoint_checks import check_checkpoint_readable
+from .errors import UsageError
+
+__all__ = [
+    'MODEL_FOLDER_SUPPORTED', 'LOCAL_DIR_PREFIX', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'ModelCard', 'save_model_folder',
+    'render_model_card', 'model_folder_of', 'check_model_folder', 'model_folder_weights',
+]
+
+# timm writes the preprocessing a model was trained with into config.json only since its save_config_for_hf takes
+# data_config (timm 1.0.29); older timm can load such a folder but not write one
+MODEL_FOLDER_SUPPORTED = 'data_config' in inspect.signature(save_config_for_hf).parameters
+LOCAL_DIR_PREFIX = 'local-dir:'
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+CARD_FILE = 'README.md'
+
+
+@dataclass
+class ModelCard:
+    """What the model card (README.md) says about a model.
+
+    Args:
+        name: the model's name (e.g. the experiment), the card's title.
+        description: one paragraph on what the model is.
+        details: "How it was made" entries; a dict or list value becomes a nested list.
+        metrics: accuracy in percent by metric name, e.g. ``{'top-1': 93.3, 'top-5': 100.0}``.
+        dataset: the evaluation data, as the card names it (e.g. the data folder).
+        split: the evaluated split.
+        hub_datasets: Hugging Face Hub dataset ids of the data, for the YAML header, when known.
+        tags: extra Hub tags (``timm`` and ``image-classification`` are always there).
+        command: the command that reproduces the model.
+    """
+    name: str
+    description: str
+    details: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+    dataset: Optional[str] = None
+    split: Optional[str] = None
+    hub_datasets: Sequence[str] = ()
+    tags: Sequence[str] = ()
+    command: Optional[str] = None
+
+
+def _markdown_list(details: Dict[str, Any]) -> str:
+    """``- **key:** value`` lines, with dict and list values as indented sub-lists (as timm's model cards)."""
+    lines = []
+    for key, value in details.items():
+        if isinstance(value, dict):
+            lines.append(f'- **{key}:**')
+            lines.extend(f'  - {k}: `{v}`' for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            lines.append(f'- **{key}:**')
+            lines.extend(f'  - {v}' for v in value)
+        else:
+            lines.append(f'- **{key}:** {value}')
+    return '\n'.join(lines)
+
+
+def render_model_card(card: ModelCard, folder: str) -> str:
+    """The README.md text: the Hub's YAML header (library, tags, datasets, metrics), usage, recipe and results."""
+    header: Dict[str, Any] = {
+        'library_name': 'timm',
+        'pipeline_tag': 'image-classification',
+        'tags': ['image-classification', 'timm', *card.tags],
+    }
+    if card.hub_datasets:
+        header['datasets'] = list(card.hub_datasets)
+    if card.metrics:
+        header['metrics'] = ['accuracy']
+        header['model-index'] = [{
+            'name': card.name,
+            'results': [{
+                'task': {'type': 'image-classification', 'name': 'Image Classification'},
+                'dataset': {'name': card.dataset or 'unknown', 'type': (list(card.hub_datasets) or ['imagefolder'])[0],
+                            **({'split': card.split} if card.split else {})},
+                'metrics': [{'type': 'accuracy', 'name': f'{name} accuracy', 'value': round(value, 3)}
+                            for name, value in card.metrics.items()],
+            }],
+        }]
+    model_name = LOCAL_DIR_PREFIX + folder
+    sections = [
+        '---\n' + yaml.safe_dump(header, sort_keys=False) + '---',
+        f'# {card.name}',
+        card.description,
+        '## Usage',
+        "```python\nimport timm\n\n"
+        f"model = timm.create_model('{model_name}', pretrained=True).eval()\n"
+        "data_config = timm.data.resolve_data_config({}, model=model)  # the trained input size and normalisation\n"
+        "transform = timm.data.create_transform(**data_config)\n```",
+        f"timm's validate.py: `python validate.py --model {model_name} --pretrained --data-dir DATA`. "
+        f"As a teacher: `timm-sadistill train ... --distill sa --teacher {model_name}`.",
+    ]
+    if card.details:
+        sections += ['## How it was made', _markdown_list(card.details)]
+    if card.metrics:
+        where = ' '.join(filter(None, [f'`{card.dataset}`' if card.dataset else '', card.split and f'split `{card.split}`']))
+        sections += [f'## Results{" on " + where if where else ""}',
+                     '| ' + ' | '.join(card.metrics) + ' |\n' + '|---' * len(card.metrics) + '|\n'
+                     + '| ' + ' | '.join(f'{v:.2f}' for v in card.metrics.values()) + ' |']
+    if card.command:
+        sections += ['## Reproduce', f'```bash\n{card.command}\n```']
+    return '\n\n'.join(sections) + '\n'
+
+
+def save_model_folder(
+        model: nn.Module,
+        folder: str,
+        data_config: Optional[Dict[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None,
+        card: Optional[ModelCard] = None,
+        metadata: Optional[Dict[str, str]] = None,
+) -> str:
+    """Write ``model`` as a timm model folder (config.json, model.safetensors and, with ``card``, README.md).
+
+    Args:
+        model: a timm model (DDP, compile and EMA wrappers are looked through).
+        folder: the folder to write; created if missing, its files replaced atomically one by one.
+        data_config: the preprocessing the model was trained with (``timm.data.resolve_data_config`` output);
+            None keeps the model's own pretrained_cfg.
+        label_names: class names in classifier order (e.g. the class folders), stored as config.json label_names.
+        card: the model card; None writes no README.md.
+        metadata: string metadata stored in the safetensors header.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        UsageError: timm older than 1.0.29 (see `MODEL_FOLDER_SUPPORTED`), or
+            ``label_names`` whose count is not the model's number of classes.
+    """
+    if not MODEL_FOLDER_SUPPORTED:
+        raise UsageError(f"The model folder needs timm >= 1.0.29 (save_config_for_hf with data_config); this is timm "
+                         f"{timm.__version__}: pip install -U timm.")
+    model = unwrap_model(model)
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise UsageError(f"{len(label_names)} label names for a model with {model.num_classes} classes; "
+                         "pass one name per class, in classifier order.")
+    os.makedirs(folder, exist_ok=True)
+    state = get_state_dict(model)
+    save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(folder, WEIGHTS_FILE), metadata)
+    # the tag names the architecture's published weights, which these are not
+    model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}
+    if label_names is not None:
+        model_config['label_names'] = list(label_names)
+    with atomic_write(os.path.join(folder, CONFIG_FILE)) as tmp_path:
+        save_config_for_hf(model, tmp_path, model_config=model_config, data_config=data_config)
+    if card is not None:
+        with atomic_write(os.path.join(folder, CARD_FILE)) as tmp_path:
+            with open(tmp_path, 'w', encoding='utf-8') as f:
+                f.write(render_model_card(card, folder))
+    return folder
+
+
+def model_folder_of(name: str) -> Optional[str]:
+    """The folder of a ``local-dir:<folder>`` model name (timm's source prefix, any case); None for other names."""
+    source, sep, path = name.partition(':')
+    return path if sep and source.lower() == LOCAL_DIR_PREFIX[:-1] else None
+
+
+def model_folder_weights(folder: str) -> Optional[str]:
+    """The weights file timm loads from ``folder`` (its preferred names, model.safetensors first); None if none."""
+    return next((os.path.join(folder, name) for name in _PREFERRED_FILES if os.path.isfile(os.path.join(folder, name))),
+                None)
+
+
+def check_model_folder(folder: str) -> Dict[str, Any]:
+    """The parsed config.json of a model folder timm can build and load; reads no tensors.
+
+    Raises:
+        UsageError: the folder, its config.json or its weights are missing or unreadable, or config.json names an
+            architecture this timm does not know.
+    """
+    hint = 'pass the model/ folder of a timm-sadistill train run (<output>/<experiment>/model)'
+    if not os.path.isdir(folder):
+        raise UsageError(f"Model folder '{folder}' does not exist; {hint}.")
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise UsageError(f"Model folder '{folder}' has no {CONFIG_FILE}; {hint}, or write one with "
+                         "timm.models.save_for_hf.")
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"'{config_path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"{hint}.") from e
+    architecture = config.get('architecture') if isinstance(config, dict) else None
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise UsageError(f"'{config_path}' names architecture {architecture!r}, which timm {timm.__version__} does not "
+                         "know; upgrade timm or correct it (timm.list_models('*pattern*') lists the names).")
+    weights = model_folder_weights(folder)
+    if weights is None:
+        raise UsageError(f"Model folder '{folder}' has no weights ({WEIGHTS_FILE}); {hint}.")
+    check_checkpoint_readable(weights, 'Model weights')
+    return config
