@@ -41,7 +41,7 @@ from .._checkpoint_checks import check_checkpoint_readable
 from ..losses import loss_options
 from ..tasks import create_distill_task, guard_finite_loss
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
-from .data import create_datasets, create_loaders
+from .data import add_data_arguments, create_datasets, create_loaders
 from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs
 from .errors import UsageError
 from .progress import ProgressBar
@@ -68,6 +68,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     add_timm_arguments(parser)
     add_distill_arguments(parser)
+    add_data_arguments(parser)
     group = parser.add_argument_group('Training loop (timm-sadistill)')
     group.add_argument('--skip-nonfinite', action='store_true', default=False,
                        help='Skip a step whose loss is NaN/inf with a warning (default: stop with an error)')
