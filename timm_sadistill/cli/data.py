@@ -142,6 +142,10 @@ def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tu
         _check_split_folder(reader, args.class_map)
     if len(folders) == 2:
         _check_same_classes(*folders)
+    if type(dataset_train) is ImageDataset and len(dataset_train) < args.batch_size * args.world_size:
+        raise UsageError(  # timm's train loader drops the last incomplete batch
+            f"The train split of '{args.data_dir}' has {len(dataset_train)} images, fewer than one batch of "
+            f"{args.batch_size} x {args.world_size} process(es), so training would take no step; lower -b or add images.")
     for dataset in datasets:
         if type(dataset) is ImageDataset:  # timm's map-style dataset (folder, tar): it would skip unreadable files
             if isinstance(dataset.reader, ReaderImageFolder) and args.check_images:
