@@ -4,7 +4,7 @@ folder that stop with the path to fix, before anything is written.
 The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
 no walk of the tree: a missing validation folder (timm would evaluate on the training images), class folders that
 differ between the splits or hold subfolders (the class indices would shift), an empty class folder, a stray file
-in a split folder, no images at all. ``--check-images`` decodes a few images per class before anything is written
+in a split folder, no images at all, fewer train images than one batch. ``--check-images`` decodes a few images per class before anything is written
 (``all``: every image); every image is decoded when it is read, and an undecodable one stops the run with its path
 (timm's dataset would skip it).
 """
