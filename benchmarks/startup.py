@@ -65,7 +65,8 @@ def timm_first_step(args: argparse.Namespace) -> None:
     data_config = resolve_data_config({'img_size': args.img_size}, model=model)
     loaders = []
     for split, is_training in (('train', True), ('validation', False)):
-        dataset = create_dataset('', root=args.timm_child, split=split, is_training=is_training, batch_size=args.batch_size)
+        dataset = create_dataset('', root=args.timm_child, split=split, is_training=is_training,
+                                 batch_size=args.batch_size)
         loaders.append(create_loader(dataset, input_size=data_config['input_size'], batch_size=args.batch_size,
                                      is_training=is_training, mean=data_config['mean'], std=data_config['std'],
                                      num_workers=args.workers, device=torch.device('cpu')))
@@ -78,9 +79,12 @@ def timm_first_step(args: argparse.Namespace) -> None:
 
 
 def commands(args: argparse.Namespace, data: str, output: str) -> Dict[str, List[str]]:
-    common = ['--model', args.model, '--img-size', str(args.img_size), '-b', str(args.batch_size), '-j', str(args.workers)]
+    """The two commands timed on folder ``data``, by tool."""
+    common = ['--model', args.model, '--img-size', str(args.img_size), '-b', str(args.batch_size),
+              '-j', str(args.workers)]
     return {
-        'timm': [sys.executable, os.path.abspath(__file__), '--timm-child', data, '--classes', str(args.classes)] + common,
+        'timm': [sys.executable, os.path.abspath(__file__), '--timm-child', data,
+                 '--classes', str(args.classes)] + common,
         'timm-sadistill': [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', data, '--num-classes',
                            str(args.classes), '--distill', 'none', '--opt', 'sgd', '--lr', '0.01', '--epochs', '1',
                            '--log-interval', '1', '--output', output] + common,
@@ -132,7 +136,8 @@ def main() -> None:
         times: Dict[tuple, List[float]] = {}
         for round_ in range(args.repeats):
             for n in sizes:
-                for tool, command in commands(args, os.path.join(workdir, str(n)), os.path.join(workdir, 'out')).items():
+                folders = os.path.join(workdir, str(n)), os.path.join(workdir, 'out')
+                for tool, command in commands(args, *folders).items():
                     times.setdefault((tool, n), []).append(time_to_first_step(command))
                     print(f'round {round_}: {tool:>14} {n:>8} images: {times[tool, n][-1]:.2f} s', flush=True)
         load_after = os.getloadavg()
@@ -141,7 +146,9 @@ def main() -> None:
     write_report(args, sizes, {k: statistics.median(v) for k, v in times.items()}, times, load_before, load_after)
 
 
-def write_report(args, sizes, median, times, load_before, load_after) -> None:
+def write_report(args: argparse.Namespace, sizes: List[int], median: Dict[tuple, float], times: Dict[tuple, List[float]],
+                 load_before: tuple, load_after: tuple) -> None:
+    """The markdown report (``--output``): both folder sizes, the 1M fit and the target, with the machine's load."""
     import timm
     import torch
     fits = {}
@@ -175,7 +182,8 @@ def write_report(args, sizes, median, times, load_before, load_after) -> None:
     lines += [
         '', 'Fit from the two sizes (a: fixed cost, b: cost per train image): ' + '; '.join(
             f'{tool} a = {a:.2f} s, b = {b * 1e6:.1f} µs' for tool, (a, b) in fits.items()) + '.', '',
-        f'Target (ratio ≤ {TARGET} at {sizes[1]:,} images): {ratio:.3f} -> **{"met" if ratio <= TARGET else "not met"}**',
+        f'Target (ratio ≤ {TARGET} at {sizes[1]:,} images): {ratio:.3f} -> '
+        f'**{"met" if ratio <= TARGET else "not met"}**',
     ]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, 'w') as f:

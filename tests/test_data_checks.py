@@ -147,7 +147,9 @@ def test_folder_checks_add_no_walk_to_timms_listing(tmp_path, monkeypatch):
     assert sorted(walked) == [str(data / 'train'), str(data / 'validation')]  # timm's reader, once per split
 
 
-@pytest.mark.parametrize('check_images,expected', [('0', []), ('2', ['0.png', '2.png']), ('all', [f'{i}.png' for i in range(5)])])
+@pytest.mark.parametrize('check_images,expected', [
+    ('0', []), ('2', ['0.png', '2.png']), ('all', [f'{i}.png' for i in range(5)]),
+])
 def test_decoded_up_front_a_spread_sample_per_class_or_every_image(check_images, expected, tmp_path, monkeypatch):
     data = write_tiny_folder(tmp_path / 'data', per_class=5, val_per_class=1)
     decoded = []

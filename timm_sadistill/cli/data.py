@@ -4,9 +4,9 @@ folder that stop with the path to fix, before anything is written.
 The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
 no walk of the tree: a missing validation folder (timm would evaluate on the training images), class folders that
 differ between the splits or hold subfolders (the class indices would shift), an empty class folder, a stray file
-in a split folder, no images at all, fewer train images than one batch. ``--check-images`` decodes a few images per class before anything is written
-(``all``: every image); every image is decoded when it is read, and an undecodable one stops the run with its path
-(timm's dataset would skip it).
+in a split folder, no images at all, fewer train images than one batch. ``--check-images`` decodes a few images per
+class before anything is written (``all``: every image); every image is decoded when it is read, and an undecodable
+one stops the run with its path (timm's dataset would skip it).
 """
 import argparse
 import os
@@ -57,8 +57,9 @@ def _create_dataset(args: argparse.Namespace, split: str, **kwargs) -> Dataset:
         image_exts = get_img_extensions(as_set=True)
         if any(os.path.splitext(name)[1].lower() in image_exts for _, _, names in os.walk(root) for name in names):
             raise  # not an empty folder: the failure is not the one explained here
-        raise UsageError(f"No images found under '{root}'; expected {os.path.join(args.data_dir, split)}/<class>/<image> "
-                         f"files ({', '.join(sorted(image_exts))}).") from None
+        expected = os.path.join(args.data_dir, split, '<class>', '<image>')
+        raise UsageError(f"No images found under '{root}'; expected {expected} files "
+                         f"({', '.join(sorted(image_exts))}).") from None
 
 
 def _check_split_folder(reader: ReaderImageFolder, class_map: str) -> None:
@@ -95,9 +96,9 @@ def _check_same_classes(train: ReaderImageFolder, val: ReaderImageFolder) -> Non
         missing = sorted(set(train.class_to_idx) - set(val.class_to_idx))
         extra = sorted(set(val.class_to_idx) - set(train.class_to_idx))
         raise UsageError(
-            f"The class folders of '{val.root}' differ from those of '{train.root}' (missing: {', '.join(missing) or '-'}; "
-            f"extra: {', '.join(extra) or '-'}), so the class indices of the splits would not match; "
-            "give both splits the same class folders.")
+            f"The class folders of '{val.root}' differ from those of '{train.root}' "
+            f"(missing: {', '.join(missing) or '-'}; extra: {', '.join(extra) or '-'}), so the class indices of the "
+            "splits would not match; give both splits the same class folders.")
 
 
 def _decode_sample(dataset: ImageDataset, per_class: Union[int, str], rank: int, world_size: int) -> None:
@@ -145,7 +146,8 @@ def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tu
     if type(dataset_train) is ImageDataset and len(dataset_train) < args.batch_size * args.world_size:
         raise UsageError(  # timm's train loader drops the last incomplete batch
             f"The train split of '{args.data_dir}' has {len(dataset_train)} images, fewer than one batch of "
-            f"{args.batch_size} x {args.world_size} process(es), so training would take no step; lower -b or add images.")
+            f"{args.batch_size} x {args.world_size} process(es), so training would take no step; "
+            "lower -b or add images.")
     for dataset in datasets:
         if type(dataset) is ImageDataset:  # timm's map-style dataset (folder, tar): it would skip unreadable files
             if isinstance(dataset.reader, ReaderImageFolder) and args.check_images:
