@@ -43,6 +43,11 @@ def _no_validation(data: Path) -> str:
     return f"No validation folder '{data / 'validation'}'"
 
 
+def _no_train_folder(data: Path) -> str:
+    shutil.rmtree(data / 'train')
+    return f"No train folder '{data / 'train'}'"
+
+
 def _validation_lacks_a_class(data: Path) -> str:
     shutil.rmtree(data / 'validation' / 'class1')
     return f"The class folders of '{data / 'validation'}' differ from those of '{data / 'train'}' (missing: class1"
@@ -90,8 +95,8 @@ def _empty_class_folder(data: Path) -> str:
 
 
 BAD_FOLDERS = {f.__name__[1:]: f for f in (
-    _no_validation, _validation_lacks_a_class, _class_folder_with_a_subfolder, _empty_data_folder, _empty_splits,
-    _truncated_png, _stray_file_in_a_split_folder, _empty_class_folder, _fewer_images_than_a_batch,
+    _no_validation, _no_train_folder, _validation_lacks_a_class, _class_folder_with_a_subfolder, _empty_data_folder,
+    _empty_splits, _truncated_png, _stray_file_in_a_split_folder, _empty_class_folder, _fewer_images_than_a_batch,
 )}
 
 

@@ -2,11 +2,12 @@
 folder that stop with the path to fix, before anything is written.
 
 The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
-no walk of the tree: a missing validation folder (timm would evaluate on the training images), class folders that
-differ between the splits or hold subfolders (the class indices would shift), an empty class folder, a stray file
-in a split folder, no images at all, fewer train images than one batch. ``--check-images`` decodes a few images per
-class before anything is written (``all``: every image); every image is decoded when it is read, and an undecodable
-one stops the run with its path (timm's dataset would skip it).
+no walk of the tree: a missing validation folder (timm would evaluate on the training images) or train folder
+(timm would train on the validation images too), class folders that differ between the splits or hold subfolders
+(the class indices would shift), an empty class folder, a stray file in a split folder, no images at all, fewer
+train images than one batch. ``--check-images`` decodes a few images per class before anything is written
+(``all``: every image); every image is decoded when it is read, and an undecodable one stops the run with its path
+(timm's dataset would skip it).
 """
 import argparse
 import os
@@ -139,6 +140,11 @@ def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tu
     dataset_train = _create_dataset(args, args.train_split, is_training=True, seed=args.seed, **common)
     datasets = [d for d in (dataset_train, dataset_eval) if d is not None]
     folders = [d.reader for d in datasets if isinstance(getattr(d, 'reader', None), ReaderImageFolder)]
+    if len(folders) == 2 and os.path.samefile(folders[0].root, args.data_dir):
+        raise UsageError(
+            f"No train folder '{os.path.join(args.data_dir, args.train_split)}' (nor one of timm's other names for "
+            f"it), so timm would train on every image under '{args.data_dir}', the validation images included; add it "
+            "or name yours with --train-split NAME.")
     for reader in folders:
         _check_split_folder(reader, args.class_map)
     if len(folders) == 2:
