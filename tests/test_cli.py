@@ -267,7 +267,7 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(case, workdir, teache
         save_file(timm.create_model(TEACHER, num_classes=NUM_CLASSES + 2).state_dict(), str(wrong_classes))
     broken_data = tmp_path / 'broken'
     if case == 'undecodable image':
-        write_image_folder(broken_data, per_class=1, val_per_class=1)
+        write_image_folder(broken_data, per_class=3, val_per_class=1)  # 9 images: one batch
         (broken_data / 'train' / 'class0' / 'broken.png').write_bytes(b'this is not a png')
     paths = dict(teacher=teacher_run / 'model.safetensors', wrong_classes=wrong_classes, broken_data=broken_data)
     flags = [flag.format(**paths) for flag in flags]
@@ -373,21 +373,6 @@ def test_corrupted_checkpoints_are_clear_errors_and_nothing_is_overwritten(workd
                           '--output', str(tmp_path / 'out'), '--experiment', 'student'] + COMMON_FLAGS, tmp_path)
         assert result.returncode == 2 and expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
     assert not (tmp_path / 'out' / 'student').exists()
-
-
-@pytest.mark.parametrize('problem,expected', [
-    ('stray file', "notes.txt' is not an image"),
-    ('empty class', "has no images; add images or remove the folder"),
-])
-def test_bad_data_folders_are_clear_errors(problem, expected, tmp_path):
-    data = write_image_folder(tmp_path / 'data', per_class=2, val_per_class=1)
-    if problem == 'stray file':
-        (data / 'train' / 'class1' / 'notes.txt').write_text('not an image')
-    else:
-        (data / 'validation' / 'class9').mkdir()
-    result = run_cli(['train', '--data-dir', str(data), '--model', STUDENT, '--epochs', '1',
-                      '--output', str(tmp_path / 'out')] + COMMON_FLAGS, tmp_path)
-    assert result.returncode == 2 and expected in result.stderr and 'Traceback' not in result.stderr, result.stderr
 
 
 def test_same_seed_gives_the_same_losses(workdir, teacher_run, tmp_path):

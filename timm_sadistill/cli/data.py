@@ -1,64 +1,124 @@
-"""Data for ``timm-sadistill train``: timm's datasets and loaders as train.py builds them, behind checks that stop
-on a missing folder, an empty or stray-file class folder, or an undecodable image, with the path to fix.
+"""Data for ``timm-sadistill train``: timm's datasets and loaders as train.py builds them, behind checks of the data
+folder that stop with the path to fix, before anything is written.
+
+The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
+no walk of the tree: a missing validation folder (timm would evaluate on the training images) or train folder
+(timm would train on the validation images too), class folders that differ between the splits or hold subfolders
+(the class indices would shift), an empty class folder, a stray file in a split folder, no images at all, fewer
+train images than one batch. ``--check-images`` decodes a few images per class before anything is written
+(``all``: every image); every image is decoded when it is read, and an undecodable one stops the run with its path
+(timm's dataset would skip it).
 """
 import argparse
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data import FastCollateMixup, ImageDataset, Mixup, create_dataset, create_loader
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset
 
 from .errors import UsageError
+from .image_decode import check_decodes, fail_on_unreadable
 
-__all__ = ['create_datasets', 'create_loaders']
+__all__ = ['add_data_arguments', 'create_datasets', 'create_loaders']
 
-
-def _check_images(dataset, rank: int, world_size: int) -> None:
-    """Open the header of every image file (each rank a shard), so an undecodable file stops the run with its name
-    instead of being skipped with a warning deep inside a worker (timm's dataset skips unreadable samples)."""
-    filenames = getattr(dataset, 'filenames', None)
-    if filenames is None:
-        return
-    for path in filenames(absolute=True)[rank::world_size]:
-        if not os.path.isfile(path):  # not a folder dataset (tar, hub, ...): nothing to check here
-            return
-        try:
-            with Image.open(path) as image:
-                image.size  # the header is parsed on open; this keeps the check explicit
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"Cannot decode image '{path}' ({type(e).__name__}); remove or replace the file.") from e
+CHECK_IMAGES_DEFAULT = 4
 
 
-def _check_class_folders(split_root: str) -> None:
-    """Each class folder holds at least one image and nothing that is not one (hidden files aside).
+def _image_count(value: str) -> Union[int, str]:
+    """``--check-images``: a count of images per class (0 or more) or ``all``."""
+    if value == 'all':
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count of images per class or 'all', got '{value}'")
+    return int(value)
 
-    timm's folder reader derives the classes from the files it finds, so an empty class folder silently shifts the
-    class indices and a stray file is silently ignored; both deserve a stop with the path instead.
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data-check flags of ``train``."""
+    group = parser.add_argument_group('Data checks (timm-sadistill)')
+    group.add_argument('--check-images', type=_image_count, default=CHECK_IMAGES_DEFAULT, metavar='N|all',
+                       help=f'Images per class decoded before anything is written (default: {CHECK_IMAGES_DEFAULT}; '
+                            "'all': every image, split over the ranks). Any other image is decoded when it is read, "
+                            'and one that does not decode stops the run with its path.')
+
+
+def _create_dataset(args: argparse.Namespace, split: str, **kwargs) -> Dataset:
+    """timm's ``create_dataset``, with a folder that holds no image refused as the user's error (timm raises a bare
+    RuntimeError)."""
+    try:
+        return create_dataset(args.dataset, root=args.data_dir, split=split, **kwargs)
+    except RuntimeError:
+        if args.dataset:
+            raise
+        root = os.path.join(args.data_dir, split)
+        root = root if os.path.isdir(root) else args.data_dir  # timm's fallback when the split has no folder
+        image_exts = get_img_extensions(as_set=True)
+        if any(os.path.splitext(name)[1].lower() in image_exts for _, _, names in os.walk(root) for name in names):
+            raise  # not an empty folder: the failure is not the one explained here
+        expected = os.path.join(args.data_dir, split, '<class>', '<image>')
+        raise UsageError(f"No images found under '{root}'; expected {expected} files "
+                         f"({', '.join(sorted(image_exts))}).") from None
+
+
+def _check_split_folder(reader: ReaderImageFolder, class_map: str) -> None:
+    """The split folder holds class folders only, each with images directly inside, from timm's listing.
+
+    timm's reader names a class by the folder an image lies in, so an image in a subfolder of a class folder makes a
+    class of the subfolder, and a class folder without images makes no class: either shifts the class indices. A
+    stray file beside the class folders is a sign of a wrong ``--data-dir`` or ``--train-split``.
     """
-    image_exts = get_img_extensions(as_set=True)
-    for class_name in sorted(os.listdir(split_root)):
-        class_dir = os.path.join(split_root, class_name)
-        if not os.path.isdir(class_dir):
-            continue
-        images = 0
-        for dirpath, _, filenames in os.walk(class_dir):
-            for name in filenames:
-                if name.startswith('.'):
-                    continue
-                if os.path.splitext(name)[1].lower() not in image_exts:
-                    raise UsageError(f"'{os.path.join(dirpath, name)}' is not an image ({', '.join(sorted(image_exts))}); "
-                                     "move it out of the data folder.")
-                images += 1
-        if not images:
-            raise UsageError(f"Class folder '{class_dir}' has no images; add images or remove the folder.")
+    root = reader.root
+    with os.scandir(root) as scan:
+        entries = sorted((e for e in scan if not e.name.startswith('.')), key=lambda e: e.name)
+    for entry in entries:
+        if not entry.is_dir():
+            raise UsageError(f"'{entry.path}' lies directly in the split folder '{root}', where only class folders "
+                             "belong; move it out of the data folder.")
+    prefix = len(os.path.join(root, ''))
+    classes = set()
+    for path, _ in reader.samples:
+        class_name, _, name = path[prefix:].partition(os.sep)
+        if os.sep in name:
+            raise UsageError(f"'{path}' lies in a subfolder of class folder '{os.path.join(root, class_name)}', which "
+                             "timm would make a class of its own; move the images up into the class folder.")
+        classes.add(class_name)
+    for entry in entries:  # with --class-map, folders the map leaves out are the user's choice
+        if entry.name not in classes and (not class_map or entry.name in reader.class_to_idx):
+            raise UsageError(f"Class folder '{entry.path}' has no images ({', '.join(sorted(get_img_extensions()))}); "
+                             "add images or remove the folder.")
+
+
+def _check_same_classes(train: ReaderImageFolder, val: ReaderImageFolder) -> None:
+    """Both splits have the same classes (timm numbers each split's class folders on its own)."""
+    if train.class_to_idx != val.class_to_idx:
+        missing = sorted(set(train.class_to_idx) - set(val.class_to_idx))
+        extra = sorted(set(val.class_to_idx) - set(train.class_to_idx))
+        raise UsageError(
+            f"The class folders of '{val.root}' differ from those of '{train.root}' "
+            f"(missing: {', '.join(missing) or '-'}; extra: {', '.join(extra) or '-'}), so the class indices of the "
+            "splits would not match; give both splits the same class folders.")
+
+
+def _decode_sample(dataset: ImageDataset, per_class: Union[int, str], rank: int, world_size: int) -> None:
+    """Decode ``per_class`` images of each class, evenly spread over its files (or every image for ``all``); each
+    rank decodes its share."""
+    if per_class == 'all':
+        indices: List[int] = list(range(len(dataset)))
+    else:
+        by_class: Dict[int, List[int]] = {}
+        for index, (_, target) in enumerate(dataset.reader.samples):
+            by_class.setdefault(target, []).append(index)
+        indices = [group[j * len(group) // per_class] for group in by_class.values()
+                   for j in range(min(per_class, len(group)))]
+    for index in indices[rank::world_size]:
+        check_decodes(dataset, index)
 
 
 def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Dataset, Optional[Dataset]]:
-    """(train, eval or None) datasets of ``--dataset``/``--data-dir``, checked: every class folder holds images and
-    only images, and every image decodes."""
+    """(train, eval or None) datasets of ``--dataset``/``--data-dir``, checked (see the module docstring)."""
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if not args.dataset:  # ImageFolder/ImageTar: a local path that must exist
@@ -66,19 +126,39 @@ def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tu
             raise UsageError("No data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders).")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
-        for split in filter(None, (args.train_split, args.val_split)):
-            split_root = os.path.join(args.data_dir, split)
-            if os.path.isdir(split_root):
-                _check_class_folders(split_root)
     input_img_mode = 'RGB' if data_config['input_size'][0] == 3 else 'L'
-    common = dict(root=args.data_dir, class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
-    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed, **common)
-    dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, **common) if args.val_split else None
-    for dataset in (dataset_train, dataset_eval):
-        if dataset is not None:
-            if len(dataset) == 0:
-                raise UsageError(f"No images found under '{args.data_dir}'; expected <split>/<class>/<image> files.")
-            _check_images(dataset, args.rank, args.world_size)
+    common = dict(class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
+    dataset_eval = None
+    if args.val_split:  # first: without its folder timm lists the whole data folder, refused before a second listing
+        dataset_eval = _create_dataset(args, args.val_split, is_training=False, **common)
+        reader = getattr(dataset_eval, 'reader', None)
+        if isinstance(reader, ReaderImageFolder) and os.path.samefile(reader.root, args.data_dir):
+            raise UsageError(
+                f"No validation folder '{os.path.join(args.data_dir, args.val_split)}' (nor one of timm's other names "
+                "for it), so timm would evaluate on the training images; add it, name yours with --val-split NAME, "
+                "or pass --val-split '' to train without validation.")
+    dataset_train = _create_dataset(args, args.train_split, is_training=True, seed=args.seed, **common)
+    datasets = [d for d in (dataset_train, dataset_eval) if d is not None]
+    folders = [d.reader for d in datasets if isinstance(getattr(d, 'reader', None), ReaderImageFolder)]
+    if len(folders) == 2 and os.path.samefile(folders[0].root, args.data_dir):
+        raise UsageError(
+            f"No train folder '{os.path.join(args.data_dir, args.train_split)}' (nor one of timm's other names for "
+            f"it), so timm would train on every image under '{args.data_dir}', the validation images included; add it "
+            "or name yours with --train-split NAME.")
+    for reader in folders:
+        _check_split_folder(reader, args.class_map)
+    if len(folders) == 2:
+        _check_same_classes(*folders)
+    if type(dataset_train) is ImageDataset and len(dataset_train) < args.batch_size * args.world_size:
+        raise UsageError(  # timm's train loader drops the last incomplete batch
+            f"The train split of '{args.data_dir}' has {len(dataset_train)} images, fewer than one batch of "
+            f"{args.batch_size} x {args.world_size} process(es), so training would take no step; "
+            "lower -b or add images.")
+    for dataset in datasets:
+        if type(dataset) is ImageDataset:  # timm's map-style dataset (folder, tar): it would skip unreadable files
+            if isinstance(dataset.reader, ReaderImageFolder) and args.check_images:
+                _decode_sample(dataset, args.check_images, args.rank, args.world_size)
+            fail_on_unreadable(dataset)
     return dataset_train, dataset_eval
 
 

@@ -45,7 +45,7 @@ from ..model_folder import check_model_folder, model_folder_of
 from ..tasks import create_distill_task, guard_finite_loss
 from ._common import check_device, check_img_size
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
-from .data import create_datasets, create_loaders
+from .data import add_data_arguments, create_datasets, create_loaders
 from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 from .export import LEGACY_WEIGHTS_FILE, export_student, label_names_of, train_command_line
@@ -76,6 +76,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     add_timm_arguments(parser)
     add_distill_arguments(parser)
+    add_data_arguments(parser)
     group = parser.add_argument_group('Training loop (timm-sadistill)')
     group.add_argument('--skip-nonfinite', action='store_true', default=False,
                        help='Skip a step whose loss is NaN/inf with a warning (default: stop with an error)')
