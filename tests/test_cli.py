@@ -4,6 +4,7 @@ The teacher run and the SA student run are module fixtures shared by the tests t
 """
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,17 +145,31 @@ def test_exported_student_loads_with_timm_and_as_a_teacher_checkpoint(student_ru
         torch.testing.assert_close(value, exported[name], rtol=0, atol=0)
 
 
+def _batches_tracked(state: Dict[str, torch.Tensor]) -> List[int]:
+    """The ``num_batches_tracked`` of every BatchNorm in ``state``: how many training steps each has seen."""
+    return [int(v) for k, v in state.items() if k.endswith('num_batches_tracked')]
+
+
 def test_resume_restores_state_and_continues_the_epoch_count(workdir, teacher_run, student_run):
     folder, _ = student_run
+    saved = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert saved['epoch'] == 1
+    steps_per_epoch = _batches_tracked(saved['state_dict'])[0] // 2
     result = run_cli(['train', '--data-dir', 'data', '--model', STUDENT, '--distill', 'sa', '--teacher', TEACHER,
                       '--teacher-checkpoint', str(teacher_run / 'model.safetensors'), '--epochs', '3',
                       '--model-ema', '--model-ema-decay', '0.9', '--output', 'out', '--experiment', 'student',
                       '--resume', str(folder / 'last.pth.tar')] + COMMON_FLAGS, workdir)
     check_ok(result)
     assert 'Restoring optimizer state' in result.stderr and 'Loaded state_dict_ema' in result.stderr
-    assert [r['epoch'] for r in read_summary(folder)] == ['0', '1', '2']
+    rows = read_summary(folder)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
     checkpoint = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)
     assert checkpoint['epoch'] == 2
+    # student and connectors went on from their saved state: their BatchNorms have counted all three epochs' steps
+    connectors = _batches_tracked(checkpoint['task_state']['distill_loss'])
+    assert connectors and set(connectors) == set(_batches_tracked(checkpoint['state_dict'])) == {3 * steps_per_epoch}
+    # the schedule was replayed to epoch 2: cosine from --lr 0.05 over 3 epochs (min lr 0, no warmup)
+    assert float(rows[2]['lr']) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
 
 
 def test_a_run_killed_while_saving_leaves_the_previous_checkpoint_readable(workdir, teacher_run, tmp_path):
