@@ -201,9 +201,11 @@ def test_a_run_killed_while_saving_leaves_the_previous_checkpoint_readable(workd
 def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run, tmp_path):
     from safetensors.torch import load_file
 
-    output, dump = tmp_path / 'out', tmp_path / 'dump'
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_sadistill',
+    output, dump, writes = tmp_path / 'out', tmp_path / 'dump', tmp_path / 'writes'
+    writes.mkdir()
+    result = subprocess.run(  # each rank records the files it writes (tests/fixtures/record_writes.py)
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(FIXTURES / 'record_writes.py'), str(writes),
          'train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--distill', 'sa', '--teacher', TEACHER,
          '--teacher-checkpoint', str(teacher_run / 'model.safetensors'), '--epochs', '1', '-b', '4',
          '--output', str(output), '--experiment', 'ddp'] + COMMON_FLAGS,
@@ -215,8 +217,14 @@ def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert [p.name for p in output.iterdir()] == ['ddp']
-    assert sorted(p.name for p in (output / 'ddp').iterdir()) == [
-        'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model.safetensors', 'model_best.pth.tar', 'summary.csv']
+    files = ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model.safetensors', 'model_best.pth.tar', 'summary.csv']
+    assert sorted(p.name for p in (output / 'ddp').iterdir()) == files
+    written = {}  # rank -> every path under the output folder it created, wrote, renamed or removed
+    for rank in (0, 1):
+        paths = {Path(line.split('\t')[1]) for line in (writes / f'rank{rank}.log').read_text().splitlines()}
+        written[rank] = {path for path in paths if path.is_relative_to(output)}
+    assert written[1] == set(), f'rank 1 wrote {sorted(map(str, written[1]))}'
+    assert {output / 'ddp' / name for name in files} <= written[0]
 
 
 def test_non_finite_loss_stops_with_the_terms_or_is_skipped_on_request(workdir, teacher_run):
