@@ -217,7 +217,8 @@ def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert [p.name for p in output.iterdir()] == ['ddp']
-    files = ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model.safetensors', 'model_best.pth.tar', 'summary.csv']
+    files = ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model.safetensors', 'model_best.pth.tar',
+             'summary.csv']
     assert sorted(p.name for p in (output / 'ddp').iterdir()) == files
     written = {}  # rank -> every path under the output folder it created, wrote, renamed or removed
     for rank in (0, 1):
