@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess (make test-fast leaves them out)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 NUM_CLASSES = 3

@@ -76,6 +76,7 @@ def _validation_top1(weights: Path, model_name: str, data_dir: Path) -> float:
     return 100.0 * (predictions == torch.tensor(labels)).sum().item() / len(labels)
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_smoke(tmp_path):
     """One seed, one epoch, two methods on lfw (the smallest dataset), through the real training command."""
     pytest.importorskip('skimage')

@@ -9,7 +9,10 @@ from conftest import train_steps
 METHODS = tsd.list_distill_losses()  # every registered method
 
 
-@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+@pytest.mark.parametrize('amp_dtype', [
+    pytest.param(torch.bfloat16, id='bf16'),
+    pytest.param(torch.float16, id='fp16', marks=pytest.mark.slow),  # fp16 on the CPU: several seconds a method
+])
 @pytest.mark.parametrize('method', METHODS)
 def test_autocast_training_is_finite(method, amp_dtype, pattern_data):
     images, labels = pattern_data
@@ -103,6 +106,7 @@ def test_finite_loss_passes_the_guard_without_diagnosis(pattern_data, monkeypatc
     assert tsd.guard_finite_loss(task, task(images[:4], labels[:4]), images[:4], labels[:4])
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(pattern_data):
     images, labels = pattern_data
 

@@ -43,6 +43,7 @@ def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
     assert se == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
 
 
+@pytest.mark.slow
 def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_path, monkeypatch):
     tiny = sa_search.Setting('tiny', 'digits', 'test_resnet', 'test_resnet', per_class=2, teacher_per_class=4,
                              teacher_epochs=1, epochs=2, batch_size=8)

@@ -20,6 +20,7 @@ def _state_copy(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pair', list(PAIRS))
 @pytest.mark.parametrize('method', METHODS)
 def test_short_training_run_lowers_the_loss_and_keeps_the_teacher(method, pair, pattern_data, trained_teachers):
@@ -131,6 +132,7 @@ def test_ema_copies_student_and_connectors(pattern_data):
     assert not any(m._forward_hooks for m in ema_student.modules())
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_task_working(pattern_data):
     images, labels = pattern_data
     x, y = images[:4], labels[:4]
