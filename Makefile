@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the quick subset: every test not marked slow (the pytest marker `slow`: CLI subprocesses, training runs)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow' tests
 
 # digits teacher + three students through timm-sadistill train; outputs in .demo/
 demo: $(STAMP)

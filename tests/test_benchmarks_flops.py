@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import overhead  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module's FLOP counts trace whole training steps
+
 TEACHER, STUDENT, IMG_SIZE, NUM_CLASSES, IMAGES = 'resnet18', 'test_resnet', 64, 10, 2
 
 

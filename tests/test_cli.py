@@ -4,6 +4,7 @@ The teacher run and the SA student run are module fixtures shared by the tests t
 """
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess (make test-fast leaves them out)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
@@ -152,17 +155,31 @@ def test_exported_student_loads_with_timm_and_as_a_teacher_checkpoint(student_ru
     torch.testing.assert_close(task.teacher.model(images), reference.eval()(images), rtol=0, atol=0)
 
 
+def _batches_tracked(state: Dict[str, torch.Tensor]) -> List[int]:
+    """The ``num_batches_tracked`` of every BatchNorm in ``state``: how many training steps each has seen."""
+    return [int(v) for k, v in state.items() if k.endswith('num_batches_tracked')]
+
+
 def test_resume_restores_state_and_continues_the_epoch_count(workdir, teacher_run, student_run):
     folder, _ = student_run
+    saved = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert saved['epoch'] == 1
+    steps_per_epoch = _batches_tracked(saved['state_dict'])[0] // 2
     result = run_cli(['train', '--data-dir', 'data', '--model', STUDENT, '--distill', 'sa', '--teacher', TEACHER,
                       '--teacher-checkpoint', str(teacher_run / 'model.safetensors'), '--epochs', '3',
                       '--model-ema', '--model-ema-decay', '0.9', '--output', 'out', '--experiment', 'student',
                       '--resume', str(folder / 'last.pth.tar')] + COMMON_FLAGS, workdir)
     check_ok(result)
     assert 'Restoring optimizer state' in result.stderr and 'Loaded state_dict_ema' in result.stderr
-    assert [r['epoch'] for r in read_summary(folder)] == ['0', '1', '2']
+    rows = read_summary(folder)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
     checkpoint = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)
     assert checkpoint['epoch'] == 2
+    # student and connectors went on from their saved state: their BatchNorms have counted all three epochs' steps
+    connectors = _batches_tracked(checkpoint['task_state']['distill_loss'])
+    assert connectors and set(connectors) == set(_batches_tracked(checkpoint['state_dict'])) == {3 * steps_per_epoch}
+    # the schedule was replayed to epoch 2: cosine from --lr 0.05 over 3 epochs (min lr 0, no warmup)
+    assert float(rows[2]['lr']) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
 
 
 def test_a_run_killed_while_saving_leaves_the_previous_checkpoint_readable(workdir, teacher_run, tmp_path):
@@ -194,9 +211,11 @@ def test_a_run_killed_while_saving_leaves_the_previous_checkpoint_readable(workd
 def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run, tmp_path):
     from safetensors.torch import load_file
 
-    output, dump = tmp_path / 'out', tmp_path / 'dump'
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_sadistill',
+    output, dump, writes = tmp_path / 'out', tmp_path / 'dump', tmp_path / 'writes'
+    writes.mkdir()
+    result = subprocess.run(  # each rank records the files it writes (tests/fixtures/record_writes.py)
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(FIXTURES / 'record_writes.py'), str(writes),
          'train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--distill', 'sa', '--teacher', TEACHER,
          '--teacher-checkpoint', str(teacher_run / 'model.safetensors'), '--epochs', '1', '-b', '4',
          '--output', str(output), '--experiment', 'ddp'] + COMMON_FLAGS,
@@ -208,11 +227,17 @@ def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert [p.name for p in output.iterdir()] == ['ddp']
-    assert sorted(p.name for p in (output / 'ddp').iterdir()) == [
-        'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model', 'model.safetensors', 'model_best.pth.tar',
-        'summary.csv']
+    files = ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model', 'model.safetensors', 'model_best.pth.tar',
+             'summary.csv']
+    assert sorted(p.name for p in (output / 'ddp').iterdir()) == files
     assert sorted(p.name for p in (output / 'ddp' / 'model').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert 'torchrun --nproc_per_node=2' in (output / 'ddp' / 'model' / 'README.md').read_text()
+    written = {}  # rank -> every path under the output folder it created, wrote, renamed or removed
+    for rank in (0, 1):
+        paths = {Path(line.split('\t')[1]) for line in (writes / f'rank{rank}.log').read_text().splitlines()}
+        written[rank] = {path for path in paths if path.is_relative_to(output)}
+    assert written[1] == set(), f'rank 1 wrote {sorted(map(str, written[1]))}'
+    assert {output / 'ddp' / name for name in files} <= written[0]
 
 
 def test_non_finite_loss_stops_with_the_terms_or_is_skipped_on_request(workdir, teacher_run):

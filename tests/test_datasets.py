@@ -1,5 +1,6 @@
 """The data writers (benchmarks.data) and a smoke run of benchmarks/accuracy.py through the real CLI."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,24 @@ def test_unknown_dataset(tmp_path):
         write_image_folder('mnist', str(tmp_path))
 
 
+def _validation_top1(weights: Path, model_name: str, data_dir: Path) -> float:
+    """The test's own top-1 (percent) of ``weights`` on ``data_dir/validation``, through timm's eval transform."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    dataset = create_dataset('', root=str(data_dir), split='validation')
+    model = timm.create_model(model_name, num_classes=len(dataset.reader.class_to_idx))
+    model.load_state_dict(load_file(str(weights)))
+    dataset.transform = create_transform(**resolve_data_config({'img_size': 64}, model=model))
+    images, labels = zip(*dataset)
+    with torch.no_grad():
+        predictions = model.eval()(torch.stack(images)).argmax(-1)
+    return 100.0 * (predictions == torch.tensor(labels)).sum().item() / len(labels)
+
+
+@pytest.mark.slow
 def test_accuracy_benchmark_smoke(tmp_path):
     """One seed, one epoch, two methods on lfw (the smallest dataset), through the real training command."""
     pytest.importorskip('skimage')
@@ -73,6 +92,14 @@ def test_accuracy_benchmark_smoke(tmp_path):
     with open(tmp_path / 'results' / 'accuracy.csv') as f:
         rows = list(csv.DictReader(f))
     assert sorted(r['method'] for r in rows) == ['none', 'sa']
-    assert all(0 <= float(r['top1_final']) <= 100 and r['epochs'] == '1' for r in rows)
+    assert all(r['epochs'] == '1' for r in rows)
+    # each reported top-1 is that of the run's exported student (its one epoch) on the 60 validation images
+    results = [json.loads(p.read_text()) for p in (tmp_path / 'cache' / 'runs').rglob('seed0.json')]
+    assert sorted(r['method'] for r in results) == ['none', 'sa']
+    for result in results:
+        flags = result['command'].split()
+        model, data_dir = flags[flags.index('--model') + 1], Path(flags[flags.index('--data-dir') + 1])
+        top1 = _validation_top1(Path(result['output_dir']) / 'model.safetensors', model, data_dir)
+        assert float(next(r for r in rows if r['method'] == result['method'])['top1_final']) == pytest.approx(top1)
     assert '| sa |' in (tmp_path / 'results' / 'accuracy.md').read_text()
     assert (tmp_path / 'results' / 'accuracy.png').stat().st_size > 0

@@ -16,6 +16,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('example', EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_example_runs(example):
     args = ['--steps', '12'] if example.name == 'distill_python.py' else []
@@ -47,6 +48,7 @@ SCRIPTS = sorted(p for p in [*(ROOT / 'demo').glob('*.py'), *(ROOT / 'benchmarks
                  if "__name__ == '__main__'" in p.read_text())  # the modules beside them are imported, not run
 
 
+@pytest.mark.slow  # a subprocess that imports torch and timm, each
 @pytest.mark.parametrize('script', SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_demo_and_benchmark_scripts_start(script):
     """Each script parses its arguments (a syntax error or a moved import fails here, before any long run)."""

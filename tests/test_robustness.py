@@ -9,7 +9,10 @@ from conftest import train_steps
 METHODS = tsd.list_distill_losses()  # every registered method
 
 
-@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+@pytest.mark.parametrize('amp_dtype', [
+    pytest.param(torch.bfloat16, id='bf16'),
+    pytest.param(torch.float16, id='fp16', marks=pytest.mark.slow),  # fp16 on the CPU: several seconds a method
+])
 @pytest.mark.parametrize('method', METHODS)
 def test_autocast_training_is_finite(method, amp_dtype, pattern_data):
     images, labels = pattern_data
@@ -31,11 +34,11 @@ def test_autocast_training_is_finite(method, amp_dtype, pattern_data):
         optimizer.step()
 
 
-def _poisoned_task():
+def _poisoned_task(**options):
     torch.manual_seed(0)
     student = timm.create_model('test_resnet', num_classes=4)
     teacher = timm.create_model('resnet18', num_classes=4)
-    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False, **options)
     # an inf in the teacher's layer2 output: what an fp16 overflow looks like
     teacher.layer2.register_forward_hook(lambda m, i, o: o.index_fill(1, torch.tensor([0]), float('inf')))
     return task
@@ -48,6 +51,23 @@ def test_nonfinite_teacher_stage_is_named(pattern_data):
     out = task(x, y)
     with pytest.raises(tsd.NonFiniteLossError, match=r"teacher stage 'layer2' \(4, 128, 8, 8\): .*inf.*--skip-nonfinite"):
         tsd.guard_finite_loss(task, out, x, y)
+
+
+def test_diagnosis_leaves_student_and_connectors_exactly_as_they_were(pattern_data):
+    images, labels = pattern_data
+    task = _poisoned_task(warmup_steps=10)  # the warm-up's step count is one more buffer a forward moves
+    task.train()  # BatchNorm in train mode: a forward updates its running statistics
+    x, y = images[:4], labels[:4]
+    out = task(x, y)
+    before = {k: v.clone() for k, v in task.trainable_module.state_dict().items()}  # student and connectors
+    with pytest.raises(tsd.NonFiniteLossError, match=r"teacher stage 'layer2'"):
+        tsd.guard_finite_loss(task, out, x, y)
+    after = task.trainable_module.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    task(x, y)  # the comparison can see a change: one more forward moves the statistics
+    after = task.trainable_module.state_dict()
+    assert any('running_mean' in k and not torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(before['distill_loss.steps'], after['distill_loss.steps'])
 
 
 def test_nonfinite_step_is_skipped_with_a_warning(pattern_data, caplog):
@@ -86,6 +106,7 @@ def test_finite_loss_passes_the_guard_without_diagnosis(pattern_data, monkeypatc
     assert tsd.guard_finite_loss(task, task(images[:4], labels[:4]), images[:4], labels[:4])
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(pattern_data):
     images, labels = pattern_data
 

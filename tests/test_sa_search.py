@@ -43,16 +43,34 @@ def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
     assert se == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
 
 
+@pytest.mark.slow
 def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_path, monkeypatch):
     tiny = sa_search.Setting('tiny', 'digits', 'test_resnet', 'test_resnet', per_class=2, teacher_per_class=4,
                              teacher_epochs=1, epochs=2, batch_size=8)
     monkeypatch.setitem(sa_search.SETTINGS, 'tiny', tiny)
+    created = []  # every model the runs create; each run's student is the last one it creates
+    create_model = sa_search.timm.create_model
+
+    def recording_create_model(*args, **kwargs):
+        created.append(create_model(*args, **kwargs))
+        return created[-1]
+
+    monkeypatch.setattr(sa_search.timm, 'create_model', recording_create_model)
     cache = str(tmp_path)
     none = sa_search.cached_run('tiny', 'none', 0, cache, views=2, epochs=None)
+    none_student = created[-1]
     sa = sa_search.cached_run('tiny', 'sa[cam_weight=1]', 0, cache, views=2, epochs=None)
-    assert 0 <= none['top1'] <= 100 and 0 <= sa['top1'] <= 100
-    assert none['teacher_top1'] == sa['teacher_top1']  # one cached teacher for the setting
+    sa_student = created[-1]
     bank = sa_search.bank_for(tiny, cache, 2)
+
+    @torch.no_grad()
+    def top1(model):  # the test's own count of correct validation predictions, in percent
+        return 100.0 * (model.eval()(bank.x_val).argmax(-1) == bank.y_val).sum().item() / len(bank.y_val)
+
+    # the reported accuracies are those of the trained students and the teacher on the validation split
+    assert len(bank.y_val) == 540 and sa_student is not none_student
+    assert none['top1'] == pytest.approx(top1(none_student)) and sa['top1'] == pytest.approx(top1(sa_student))
+    assert none['teacher_top1'] == sa['teacher_top1'] == pytest.approx(top1(bank.teacher))  # one cached teacher
     assert bank.views.shape == (2, 20, 3, 64, 64) and bank.logits.shape == (2, 20, 10)
     # the banked outputs are the teacher's on those views, as a live teacher would give them
     with torch.no_grad():

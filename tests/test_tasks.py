@@ -20,6 +20,7 @@ def _state_copy(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pair', list(PAIRS))
 @pytest.mark.parametrize('method', METHODS)
 def test_short_training_run_lowers_the_loss_and_keeps_the_teacher(method, pair, pattern_data, trained_teachers):
@@ -131,15 +132,38 @@ def test_ema_copies_student_and_connectors(pattern_data):
     assert not any(m._forward_hooks for m in ema_student.modules())
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_task_working(pattern_data):
     images, labels = pattern_data
-    student = timm.create_model('test_resnet', num_classes=4)
-    task = tsd.create_distill_task('sa', student, timm.create_model('resnet18', num_classes=4), img_size=64, verbose=False)
-    eval_model = task.compile(backend='eager')
-    out = task(images[:4], labels[:4])
+    x, y = images[:4], labels[:4]
+
+    def sa_task():  # the same seed twice: two identical tasks, one to compile and one eager reference
+        torch.manual_seed(0)
+        return tsd.create_distill_task('sa', timm.create_model('test_resnet', num_classes=4),
+                                       timm.create_model('resnet18', num_classes=4), img_size=64, verbose=False)
+
+    task, reference = sa_task(), sa_task()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):  # runs what dynamo captured, eagerly, and counts it
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    eval_model = task.compile(backend=recording_backend)
+    out, expected = task(x, y), reference(x, y)
+    assert len(graphs) >= 2, 'the teacher taps and the trainable module went through torch.compile'
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key], msg=key)
     out['loss'].backward()
-    assert next(student.parameters()).grad is not None
-    torch.testing.assert_close(eval_model(images[:2]), student(images[:2]))
+    expected['loss'].backward()
+    student, reference_student = task.get_eval_model(), reference.get_eval_model()
+    for (name, p), q in zip(student.named_parameters(), reference_student.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    compiled_graphs = len(graphs)
+    eval_model.eval()
+    reference_student.eval()
+    torch.testing.assert_close(eval_model(images[:2]), reference_student(images[:2]))
+    assert len(graphs) > compiled_graphs, 'the eval model is compiled too'
     assert set(task.get_task_state()) == {'distill_loss'}
 
 

@@ -16,6 +16,8 @@ from timm_sadistill.viz import attention_maps, render_attention_maps, save_atten
 
 from conftest import make_pattern_images, train_steps
 
+pytestmark = pytest.mark.slow  # a trained teacher or a CLI subprocess in nearly every test
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

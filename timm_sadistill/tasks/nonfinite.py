@@ -2,12 +2,14 @@
 
 The per-step check reads one scalar, so it costs nothing measurable; only when it fails does `diagnose_nonfinite`
 run the forward again to find the first tensor (input, a teacher or student stage, logits, a loss term) that
-holds NaN or inf.
+holds NaN or inf. The diagnosis changes nothing: every buffer the re-run forward moves is put back.
 """
 import logging
-from typing import Dict, List
+from contextlib import contextmanager
+from typing import Dict, Iterator, List
 
 import torch
+import torch.nn as nn
 from timm.utils.model import unwrap_model
 
 from .distill import DistillTask
@@ -26,13 +28,34 @@ def _describe(name: str, x: torch.Tensor) -> str:
     return f"{name} {tuple(x.shape)}: {int(torch.isnan(x).sum())} NaN, {int(torch.isinf(x).sum())} inf"
 
 
+@contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``module`` back as it was on exit.
+
+    A forward in train mode moves BatchNorm running statistics (and the SA warm-up's step count); a re-run for a
+    diagnosis must not, or it shifts the model the run goes on training (``--skip-nonfinite``) or saves.
+    """
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            module.get_buffer(name).copy_(value)  # by name: a module may have rebound the attribute
+
+
 @torch.no_grad()
 def diagnose_nonfinite(task, input: torch.Tensor, target: torch.Tensor) -> List[str]:
     """Re-run ``task`` on the batch and list every non-finite tensor along the way, in forward order.
 
     Works for `DistillTask` (input, teacher stages and logits, student stages and logits, each loss term) and for
-    any timm task (input, output and every term of its result).
+    any timm task (input, output and every term of its result). Parameters and buffers are left as they were.
     """
+    with _buffers_restored(task):
+        return _nonfinite_tensors(task, input, target)
+
+
+def _nonfinite_tensors(task, input: torch.Tensor, target: torch.Tensor) -> List[str]:
+    """The non-finite tensors of one forward of ``task`` on the batch, in forward order."""
     found = []
     if not torch.isfinite(input).all():
         found.append(_describe('input', input))
