@@ -7,7 +7,7 @@ and TRITON_INTERPRET=0 the same tests run them compiled on CUDA tensors.
 import pytest
 import torch
 
-from timm_sadistill import ops
+from timm_sadistill import UsageError, ops
 from timm_sadistill.ops import reference
 
 DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -222,19 +222,19 @@ def test_auto_on_cuda_runs_triton():
 
 def test_errors_name_the_expected_value(monkeypatch):
     s, t = _features((2, 3, 4, 5))
-    with pytest.raises(ValueError, match="Unknown backend 'bogus'; use one of auto, triton, torch"):
+    with pytest.raises(UsageError, match="Unknown backend 'bogus'; use one of auto, triton, torch"):
         ops.sa_loss_terms(s, t, backend='bogus')
-    with pytest.raises(ValueError, match=r'same shape, got s \(2, 3, 4, 5\) and t \(2, 3, 4, 6\)'):
+    with pytest.raises(UsageError, match=r'same shape, got s \(2, 3, 4, 5\) and t \(2, 3, 4, 6\)'):
         ops.spatial_kl(s, torch.zeros(2, 3, 4, 6, device=DEVICE))
-    with pytest.raises(TypeError, match='floating point tensor .* got torch.int64'):
+    with pytest.raises(UsageError, match='floating point tensor .* got torch.int64'):
         ops.spatial_attention(torch.ones(2, 3, 4, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r'\(B, C, H, W\) feature map, got shape \(3, 4, 5\)'):
+    with pytest.raises(UsageError, match=r'\(B, C, H, W\) feature map, got shape \(3, 4, 5\)'):
         ops.spatial_attention(s[0])
-    with pytest.raises(TypeError, match='supports torch.float32, torch.float16, torch.bfloat16, got torch.float64'):
+    with pytest.raises(UsageError, match='supports torch.float32, torch.float16, torch.bfloat16, got torch.float64'):
         ops.sa_loss_terms(s.double(), t.double(), backend='triton')
-    with pytest.raises(ValueError, match='tau must be > 0, got 0'):
+    with pytest.raises(UsageError, match='tau must be > 0, got 0'):
         ops.spatial_kl(s, t, tau=0)
-    with pytest.raises(ValueError, match='p must be > 0, got -1'):
+    with pytest.raises(UsageError, match='p must be > 0, got -1'):
         ops.sa_loss_terms(s, t, p=-1)
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(RuntimeError, match='got a tensor on cpu; move it to CUDA'):

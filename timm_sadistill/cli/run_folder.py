@@ -88,7 +88,11 @@ def trim_summary(path: str, start_epoch: int) -> None:
         return
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [row for row in reader if int(row['epoch']) < start_epoch]
+        every_row = list(reader)
+    rows = [row for row in every_row if int(row['epoch']) < start_epoch]
+    if len(rows) == len(every_row):  # the usual resume: nothing to drop, nothing to rewrite
+        return
+    fields = reader.fieldnames
     with atomic_write(path) as tmp_path:
         with open(tmp_path, 'w', newline='') as f:
             if fields:
