@@ -115,3 +115,14 @@ def test_the_flag_list_matches_a_real_timm_train_py(monkeypatch):
     real = [{'dest': a.dest, 'options': a.option_strings} for a in module['parser']._actions
             if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert real == timm_flags(), 'timm train.py flags changed: update tests/data/timm_train_py_flags.json and ours'
+
+
+@pytest.mark.parametrize('smoothing, mixup, expected', [
+    (0.1, False, 'BinaryCrossEntropy'), (0.0, True, 'BinaryCrossEntropy'), (0.0, False, 'CrossEntropyLoss'),
+])
+def test_bce_loss_has_timm_train_py_meaning(smoothing, mixup, expected):
+    """timm's train.py takes --bce-loss with label smoothing or mixup, and plain cross-entropy otherwise."""
+    from timm_sadistill.cli.train import _create_train_loss
+
+    args, _ = parse_args(['--bce-loss', '--smoothing', str(smoothing)])
+    assert type(_create_train_loss(args, mixup_active=mixup, device=torch.device('cpu'))).__name__ == expected

@@ -168,7 +168,8 @@ def _check_distill_args(args: argparse.Namespace) -> None:
 
 
 def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: torch.device) -> nn.Module:
-    """timm train.py's choice of training loss (``--bce-loss`` replaces cross-entropy)."""
+    """timm train.py's choice of training loss (``--bce-loss`` replaces cross-entropy when there is smoothing or
+    mixup, as there)."""
     bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
     if mixup_active:  # smoothing is part of the mixup targets
         loss = BinaryCrossEntropy(**bce_kwargs) if args.bce_loss else SoftTargetCrossEntropy()
@@ -177,9 +178,10 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
             loss = BinaryCrossEntropy(smoothing=args.smoothing, **bce_kwargs)
         else:
             loss = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    elif args.bce_loss:  # timm's train.py ignores --bce-loss without smoothing or mixup; taking it is less surprising
-        loss = BinaryCrossEntropy(smoothing=0., **bce_kwargs)
     else:
+        if args.bce_loss:  # same flags, same loss as timm's train.py, which takes BCE only with smoothing or mixup
+            _logger.warning("--bce-loss has no effect without --smoothing or mixup/cutmix (as in timm's train.py): "
+                            "training with cross-entropy.")
         loss = nn.CrossEntropyLoss()
     return loss.to(device=device)
 
