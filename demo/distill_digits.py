@@ -4,10 +4,10 @@
 
 1. writes digits as 64-px ImageFolders: the full train split, and 5 images a class for the student;
 2. trains the teacher (resnet18) on the full split with ``timm-sadistill train --distill none`` (reused when its
-   model.safetensors exists);
+   model folder, ``<out>/teacher/model/``, exists);
 3. trains the student (test_resnet) on the 5 images a class for 60 epochs (the schedule of the SA search in
    benchmarks/sa_search.py, where KD gains about 4 points over no distillation) with ``--distill sa``, ``none``
-   and ``kd``, each at its defaults;
+   and ``kd``, each at its defaults, the teacher given as ``--teacher local-dir:<out>/teacher/model``;
 4. prints top-1 on the validation split and the wall time of each run, and where the outputs are.
 
 Every step is the real command line, with the recipe of `benchmarks.launch`. One seed only: the README's
@@ -45,10 +45,10 @@ def main() -> int:
           'a class', flush=True)
 
     teacher_dir = os.path.join(args.out, 'teacher')
-    checkpoint = os.path.join(teacher_dir, 'model.safetensors')
+    teacher_folder = os.path.join(teacher_dir, 'model')  # a timm model folder: config.json, weights, model card
     results: Dict[str, RunResult] = {}
-    if os.path.isfile(checkpoint):
-        print(f'teacher: reusing {checkpoint}', flush=True)
+    if os.path.isfile(os.path.join(teacher_folder, 'config.json')):
+        print(f'teacher: reusing {teacher_folder}', flush=True)
     else:
         print(f'teacher: training {TEACHER} on the full split ...', flush=True)
         results['teacher (none)'] = run_train(
@@ -62,13 +62,13 @@ def main() -> int:
                  '--data-dir', os.path.join(args.out, 'data', f'digits-n{PER_CLASS}'), '--distill', method,
                  '--seed', str(args.seed)]
         if method != 'none':
-            flags += ['--teacher', TEACHER, '--teacher-checkpoint', checkpoint]
+            flags += ['--teacher', f'local-dir:{teacher_folder}']
         results[f'student ({method})'] = run_train(flags, args.out, f'student-{method}', threads=threads)
 
     print('\n| run | top-1 (%) | wall (s) | output |\n|---|---|---|---|')
     for name, result in results.items():
         print(f'| {name} | {result.top1_final:.1f} | {result.wall_s:.0f} | {os.path.relpath(result.output_dir)} |')
-    print(f'\ntotal {time.perf_counter() - start:.0f} s; outputs (summary.csv, model.safetensors, logs) in '
+    print(f'\ntotal {time.perf_counter() - start:.0f} s; outputs (summary.csv, model/ folders, logs) in '
           f"{os.path.relpath(args.out)}/. One seed: the README's Results have paired means over seeds.")
     return 0
 
