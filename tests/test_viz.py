@@ -221,3 +221,12 @@ def test_viz_command_without_matplotlib_says_how_to_install(viz_files, tmp_path)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'pip install timm-sadistill[viz]' in result.stderr
     assert not (tmp_path / 'm.png').exists()
+
+
+def test_viz_command_builds_a_vit_teacher_for_the_picture_size(viz_files, tmp_path):
+    """A fixed-size model (ViT) at another --img-size than its default is built for that size, as in train."""
+    out = tmp_path / 'vit.png'
+    result = run_cli('viz', '--teacher', 'vit_tiny_patch16_224', '--model', 'test_resnet', '--img-size', '64',
+                     str(viz_files / 'img0.png'), '-o', str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()

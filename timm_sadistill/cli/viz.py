@@ -17,7 +17,7 @@ from timm.models import clean_state_dict
 from ..tasks.distill import DistillTask
 from ..tasks.factory import create_distill_task
 from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
-from ._common import check_device, create_model, run_command
+from ._common import check_device, check_img_size, create_model, run_command
 from .errors import OneLineArgumentParser, UsageError, check_finite_floats
 from .run_folder import check_output_path
 from .distill_options import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
@@ -117,11 +117,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     class_kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-    student = create_model(args.model, **class_kwargs)
+    img_size = check_img_size(args.img_size)  # a ViT is built for the size of the pictures
+    student = create_model(args.model, img_size=img_size, **class_kwargs)
     if args.teacher_checkpoint:
         teacher = args.teacher  # resolve_teacher builds it with the student's classes and loads the file
     else:
-        teacher = create_model(args.teacher, num_classes=student.num_classes, in_chans=getattr(student, 'in_chans', 3))
+        teacher = create_model(args.teacher, img_size=img_size, num_classes=student.num_classes,
+                               in_chans=getattr(student, 'in_chans', 3))
         _logger.warning(f"No --teacher-checkpoint: the teacher '{args.teacher}' has random weights, so its maps show "
                         "an untrained network.")
     task = create_distill_task(
