@@ -22,6 +22,9 @@ __all__ = ['check_output_path', 'create_run_folder', 'check_resume_matches', 'tr
 # files that mean "this folder holds a run's results"; args.yaml alone (a run stopped before its first epoch) does not
 _SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model', 'model.safetensors', 'summary.csv', 'checkpoint-*.pth.tar')
 
+# how torch's zip writer (caffe2's inline_container.cc) words a failed write
+_TORCH_WRITER_FAILURES = ('inline_container.cc', 'PytorchStreamWriter')
+
 # flags that decide what a checkpoint holds: resuming under others cannot load it
 _RESUME_FLAGS = ('model', 'distill', 'teacher', 'distill_stages', 'teacher_stages', 'sa_connector')
 
@@ -105,13 +108,19 @@ def trim_summary(path: str, start_epoch: int) -> None:
 def disk_full_is_usage_error(folder: str) -> Iterator[None]:
     """A full disk (or quota) while saving: remove the partial temp files and say how to continue; the files saved
     before are intact, since every write replaces its target only when complete."""
+    resume = f"continue with --resume {os.path.join(folder, 'last.pth.tar')}"
     try:
         yield
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         remove_partial_writes(folder)
-        raise UsageError(
-            f"No space left on the device of '{folder}' while saving ({e.strerror}); the files saved before are intact: "
-            f"free space, then continue with --resume {os.path.join(folder, 'last.pth.tar')}."
-        ) from e
+        raise UsageError(f"No space left on the device of '{folder}' while saving ({e.strerror}); the files saved "
+                         f"before are intact: free space, then {resume}.") from e
+    except RuntimeError as e:
+        # torch.save's zip writer reports a failed write (a full disk among them) as a RuntimeError without errno
+        if not any(mark in str(e) for mark in _TORCH_WRITER_FAILURES):
+            raise
+        remove_partial_writes(folder)
+        raise UsageError(f"torch could not write a checkpoint in '{folder}' ({str(e).splitlines()[0]}): the disk may "
+                         f"be full; the files saved before are intact: free space, then {resume}.") from e
