@@ -21,7 +21,7 @@ from .errors import UsageError
 
 __all__ = [
     'StageInfo', 'FeatureTaps', 'list_stages', 'resolve_stages', 'pair_stages', 'default_img_size',
-    'input_size_kwargs', 'check_input_size', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
+    'resolve_img_size', 'input_size_kwargs', 'check_input_size', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION',
 ]
 
 StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
@@ -73,6 +73,18 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     return int(size[-2]), int(size[-1])
 
 
+def resolve_img_size(
+        img_size: Optional[Union[int, Sequence[int]]],
+        model: Optional[nn.Module] = None,
+) -> Tuple[int, int]:
+    """(H, W) of an input size given as N or (..., H, W); None: the default size of ``model``."""
+    if img_size is None:
+        return default_img_size(model)
+    if isinstance(img_size, int):
+        return img_size, img_size
+    return int(img_size[-2]), int(img_size[-1])
+
+
 def input_size_kwargs(name: str, img_size: Optional[Union[int, Sequence[int]]]) -> Dict[str, Any]:
     """``timm.create_model(name, **input_size_kwargs(name, 64))`` builds model ``name`` for inputs of ``img_size``.
 
@@ -83,7 +95,7 @@ def input_size_kwargs(name: str, img_size: Optional[Union[int, Sequence[int]]]) 
     cfg = get_pretrained_cfg(name)
     if img_size is None or cfg is None or not cfg.fixed_input_size:
         return {}
-    return {'img_size': (img_size, img_size) if isinstance(img_size, int) else (int(img_size[-2]), int(img_size[-1]))}
+    return {'img_size': resolve_img_size(img_size)}
 
 
 def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 'img_size', role: str = 'model') -> None:
@@ -113,12 +125,6 @@ def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 
         )
 
 
-def _as_hw(img_size: Optional[Union[int, Sequence[int]]], model: nn.Module) -> Tuple[int, int]:
-    if img_size is None:
-        return default_img_size(model)
-    if isinstance(img_size, int):
-        return img_size, img_size
-    return int(img_size[-2]), int(img_size[-1])
 
 
 def _valid_names_message(model: nn.Module) -> str:
@@ -215,7 +221,7 @@ class FeatureTaps(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.img_size = _as_hw(img_size, model)
+        self.img_size = resolve_img_size(img_size, model)
         if isinstance(stages, str) and stages == 'auto':
             resolved: List[Union[StageInfo, str]] = [
                 s for s in _auto_candidates(model) if min(self.img_size) // s.reduction >= AUTO_MIN_MAP
@@ -385,7 +391,7 @@ def pair_stages(
         if not (student_auto and teacher_auto):
             raise UsageError("This loss distils logits only; leave student_stages and teacher_stages at 'auto'.")
         return [], []
-    hw = _as_hw(img_size, student)
+    hw = resolve_img_size(img_size, student)
     taps_kwargs = dict(img_size=hw)
     if student_auto and teacher_auto:
         t_by_red = {s.reduction: s for s in _auto_candidates(teacher)}

@@ -6,7 +6,7 @@ translation of the parsed flags into ``create_distill_task`` keywords.
 """
 import argparse
 import re
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..losses import list_distill_losses
 from ..losses.sa import SA_OPTIONS, SAOption
@@ -132,7 +132,8 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
 
-def check_teacher_flags(teacher: str, args: argparse.Namespace) -> None:
-    """Refuse, before anything is built, a teacher whose weights the flags cannot provide (see `check_teacher_weights`)."""
-    check_teacher_weights(teacher, args.teacher_checkpoint, args.teacher_pretrained,
+def check_teacher_flags(teacher: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Refuse, before anything is built, a teacher whose weights the flags cannot provide (see `check_teacher_weights`);
+    the config.json of a ``local-dir:`` teacher, None for others."""
+    return check_teacher_weights(teacher, args.teacher_checkpoint, args.teacher_pretrained,
                           path_option='--teacher-checkpoint FILE', hub_option='--teacher-pretrained')

@@ -41,7 +41,7 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
 from .._features import input_size_kwargs
 from ..losses import loss_options
-from ..model_folder import check_model_folder, model_folder_of
+from ..model_folder import model_folder_of
 from ..tasks import create_distill_task, guard_finite_loss
 from ._common import check_device, check_img_size
 from .atomic_save import AtomicCheckpointSaver, save_safetensors_atomic
@@ -139,21 +139,22 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return defaults
 
 
-def _check_distill_args(args: argparse.Namespace) -> None:
-    """Refuse inconsistent model/teacher flags before anything is loaded."""
+def _check_distill_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Refuse inconsistent model/teacher flags before anything is loaded; the config.json of a ``local-dir:``
+    teacher, None for others."""
     if not is_model(args.model):
         raise UsageError(f"Unknown model '{args.model}'; list the names with timm.list_models('*pattern*').")
     if args.distill == 'none':
         if args.teacher or args.teacher_checkpoint:
             raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
-        return
+        return None
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
     if os.path.isdir(args.teacher):
         raise UsageError(f"--teacher '{args.teacher}' is a folder; name it as timm does: --teacher local-dir:{args.teacher}.")
     if model_folder_of(args.teacher) is None and not is_model(args.teacher):
         raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
-    check_teacher_flags(args.teacher, args)
+    teacher_config = check_teacher_flags(args.teacher, args)
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:
@@ -161,6 +162,7 @@ def _check_distill_args(args: argparse.Namespace) -> None:
             raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
         from ..viz import require_matplotlib
         require_matplotlib()  # before training, not after it
+    return teacher_config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,10 +386,9 @@ def train(args: argparse.Namespace, args_text: str, command: Optional[str] = Non
 
     ``command`` (the command line of the run) goes into the exported model card.
     """
-    _check_distill_args(args)
-    teacher_folder = model_folder_of(args.teacher) if args.distill != 'none' else None
-    if args.num_classes is None and teacher_folder is not None:  # a teacher folder knows the classes
-        args.num_classes = check_model_folder(teacher_folder).get('num_classes')
+    teacher_config = _check_distill_args(args)
+    if args.num_classes is None and teacher_config is not None:  # a teacher folder knows the classes
+        args.num_classes = teacher_config.get('num_classes')
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.resume:

@@ -10,7 +10,7 @@ from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from .._features import (
-    FeatureTaps, StagesArg, check_input_size, default_img_size, input_size_kwargs, list_stages, pair_stages,
+    FeatureTaps, StagesArg, check_input_size, input_size_kwargs, list_stages, pair_stages, resolve_img_size,
 )
 from ..errors import UsageError
 from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
@@ -79,10 +79,11 @@ def check_teacher_weights(
         pretrained: bool,
         path_option: str = 'teacher_pretrained_path=<checkpoint>',
         hub_option: str = 'teacher_pretrained=True',
-) -> None:
+) -> Optional[Dict[str, Any]]:
     """Refuse a teacher given by name that cannot get weights: its checkpoint must be a readable file
     (`CheckpointReadError`, a UsageError); without one, only leave to download (``pretrained``) will do (UsageError).
-    A ``local-dir:<folder>`` teacher brings its own weights: the folder must pass `check_model_folder`.
+    A ``local-dir:<folder>`` teacher brings its own weights: the folder must pass `check_model_folder`, whose parsed
+    config.json is returned (None for other teachers).
 
     ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
     before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
@@ -91,12 +92,13 @@ def check_teacher_weights(
     if folder is not None:
         if pretrained_path:
             raise UsageError(f"Teacher '{teacher}' loads its weights from its folder; drop {path_option}.")
-        check_model_folder(folder)
-    elif pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
+        return check_model_folder(folder)
+    if pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
         check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
     elif not pretrained:
         raise UsageError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
                          f"{hub_option} to download them from the hub.")
+    return None
 
 
 def resolve_teacher(
@@ -119,10 +121,10 @@ def resolve_teacher(
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
-        check_teacher_weights(teacher, pretrained_path, pretrained)
+        folder_config = check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
         folder = model_folder_of(teacher)
-        folder_classes = check_model_folder(folder).get('num_classes') if folder is not None else None
+        folder_classes = folder_config.get('num_classes') if folder_config is not None else None
         if folder_classes is not None and folder_classes != base.num_classes:
             raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
                              f"create the student with num_classes={folder_classes} (--num-classes {folder_classes}).")
@@ -133,7 +135,7 @@ def resolve_teacher(
             model = create_model(
                 teacher, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
                 in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
-                **input_size_kwargs(teacher, img_size or default_img_size(base)),
+                **input_size_kwargs(teacher, resolve_img_size(img_size, base)),
             )
         except RuntimeError as e:
             if folder is not None:
@@ -260,7 +262,7 @@ class DistillTask(TrainingTask):
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
             teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
         )
-        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or default_img_size(student_model))
+        hw = resolve_img_size(img_size, student_model)
         for role, model in (('student', student_model), ('teacher', self.teacher.model)):
             check_input_size(model, hw, role=role)
         if criterion is None and resolve_classification_loss is not None:
