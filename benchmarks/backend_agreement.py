@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # noqa: E402  (build, step, autocast: the same step the overhead table times)
 
+from benchmarks.launch import write_report  # noqa: E402
+
 # (label, backend, weights moved by one ulp): the third run is the yardstick of rounding-sized differences
 RUNS = (('triton', 'triton', False), ('torch', 'torch', False), ('torch, weights ±1 ulp', 'torch', True))
 
@@ -142,9 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = {label: train_curve(args, backend, nudge, device) for label, backend, nudge in RUNS}
     text, ok = report(args, runs, shlex.join(['python', 'benchmarks/backend_agreement.py', *argv]))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            f.write(text)
+        write_report(args.out, text)
     print(text)
     return 0 if ok else 1
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['RECIPE', 'TEACHER_SCHEDULE', 'STUDENT_SCHEDULE', 'RunResult', 'parse_seeds', 'read_summary',
-           'train_command', 'run_train', 'schedule_flags']
+           'train_command', 'run_train', 'schedule_flags', 'write_report']
 
 # The small-data, 64-px CPU recipe of the demo and the benchmarks (timm train.py flags). Light augmentation only:
 # digits must not be flipped, and colour jitter means nothing on grey images. AdamW with timm's cosine schedule.
@@ -116,3 +116,10 @@ def run_train(
         output_dir=output_dir, command=command, wall_s=wall_s, epochs=len(rows),
         top1_final=rows[-1]['eval_top1'], top1_best=max(row['eval_top1'] for row in rows),
     )
+
+
+def write_report(path: str, text: str, append: bool = False) -> None:
+    """Write (or append) a benchmark's markdown report to ``path``, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a' if append else 'w') as f:
+        f.write(text)

@@ -32,6 +32,10 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the checkout's benchmarks/ helpers
+
+from benchmarks.launch import write_report  # noqa: E402
+
 TARGET = 1.1
 FIRST_STEP = 'FIRST STEP DONE'  # the timm child prints this after its first step
 
@@ -143,11 +147,11 @@ def main() -> None:
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    write_report(args, sizes, {k: statistics.median(v) for k, v in times.items()}, times, load_before, load_after)
+    report(args, sizes, {k: statistics.median(v) for k, v in times.items()}, times, load_before, load_after)
 
 
-def write_report(args: argparse.Namespace, sizes: List[int], median: Dict[tuple, float], times: Dict[tuple, List[float]],
-                 load_before: tuple, load_after: tuple) -> None:
+def report(args: argparse.Namespace, sizes: List[int], median: Dict[tuple, float], times: Dict[tuple, List[float]],
+           load_before: tuple, load_after: tuple) -> None:
     """The markdown report (``--output``): both folder sizes, the 1M fit and the target, with the machine's load."""
     import timm
     import torch
@@ -185,9 +189,7 @@ def write_report(args: argparse.Namespace, sizes: List[int], median: Dict[tuple,
         f'Target (ratio ≤ {TARGET} at {sizes[1]:,} images): {ratio:.3f} -> '
         f'**{"met" if ratio <= TARGET else "not met"}**',
     ]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    write_report(args.output, '\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
 

@@ -43,6 +43,8 @@ import timm  # noqa: E402
 
 from overhead import sync  # noqa: E402
 
+from benchmarks.launch import write_report  # noqa: E402
+
 Forward = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -207,9 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = measure(args, device)
     text = report(args, device, results, shlex.join(['python', 'benchmarks/teacher_precision.py', *argv]))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            f.write(text)
+        write_report(args.out, text)
     print(text)
     return 0
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file  # noqa: E402
 from timm.task import resume_task_checkpoint  # noqa: E402
 
 from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
-from benchmarks.launch import RECIPE, read_summary, run_train  # noqa: E402
+from benchmarks.launch import RECIPE, read_summary, run_train, write_report  # noqa: E402
 
 DATASET = 'digits'
 
@@ -120,9 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += [f'| {name} | {"ok" if passed else "**FAILED**"} | {detail} |' for name, passed, detail in results]
     text = '\n'.join(lines) + '\n\n'
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'a') as f:
-            f.write(text)
+        write_report(args.out, text, append=True)
     print(text)
     return 0 if ok else 1
 
