@@ -80,7 +80,8 @@ def atomic_write(path: str) -> Iterator[str]:
 
 
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a safetensors file atomically; tensors are made contiguous and shared storage is cloned apart."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    """Write a safetensors file atomically; tensors are copied to the CPU, contiguous, each with its own storage
+    (safetensors refuses shared storage)."""
+    tensors = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in state_dict.items()}
     with atomic_write(path) as tmp_path:
         save_file(tensors, tmp_path, metadata=metadata)

@@ -161,8 +161,7 @@ def save_model_folder(
         raise UsageError(f"{len(label_names)} label names for a model with {model.num_classes} classes; "
                          "pass one name per class, in classifier order.")
     os.makedirs(folder, exist_ok=True)
-    state = get_state_dict(model)
-    save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(folder, WEIGHTS_FILE), metadata)
+    save_safetensors_atomic(get_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata)
     # the tag names the architecture's published weights, which these are not
     model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}
     if label_names is not None:

@@ -139,7 +139,7 @@ def export_student(
     if not MODEL_FOLDER_SUPPORTED:
         _logger.warning(f"timm {timm.__version__} cannot write the model folder (timm >= 1.0.29 can); "
                         f"only {LEGACY_WEIGHTS_FILE} is written.")
-        save_safetensors_atomic({k: v.cpu() for k, v in model.state_dict().items()}, legacy_path, metadata)
+        save_safetensors_atomic(model.state_dict(), legacy_path, metadata)
         return
     card = _model_card(task, args, epoch, data_config, label_names, eval_metrics, command)
     folder = save_model_folder(model, os.path.join(output_dir, MODEL_FOLDER), data_config, label_names, card, metadata)

@@ -377,8 +377,8 @@ def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
     folder = os.environ.get(DUMP_PARAMS_ENV)
     if folder:
         os.makedirs(folder, exist_ok=True)
-        state = get_state_dict(task.get_eval_model(), unwrap_model)
-        save_safetensors_atomic({k: v.cpu() for k, v in state.items()}, os.path.join(folder, f'rank{args.rank}.safetensors'))
+        save_safetensors_atomic(get_state_dict(task.get_eval_model(), unwrap_model),
+                                os.path.join(folder, f'rank{args.rank}.safetensors'))
 
 
 def train(args: argparse.Namespace, args_text: str, command: Optional[str] = None) -> Dict[str, Any]:
