@@ -138,13 +138,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not cuda:
         torch.set_num_threads(args.threads)
 
-    impls: Dict[str, Step] = {'eager': lambda s, t: reference.sa_loss_terms(s, t, tau, p)}
+    impls: Dict[str, Step] = {'eager': lambda s, t: reference.spatial_kl_and_attention(s, t, tau, p)}
     if cuda or args.triton_on_cpu:
-        impls['triton'] = lambda s, t: ops.sa_loss_terms(s, t, tau, p, backend='triton')
+        impls['triton'] = lambda s, t: ops.spatial_kl_and_attention(s, t, tau, p, backend='triton')
     if not args.no_compile:
         # last, so its compile time cannot hold up the other rows; one graph per shape (no dynamic-shape
         # kernels), so each row gets the kernel it would in training
-        impls['torch.compile'] = torch.compile(lambda s, t: reference.sa_loss_terms(s, t, tau, p), dynamic=False)
+        impls['torch.compile'] = torch.compile(lambda s, t: reference.spatial_kl_and_attention(s, t, tau, p), dynamic=False)
 
     env = f'{torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"}, torch {torch.__version__}'
     try:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import timm_sadistill as tsd
-from timm_sadistill.viz import attention_maps, save_attention_maps
+from timm_sadistill.attention_maps import attention_maps, save_attention_maps
 
 from distill_python import fit, generated_images
 

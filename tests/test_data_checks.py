@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from test_cli import COMMON_FLAGS, STUDENT, check_ok, run_cli
-from timm_sadistill.cli import data as data_module
-from timm_sadistill.cli.image_decode import UnreadableImageError
+from timm_sadistill.training import data_loading as data_module
+from timm_sadistill.training.image_decode import UnreadableImageError
 from timm_sadistill.cli.train import parse_args
 
 CLASSES = ('class0', 'class1', 'class2')  # COMMON_FLAGS train 3 classes

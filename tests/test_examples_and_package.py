@@ -35,7 +35,7 @@ def test_wheel_holds_package_and_entry_point(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         entry_points = next(zf.read(n).decode() for n in names if n.endswith('entry_points.txt'))
-    for module in ('__init__.py', '_features.py', 'losses/_registry.py', 'losses/sa.py', 'tasks/distill.py', 'ops/reference.py'):
+    for module in ('__init__.py', 'features/taps.py', 'features/stage_pairing.py', 'losses/_registry.py', 'losses/sa.py', 'tasks/distill_task.py', 'ops/reference.py'):
         assert f'timm_sadistill/{module}' in names
     assert not any(n.startswith(('tests/', 'examples/', 'benchmarks/', 'demo/')) for n in names)
     # the benchmark and demo recipes are not the library's: only timm_sadistill is installed

@@ -190,7 +190,7 @@ def test_a_timm_that_cannot_write_the_folder_still_gets_the_legacy_weights(tmp_p
     import timm
     from safetensors.torch import load_file
     from timm.task import ClassificationTask
-    from timm_sadistill.cli import export
+    from timm_sadistill.training import export
 
     monkeypatch.setattr(export, 'MODEL_FOLDER_SUPPORTED', False)  # timm < 1.0.29
     model = timm.create_model(STUDENT, num_classes=NUM_CLASSES)

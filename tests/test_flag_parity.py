@@ -76,24 +76,25 @@ def _keep_logging():
 
 def test_common_timm_flags_reach_the_optimizer_loss_and_model(tmp_path, monkeypatch):
     import timm_sadistill.cli.train as train
+    import timm_sadistill.training.run as run
     from test_user_errors import FLAGS, write_folder
 
     write_folder(tmp_path / 'data')
     seen = {}
-    create_task = train._create_task
+    create_task = run._create_task
 
     def spy(args, model, train_loss, device, img_size):
         seen.update(loss=train_loss, model=model)
         return create_task(args, model, train_loss, device, img_size)
 
-    create_optimizer = train.create_optimizer_v2
+    create_optimizer = run.create_optimizer_v2
 
     def spy_optimizer(*args, **kwargs):
         seen['optimizer'] = optimizer = create_optimizer(*args, **kwargs)
         return optimizer
 
-    monkeypatch.setattr(train, '_create_task', spy)
-    monkeypatch.setattr(train, 'create_optimizer_v2', spy_optimizer)
+    monkeypatch.setattr(run, '_create_task', spy)
+    monkeypatch.setattr(run, 'create_optimizer_v2', spy_optimizer)
     assert train.main(['--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output', str(tmp_path),
                        '--experiment', 'flags', '--model', 'test_vit', '--layer-decay', '0.5', '--opt', 'adamw',
                        '--opt-kwargs', 'amsgrad=True', '--bce-loss', '--bce-target-thresh', '0.2',
@@ -122,7 +123,7 @@ def test_the_flag_list_matches_a_real_timm_train_py(monkeypatch):
 ])
 def test_bce_loss_has_timm_train_py_meaning(smoothing, mixup, expected):
     """timm's train.py takes --bce-loss with label smoothing or mixup, and plain cross-entropy otherwise."""
-    from timm_sadistill.cli.train import _create_train_loss
+    from timm_sadistill.training.run import _create_train_loss
 
     args, _ = parse_args(['--bce-loss', '--smoothing', str(smoothing)])
     assert type(_create_train_loss(args, mixup_active=mixup, device=torch.device('cpu'))).__name__ == expected

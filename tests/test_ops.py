@@ -54,8 +54,8 @@ def _assert_grad_close(got, ref, dtype):
 def test_sa_loss_terms_matches_reference(shape, dtype, layout):
     s, t = _features(shape, dtype, layout)
     s_tri, s_ref = _leaf(s), _leaf(s, torch.float32)
-    dist, att = ops.sa_loss_terms(s_tri, t, tau=4.0, p=2.0, backend='triton')
-    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t.float(), tau=4.0, p=2.0)
+    dist, att = ops.spatial_kl_and_attention(s_tri, t, tau=4.0, p=2.0, backend='triton')
+    dist_ref, att_ref = reference.spatial_kl_and_attention(s_ref, t.float(), tau=4.0, p=2.0)
     torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
     torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
 
@@ -71,15 +71,15 @@ def test_sa_loss_terms_single_term_gradient(term):
     """Backward of one term alone skips the other half of the kernel; the gradient must still be that term's."""
     s, t = _features((3, 5, 7, 9))
     s_tri, s_ref = _leaf(s), _leaf(s)
-    ops.sa_loss_terms(s_tri, t, backend='triton')[term].backward()
-    reference.sa_loss_terms(s_ref, t)[term].backward()
+    ops.spatial_kl_and_attention(s_tri, t, backend='triton')[term].backward()
+    reference.spatial_kl_and_attention(s_ref, t)[term].backward()
     _assert_grad_close(s_tri.grad, s_ref.grad, torch.float32)
 
 
 def _check_sa_terms(s_tri, s_ref, t, grad_dtype=torch.float32, **options):
-    """Triton vs reference `sa_loss_terms` on the leaves s_tri / s_ref: both values, then the gradient of their sum."""
-    dist, att = ops.sa_loss_terms(s_tri, t, backend='triton', **options)
-    dist_ref, att_ref = reference.sa_loss_terms(s_ref, t, **options)
+    """Triton vs reference `spatial_kl_and_attention` on the leaves s_tri / s_ref: both values, then the gradient of their sum."""
+    dist, att = ops.spatial_kl_and_attention(s_tri, t, backend='triton', **options)
+    dist_ref, att_ref = reference.spatial_kl_and_attention(s_ref, t, **options)
     torch.testing.assert_close(dist, dist_ref, rtol=LOSS_RTOL, atol=1e-6)
     torch.testing.assert_close(att, att_ref, rtol=LOSS_RTOL, atol=1e-6)
     (dist + att).backward()
@@ -145,7 +145,7 @@ def test_spatial_kl_matches_reference(shape, dtype):
 def test_teacher_takes_no_gradient():
     s, t = _features((2, 4, 3, 5))
     s, t = _leaf(s), _leaf(t)
-    dist, att = ops.sa_loss_terms(s, t, backend='triton')
+    dist, att = ops.spatial_kl_and_attention(s, t, backend='triton')
     (dist + att + ops.spatial_kl(s, t, backend='triton')).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
@@ -153,8 +153,8 @@ def test_teacher_takes_no_gradient():
 
 def test_forward_is_deterministic():
     s, t = _features((2, 70, 5, 5))
-    first = ops.sa_loss_terms(s, t, backend='triton')
-    second = ops.sa_loss_terms(s, t, backend='triton')
+    first = ops.spatial_kl_and_attention(s, t, backend='triton')
+    second = ops.spatial_kl_and_attention(s, t, backend='triton')
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -179,11 +179,11 @@ def test_sa_loss_terms_saves_only_inputs_and_small_stats():
     def is_large_temporary(x):
         return x.data_ptr() not in inputs and x.numel() >= b * c * h * w
 
-    saved = _saved_by(lambda s, t: ops.sa_loss_terms(s, t, backend='triton'), s, t)
+    saved = _saved_by(lambda s, t: ops.spatial_kl_and_attention(s, t, backend='triton'), s, t)
     assert {x.data_ptr() for x in saved} >= inputs
     assert not [tuple(x.shape) for x in saved if is_large_temporary(x)]
     # the check can fail: the reference keeps B x C x N softmaxes for its backward
-    assert any(is_large_temporary(x) for x in _saved_by(reference.sa_loss_terms, s, t))
+    assert any(is_large_temporary(x) for x in _saved_by(reference.spatial_kl_and_attention, s, t))
 
 
 def test_reference_gradcheck_float64():
@@ -193,37 +193,37 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: reference.spatial_attention(x, 2.0), (s,))
     assert torch.autograd.gradcheck(lambda x: reference.spatial_attention(x, 1.5), (s,))
     assert torch.autograd.gradcheck(lambda a, b: reference.spatial_kl(a, b, 2.0), (s, t))
-    assert torch.autograd.gradcheck(lambda a, b: reference.sa_loss_terms(a, b, 2.0, 2.0), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: reference.spatial_kl_and_attention(a, b, 2.0, 2.0), (s, t))
 
 
 def test_auto_on_cpu_runs_the_reference(monkeypatch):
-    from timm_sadistill.ops import sa_triton
+    from timm_sadistill.ops import spatial_triton
 
     def fail(*args):
         raise AssertionError('backend=auto ran the Triton kernel on CPU tensors')
 
-    for name in ('spatial_attention', 'spatial_kl', 'sa_loss_terms'):
-        monkeypatch.setattr(sa_triton, name, fail)
+    for name in ('spatial_attention', 'spatial_kl', 'spatial_kl_and_attention'):
+        monkeypatch.setattr(spatial_triton, name, fail)
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
     assert torch.equal(ops.spatial_attention(s), reference.spatial_attention(s))
     assert torch.equal(ops.spatial_kl(s, t), reference.spatial_kl(s, t))
-    assert all(torch.equal(a, b) for a, b in zip(ops.sa_loss_terms(s, t), reference.sa_loss_terms(s, t)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.spatial_kl_and_attention(s, t), reference.spatial_kl_and_attention(s, t)))
 
 
 @pytest.mark.skipif(DEVICE.type != 'cuda', reason='auto picks Triton only for CUDA tensors')
 def test_auto_on_cuda_runs_triton():
     s, t = _features((2, 5, 7, 9), torch.bfloat16)
-    assert all(torch.equal(a, b) for a, b in zip(ops.sa_loss_terms(s, t), ops.sa_loss_terms(s, t, backend='triton')))
+    assert all(torch.equal(a, b) for a, b in zip(ops.spatial_kl_and_attention(s, t), ops.spatial_kl_and_attention(s, t, backend='triton')))
     # float64 has no kernel: auto falls back to the reference
     s64, t64 = s.double(), t.double()
-    assert all(torch.equal(a, b) for a, b in zip(ops.sa_loss_terms(s64, t64), reference.sa_loss_terms(s64, t64)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.spatial_kl_and_attention(s64, t64), reference.spatial_kl_and_attention(s64, t64)))
 
 
 def test_errors_name_the_expected_value(monkeypatch):
     s, t = _features((2, 3, 4, 5))
     with pytest.raises(UsageError, match="Unknown backend 'bogus'; use one of auto, triton, torch"):
-        ops.sa_loss_terms(s, t, backend='bogus')
+        ops.spatial_kl_and_attention(s, t, backend='bogus')
     with pytest.raises(UsageError, match=r'same shape, got s \(2, 3, 4, 5\) and t \(2, 3, 4, 6\)'):
         ops.spatial_kl(s, torch.zeros(2, 3, 4, 6, device=DEVICE))
     with pytest.raises(UsageError, match='floating point tensor .* got torch.int64'):
@@ -231,11 +231,11 @@ def test_errors_name_the_expected_value(monkeypatch):
     with pytest.raises(UsageError, match=r'\(B, C, H, W\) feature map, got shape \(3, 4, 5\)'):
         ops.spatial_attention(s[0])
     with pytest.raises(UsageError, match='supports torch.float32, torch.float16, torch.bfloat16, got torch.float64'):
-        ops.sa_loss_terms(s.double(), t.double(), backend='triton')
+        ops.spatial_kl_and_attention(s.double(), t.double(), backend='triton')
     with pytest.raises(UsageError, match='tau must be > 0, got 0'):
         ops.spatial_kl(s, t, tau=0)
     with pytest.raises(UsageError, match='p must be > 0, got -1'):
-        ops.sa_loss_terms(s, t, p=-1)
+        ops.spatial_kl_and_attention(s, t, p=-1)
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(RuntimeError, match='got a tensor on cpu; move it to CUDA'):
         ops.spatial_attention(s.cpu(), backend='triton')

@@ -47,13 +47,13 @@ def _features(shape, dtype, layout, seed=0):
 
 def _ops(name: str, batch: int, device: torch.device) -> Tuple[Run, RefRun]:
     """The Triton op ``name`` and its chunked reference, each returning (outputs, loss to backpropagate)."""
-    if name == 'sa_loss_terms':
+    if name == 'spatial_kl_and_attention':
         def run(s, t):
-            dist, att = ops.sa_loss_terms(s, t, TAU, P, backend='triton')
+            dist, att = ops.spatial_kl_and_attention(s, t, TAU, P, backend='triton')
             return (dist, att), 0.7 * dist + 1.3 * att
 
         def ref(index, s, t, weight):
-            dist, att = reference.sa_loss_terms(s, t, TAU, P)
+            dist, att = reference.spatial_kl_and_attention(s, t, TAU, P)
             return (weight * dist, weight * att), weight * (0.7 * dist + 1.3 * att)
     elif name == 'spatial_kl':
         def run(s, t):
@@ -115,18 +115,18 @@ def _compare(name: str, shape, dtype, layout, chunk: int = CHUNK) -> None:
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_sa_loss_terms_large(shape, dtype, layout):
-    _compare('sa_loss_terms', shape, dtype, layout)
+    _compare('spatial_kl_and_attention', shape, dtype, layout)
 
 
 @gpu_only
 @pytest.mark.parametrize('name', ['spatial_kl', 'spatial_attention'])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_other_ops_large(name, dtype):
-    # one layout a dtype, as test_ops does for these: sa_loss_terms above covers every combination
+    # one layout a dtype, as test_ops does for these: spatial_kl_and_attention above covers every combination
     _compare(name, BIG, dtype, 'channels_last' if dtype == torch.bfloat16 else 'contiguous')
 
 
-@pytest.mark.parametrize('name', ['sa_loss_terms', 'spatial_kl', 'spatial_attention'])
+@pytest.mark.parametrize('name', ['spatial_kl_and_attention', 'spatial_kl', 'spatial_attention'])
 def test_chunked_reference_is_the_whole_batch_reference(name):
     shape = (5, 6, 7, 9)  # 5 samples in chunks of 2: an uneven last chunk
     s, t = (x.double() for x in _features(shape, torch.float32, 'contiguous'))
@@ -140,7 +140,7 @@ def test_chunked_reference_is_the_whole_batch_reference(name):
     torch.testing.assert_close(torch.cat([grad for _, _, grad in chunks]), s_whole.grad, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize('name', ['sa_loss_terms', 'spatial_kl', 'spatial_attention'])
+@pytest.mark.parametrize('name', ['spatial_kl_and_attention', 'spatial_kl', 'spatial_attention'])
 def test_compare_runs_at_a_small_shape(name):
     # bfloat16 channels-last: the loosest gradient tolerance and the strided layout, through the same code
     _compare(name, (5, 70, 11, 13), torch.bfloat16, 'channels_last', chunk=2)

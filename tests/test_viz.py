@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import timm_sadistill as tsd
-from timm_sadistill.viz import attention_maps, render_attention_maps, save_attention_maps
+from timm_sadistill.attention_maps import attention_maps, render_attention_maps, save_attention_maps
 
 from conftest import make_pattern_images, train_steps
 

@@ -5,7 +5,7 @@ from .losses import (  # registers the losses
     ATLoss, CWDLoss, DistillLoss, DKDLoss, FitNetLoss, KDLoss, SADistillLoss,
     create_distill_loss, get_distill_loss_class, list_distill_losses, loss_options, register_distill_loss,
 )
-from ._features import FeatureTaps, StageInfo, list_stages, pair_stages
+from .features import FeatureTaps, StageInfo, list_stages, pair_stages
 from .tasks import DistillTask, NonFiniteLossError, SADistillTask, create_distill_task, guard_finite_loss
 
 __version__ = '0.1.0'

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from ._common import run_command
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ['main', 'UsageError', 'SUBCOMMANDS']
 

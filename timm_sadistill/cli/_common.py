@@ -1,4 +1,10 @@
-"""Helpers shared by the subcommands: model creation and the one place that turns a user error into exit status 2."""
+"""Helpers shared by the subcommands: model creation and the one place that turns a user error into exit status 2.
+
+`USER_ERRORS` is the one list of what the command line treats as the user's error: the library raises `UsageError`
+(and `MissingExtraError`, a subclass) where it detects a mistake, with a message that names the flag or file and the
+fix; a non-finite loss is a problem of the run's settings and says which term. Any other exception is a bug and keeps
+its traceback (exit status 1).
+"""
 import sys
 from typing import Callable, Optional, Tuple
 
@@ -6,10 +12,13 @@ import timm
 import torch
 import torch.nn as nn
 
-from .._features import input_size_kwargs
-from .errors import USER_ERRORS, UsageError
+from ..features import input_size_kwargs
+from ..errors import UsageError
+from ..tasks.nonfinite import NonFiniteLossError
 
-__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command']
+__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command', 'USER_ERRORS']
+
+USER_ERRORS = (UsageError, NonFiniteLossError)
 
 
 def check_img_size(img_size: Optional[int], flag: str = '--img-size') -> Optional[Tuple[int, int]]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .._features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
+from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
 from ..errors import UsageError
 from ..losses import REQUIRED, get_distill_loss_class, list_distill_losses, loss_options
 from ._common import check_img_size, create_model, run_command

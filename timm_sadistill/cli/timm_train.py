@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from ..losses import loss_options
 from ..tasks import DistillTask, create_distill_task
-from .distill_options import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
-from .errors import OneLineArgumentParser, UsageError, check_finite_floats
+from .distill_flags import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
+from ..errors import UsageError
+from ._parser import OneLineArgumentParser, check_finite_floats
 
 __all__ = ['main', 'patched_timm_tasks']
 

@@ -14,13 +14,14 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from timm.models import clean_state_dict
 
-from ..tasks.distill import DistillTask
+from ..tasks.distill_task import DistillTask
 from ..tasks.factory import create_distill_task
 from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from ._common import check_device, check_img_size, create_model, run_command
-from .errors import OneLineArgumentParser, UsageError, check_finite_floats
-from .run_folder import check_output_path
-from .distill_options import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
+from ..errors import UsageError
+from ._parser import OneLineArgumentParser, check_finite_floats
+from ..training.run_folder import check_output_path
+from .distill_flags import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ..viz import require_matplotlib, save_attention_maps
+    from ..attention_maps import require_matplotlib, save_attention_maps
     require_matplotlib()  # fail before building models when the picture cannot be drawn
     check_finite_floats(parser, args)
     check_device('--device', args.device)

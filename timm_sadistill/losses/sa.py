@@ -125,7 +125,7 @@ class SADistillLoss(DistillLoss):
         SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * KD(logits, temperature))
 
     Shapes: student features (B, Cs_k, Hs_k, Ws_k), teacher features (B, Ct_k, Ht_k, Wt_k), logits (B, K).
-    Both terms of a stage come from one fused pass (``ops.sa_loss_terms``: Triton on CUDA, PyTorch otherwise).
+    Both terms of a stage come from one fused pass (``ops.spatial_kl_and_attention``: Triton on CUDA, PyTorch otherwise).
 
     Args:
         student_channels, teacher_channels: channels of each stage pair (the connectors are built from them).
@@ -260,7 +260,7 @@ class SADistillLoss(DistillLoss):
                 ops.spatial_kl(standardize_positions(s), standardize_positions(t), self.tau, backend=self.backend),
                 spatial_attention_distance(s, t, self.p, self.backend))) for s, t in pairs]).float()
         return torch.stack([
-            torch.stack(ops.sa_loss_terms(s, t, self.tau, self.p, backend=self.backend)) for s, t in pairs
+            torch.stack(ops.spatial_kl_and_attention(s, t, self.tau, self.p, backend=self.backend)) for s, t in pairs
         ]).float()
 
     def forward(self, student_feats, teacher_feats, student_logits, teacher_logits,

@@ -1,4 +1,4 @@
-"""SA ops with a fused Triton path and a plain PyTorch fallback.
+"""Spatial ops (the attention map of AT and SA, the spatial KL of CWD and SA, both at once for SA) with a fused Triton path and a plain PyTorch fallback.
 
 Every op takes ``backend='auto' | 'triton' | 'torch'``. ``auto`` runs the Triton kernels for CUDA tensors
 when triton imports and PyTorch otherwise; ``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1``
@@ -13,7 +13,7 @@ import torch
 from ..errors import UsageError
 from . import reference
 
-__all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms', 'sa_loss', 'triton_available', 'BACKENDS']
+__all__ = ['spatial_attention', 'spatial_kl', 'spatial_kl_and_attention', 'triton_available', 'BACKENDS']
 
 BACKENDS = ('auto', 'triton', 'torch')
 # what the Triton kernels read; float64 (gradcheck) stays on the reference
@@ -84,8 +84,8 @@ def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') ->
     _check_features('x', x)
     _check_positive(p=p)
     if _use_triton(backend, x):
-        from . import sa_triton
-        return sa_triton.spatial_attention(x, p)
+        from . import spatial_triton
+        return spatial_triton.spatial_attention(x, p)
     return reference.spatial_attention(x, p)
 
 
@@ -95,12 +95,12 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, backend: str 
     _check_pair(s, t)
     _check_positive(tau=tau)
     if _use_triton(backend, s, t):
-        from . import sa_triton
-        return sa_triton.spatial_kl(s, t, tau)
+        from . import spatial_triton
+        return spatial_triton.spatial_kl(s, t, tau)
     return reference.spatial_kl(s, t, tau)
 
 
-def sa_loss_terms(
+def spatial_kl_and_attention(
         s: torch.Tensor,
         t: torch.Tensor,
         tau: float = 4.0,
@@ -111,20 +111,7 @@ def sa_loss_terms(
     _check_pair(s, t)
     _check_positive(tau=tau, p=p)
     if _use_triton(backend, s, t):
-        from . import sa_triton
-        return sa_triton.sa_loss_terms(s, t, tau, p)
-    return reference.sa_loss_terms(s, t, tau, p)
+        from . import spatial_triton
+        return spatial_triton.spatial_kl_and_attention(s, t, tau, p)
+    return reference.spatial_kl_and_attention(s, t, tau, p)
 
-
-def sa_loss(
-        s: torch.Tensor,
-        t: torch.Tensor,
-        tau: float = 4.0,
-        p: float = 2.0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        backend: str = 'auto',
-) -> torch.Tensor:
-    """Scalar alpha * L_dist + beta * L_att for one stage pair (docs/method.md#the-sa-loss)."""
-    dist, att = sa_loss_terms(s, t, tau, p, backend=backend)
-    return alpha * dist + beta * att

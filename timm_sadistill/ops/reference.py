@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms', 'sa_loss']
+__all__ = ['spatial_attention', 'spatial_kl', 'spatial_kl_and_attention']
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tens
     return kl * (tau ** 2) / rows_s.shape[0]
 
 
-def sa_loss_terms(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def spatial_kl_and_attention(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two unweighted SA terms (docs/method.md#the-sa-loss).
 
     L_dist = spatial_kl(s, t, tau); L_att = 1/B * sum_b ||a^S_b - a^T_b||_2^2 with a = spatial_attention(., p).
@@ -66,15 +66,3 @@ def sa_loss_terms(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float =
     att = (spatial_attention(s, p) - spatial_attention(t, p)).pow(2).sum(dim=1).mean()
     return spatial_kl(s, t, tau), att
 
-
-def sa_loss(
-        s: torch.Tensor,
-        t: torch.Tensor,
-        tau: float = 4.0,
-        p: float = 2.0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-) -> torch.Tensor:
-    """alpha * L_dist + beta * L_att for one stage pair (see `sa_loss_terms`)."""
-    dist, att = sa_loss_terms(s, t, tau, p)
-    return alpha * dist + beta * att

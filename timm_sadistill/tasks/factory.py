@@ -5,8 +5,8 @@ import torch.nn as nn
 from timm.task import DistillationTeacher
 
 from ..losses import get_distill_loss_class
-from .distill import DistillTask
-from .sa import SADistillTask
+from .distill_task import DistillTask
+from .sa_task import SADistillTask
 
 __all__ = ['create_distill_task']
 

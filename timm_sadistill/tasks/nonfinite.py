@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.utils.model import unwrap_model
 
-from .distill import DistillTask
+from .distill_task import DistillTask
 
 __all__ = ['NonFiniteLossError', 'diagnose_nonfinite', 'describe_nonfinite', 'guard_finite_loss']
 

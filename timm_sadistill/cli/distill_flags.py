@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..losses import list_distill_losses
 from ..losses.sa import SA_OPTIONS, SAOption
 from ..tasks import check_teacher_weights
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = [
     'add_distill_arguments', 'add_stage_arguments', 'add_sa_arguments', 'parse_stages', 'join_stage_values',

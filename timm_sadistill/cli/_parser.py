@@ -1,19 +1,11 @@
-"""What the command line treats as the user's error: one ``<prog>: error: ...`` line and exit status 2.
-
-`USER_ERRORS` is the one list: the library raises `UsageError` (and `MissingExtraError`, a subclass) where it detects
-a mistake, with a message that names the flag or file and the fix; a non-finite loss is a problem of the run's
-settings and says which term. Any other exception is a bug and keeps its traceback (exit status 1).
-"""
+"""The argument parser of every subcommand: a mistake is one line, and no float flag takes NaN or inf."""
 import argparse
 import math
 from typing import NoReturn
 
-from ..errors import MissingExtraError, UsageError
-from ..tasks.nonfinite import NonFiniteLossError
+from ..errors import UsageError
 
-__all__ = ['UsageError', 'MissingExtraError', 'USER_ERRORS', 'OneLineArgumentParser', 'check_finite_floats']
-
-USER_ERRORS = (UsageError, NonFiniteLossError)
+__all__ = ['OneLineArgumentParser', 'check_finite_floats']
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

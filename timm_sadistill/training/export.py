@@ -18,7 +18,7 @@ from ..losses import loss_options
 from ..model_folder import (
     MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights, save_model_folder,
 )
-from .distill_options import distill_task_kwargs
+from ..cli.distill_flags import distill_task_kwargs
 
 __all__ = ['MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'label_names_of', 'train_command_line']
 

@@ -6,7 +6,7 @@ from timm.task import DistillationTeacher
 
 from ..errors import UsageError
 from ..losses.sa import SA_OPTIONS, document_sa_options
-from .distill import DistillTask
+from .distill_task import DistillTask
 
 __all__ = ['SADistillTask']
 

@@ -18,7 +18,7 @@ from timm.utils.model import unwrap_model
 from . import ops
 from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
-from .tasks.distill import DistillTask
+from .tasks.distill_task import DistillTask
 
 __all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps', 'require_matplotlib']
 

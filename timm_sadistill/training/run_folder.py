@@ -14,8 +14,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from .atomic_save import atomic_write, remove_partial_writes
-from .errors import UsageError
+from .._atomic import atomic_write, remove_partial_writes
+from ..errors import UsageError
 
 __all__ = ['check_output_path', 'create_run_folder', 'check_resume_matches', 'trim_summary', 'disk_full_is_usage_error']
 

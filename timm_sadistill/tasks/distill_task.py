@@ -9,7 +9,7 @@ from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
-from .._features import (
+from ..features import (
     FeatureTaps, StagesArg, check_input_size, input_size_kwargs, list_stages, pair_stages, resolve_img_size,
 )
 from ..errors import UsageError

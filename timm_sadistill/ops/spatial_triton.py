@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-__all__ = ['spatial_attention', 'spatial_kl', 'sa_loss_terms']
+__all__ = ['spatial_attention', 'spatial_kl', 'spatial_kl_and_attention']
 
 # F.normalize's default: the smallest norm an attention map is divided by
 _NORM_EPS = 1e-12
@@ -147,7 +147,7 @@ def _attention_finish_kernel(
     """Per sample b, from the partial |x|^p sums (B, n_cblk, N).
 
     PAIR False (spatial_attention): MAP_S <- a^s_b = A^s_b / max(||A^s_b||, eps), NORM_S[b] <- ||A^s_b||.
-    PAIR True (sa_loss_terms): ATT[b] <- ||a^s_b - a^t_b||^2 / B and MAP_S <- dL_att/dA^s_b / C (what the
+    PAIR True (spatial_kl_and_attention): ATT[b] <- ||a^s_b - a^t_b||^2 / B and MAP_S <- dL_att/dA^s_b / C (what the
     backward multiplies with d|s|^p/ds); MAP_T is scratch.
     """
     b = tl.program_id(0).to(tl.int64)
@@ -266,9 +266,9 @@ class _Stats(NamedTuple):
     lse_s: Optional[torch.Tensor]  # (B, C) log-sum-exp of s/tau per row
     lse_t: Optional[torch.Tensor]  # (B, C) same for t
     kl: Optional[torch.Tensor]  # (B, n_cblk) tau^2/(B*C)-scaled KL sums of the channel blocks
-    map_s: Optional[torch.Tensor]  # (B, N) spatial_attention's maps, or sa_loss_terms' dL_att/dA^s / C
+    map_s: Optional[torch.Tensor]  # (B, N) spatial_attention's maps, or spatial_kl_and_attention' dL_att/dA^s / C
     norm_s: Optional[torch.Tensor]  # (B,) ||A^s_b|| (spatial_attention only)
-    att: Optional[torch.Tensor]  # (B,) ||a^s_b - a^t_b||^2 / B (sa_loss_terms only)
+    att: Optional[torch.Tensor]  # (B,) ||a^s_b - a^t_b||^2 / B (spatial_kl_and_attention only)
 
 
 def _forward(s: torch.Tensor, t: Optional[torch.Tensor], tau: float, p: float, do_att: bool) -> _Stats:
@@ -368,7 +368,7 @@ class SpatialKLFunction(torch.autograd.Function):
         return _backward(s, t, lse_s, lse_t, grad, None, ctx.tau, 2.0), None, None
 
 
-class SALossTermsFunction(torch.autograd.Function):
+class SpatialKLAndAttentionFunction(torch.autograd.Function):
     """(L_dist, L_att) from one read of s and t; no gradient for t.
 
     L_dist = spatial_kl(s, t, tau); L_att = 1/B * sum_b ||a^s_b - a^t_b||_2^2, a = spatial attention maps.
@@ -403,9 +403,9 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tens
     return SpatialKLFunction.apply(s, t.detach(), tau)
 
 
-def sa_loss_terms(
+def spatial_kl_and_attention(
         s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L_dist, L_att), two float32 scalars, from one read of s and t (forward) and one of s, t plus a write of
     ds (backward); t takes no gradient."""
-    return SALossTermsFunction.apply(s, t.detach(), tau, p)
+    return SpatialKLAndAttentionFunction.apply(s, t.detach(), tau, p)

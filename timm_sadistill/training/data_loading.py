@@ -1,4 +1,4 @@
-"""Data for ``timm-sadistill train``: timm's datasets and loaders as train.py builds them, behind checks of the data
+"""Data for a training run: timm's datasets and loaders as train.py builds them, behind checks of the data
 folder that stop with the path to fix, before anything is written.
 
 The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
@@ -19,30 +19,10 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from ..errors import UsageError
 from .image_decode import check_decodes, fail_on_unreadable
 
-__all__ = ['add_data_arguments', 'create_datasets', 'create_loaders']
-
-CHECK_IMAGES_DEFAULT = 4
-
-
-def _image_count(value: str) -> Union[int, str]:
-    """``--check-images``: a count of images per class (0 or more) or ``all``."""
-    if value == 'all':
-        return value
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a count of images per class or 'all', got '{value}'")
-    return int(value)
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data-check flags of ``train``."""
-    group = parser.add_argument_group('Data checks (timm-sadistill)')
-    group.add_argument('--check-images', type=_image_count, default=CHECK_IMAGES_DEFAULT, metavar='N|all',
-                       help=f'Images per class decoded before anything is written (default: {CHECK_IMAGES_DEFAULT}; '
-                            "'all': every image, split over the ranks). Any other image is decoded when it is read, "
-                            'and one that does not decode stops the run with its path.')
+__all__ = ['create_datasets', 'create_loaders']
 
 
 def _create_dataset(args: argparse.Namespace, split: str, **kwargs) -> Dataset:

@@ -1,0 +1,234 @@
+"""Stage taps: intermediate features of any timm model, selected by stage name, index or ``auto``.
+
+A *stage* is an entry of the model's ``feature_info`` (``layer3``, ``stages.2``, ``blocks.5``), chosen by
+module name or by index into ``feature_info`` (negative allowed; on a ResNet index 0 is ``act1``), or any
+submodule path (``layer3.1.conv2``), read through a forward hook. Features come back as NCHW tensors:
+token sequences of ViT-style models become (B, C, H, W) grids without their prefix tokens. Which stages ``auto``
+picks is `timm_sadistill.features.stage_pairing`'s rule.
+"""
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.utils.model import unwrap_model
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import UsageError
+from .input_size import resolve_img_size
+
+__all__ = ['StageInfo', 'StagesArg', 'FeatureTaps', 'list_stages', 'resolve_stages', 'valid_stages_message']
+
+StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One selectable stage. ``index`` counts into ``feature_info``; it is None for a hooked submodule path."""
+    name: str
+    index: Optional[int]
+    channels: int
+    reduction: int
+
+
+def _feature_info_entries(model: nn.Module) -> List[dict]:
+    info = getattr(unwrap_model(model), 'feature_info', None)
+    if info is None:
+        return []
+    return list(info.info) if hasattr(info, 'info') else list(info)
+
+
+def list_stages(model: nn.Module) -> List[StageInfo]:
+    """Name, index, channels and reduction of each ``feature_info`` stage of a timm model.
+
+    Works through DDP, ``torch.compile`` and EMA wrappers.
+    """
+    return [
+        StageInfo(name=e['module'], index=i, channels=int(e['num_chs']), reduction=int(e['reduction']))
+        for i, e in enumerate(_feature_info_entries(model))
+    ]
+
+
+def valid_stages_message(model: nn.Module) -> str:
+    stages = list_stages(model)
+    if not stages:
+        return "this model has no feature_info: pass submodule paths such as 'layer3' (see model.named_modules())"
+    listed = ', '.join(f"'{s.name}' ({s.index})" for s in stages)
+    return (
+        f"valid stages of {type(unwrap_model(model)).__name__} are {listed} "
+        f"(names, or their indices into feature_info, negative allowed), or any submodule path"
+    )
+
+
+def resolve_stages(model: nn.Module, stages: StagesArg) -> List[Union[StageInfo, str]]:
+    """Turn names and indices into `StageInfo`s (kept as they are); paths outside ``feature_info`` stay strings.
+
+    Raises:
+        UsageError: for an unknown name, an index out of range or a value that is neither, listing the valid stages.
+    """
+    if isinstance(stages, (str, int)):
+        stages = [stages]
+    known = list_stages(model)
+    by_name = {s.name: s for s in known}
+    modules = dict(unwrap_model(model).named_modules())
+    resolved: List[Union[StageInfo, str]] = []
+    for spec in stages:
+        if isinstance(spec, StageInfo):
+            resolved.append(spec)
+            continue
+        if isinstance(spec, bool) or not isinstance(spec, (str, int)):
+            raise UsageError(f"A stage is a name (str) or an index (int) into feature_info, got {spec!r}.")
+        if isinstance(spec, int):
+            if not -len(known) <= spec < len(known):
+                raise UsageError(f"Stage index {spec} is out of range; {valid_stages_message(model)}.")
+            resolved.append(known[spec])
+        elif spec in by_name:
+            resolved.append(by_name[spec])
+        elif spec == 'auto':
+            raise UsageError("'auto' selects all stages and cannot be mixed with other stages; pass stages='auto'.")
+        elif spec in modules and spec != '':
+            resolved.append(spec)
+        else:
+            raise UsageError(f"Unknown stage '{spec}'; {valid_stages_message(model)}.")
+    return resolved
+
+
+def _tokens_to_grid(tokens: torch.Tensor, model: nn.Module, input_hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, prefix + H*W, C) token sequence -> (B, C, H, W) grid without prefix tokens."""
+    prefix = int(getattr(model, 'num_prefix_tokens', 0))
+    patch_embed = getattr(model, 'patch_embed', None)
+    num_patches = tokens.shape[1] - prefix
+    if patch_embed is not None and hasattr(patch_embed, 'dynamic_feat_size'):
+        grid_h, grid_w = patch_embed.dynamic_feat_size(input_hw)
+    else:
+        grid_h = grid_w = math.isqrt(num_patches)
+    if grid_h * grid_w != num_patches:
+        raise UsageError(
+            f"Cannot lay {num_patches} tokens of {type(model).__name__} out as a grid; "
+            "tap a stage listed in feature_info instead."
+        )
+    return rearrange(tokens[:, prefix:], 'b (h w) c -> b c h w', h=grid_h, w=grid_w)
+
+
+class FeatureTaps(nn.Module):
+    """A timm model that returns its logits and the features of chosen stages.
+
+    ``logits, feats = taps(x)``: ``feats`` is a list of (B, C_k, H_k, W_k) tensors, one per stage, in the order
+    given. Stages from ``feature_info`` are read by one ``forward_intermediates`` call where the model has it; other
+    submodule paths (and models without ``forward_intermediates``, or wrapped in DDP, whose forward must run for
+    gradient sync) are read by forward hooks that live only for the duration of the call, so copies of the module
+    (EMA) never carry stale hooks.
+
+    Args:
+        model: a timm model, possibly wrapped by DDP, ``torch.compile`` or an EMA.
+        stages: names, indices into ``feature_info`` (negative allowed), submodule paths, or ``'auto'``
+            (the deepest stage at each reduction >= 4 whose map is at least 4x4 at ``img_size``).
+        img_size: input size used by ``'auto'`` and to probe hooked submodules (default: the model's).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            stages: StagesArg = 'auto',
+            img_size: Optional[Union[int, Sequence[int]]] = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.img_size = resolve_img_size(img_size, model)
+        if isinstance(stages, str) and stages == 'auto':
+            from .stage_pairing import auto_stages  # the rule pairs taps, so it imports this module: import it late
+            resolved: List[Union[StageInfo, str]] = list(auto_stages(model, self.img_size))
+        else:
+            resolved = resolve_stages(model, stages)
+        base = unwrap_model(model)
+        self.use_hooks = (
+            # a path outside feature_info, given as a string or as the StageInfo of one (index None, as a task
+            # passes the stages pair_stages resolved) has no index for forward_intermediates
+            any(isinstance(s, str) or s.index is None for s in resolved)
+            or not hasattr(base, 'forward_intermediates')
+            or isinstance(model, DistributedDataParallel)
+        )
+        self.stages: List[StageInfo] = self._complete_hooked(resolved) if resolved else []
+
+    @property
+    def channels(self) -> List[int]:
+        return [s.channels for s in self.stages]
+
+    @property
+    def reductions(self) -> List[int]:
+        return [s.reduction for s in self.stages]
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.stages]
+
+    def _complete_hooked(self, resolved: List[Union[StageInfo, str]]) -> List[StageInfo]:
+        """Fill in channels and reduction of hooked submodule paths with one probe forward."""
+        paths = [s for s in resolved if isinstance(s, str)]
+        if not paths:
+            return list(resolved)
+        base = unwrap_model(self.model)
+        in_chans = int(getattr(base, 'in_chans', 3))
+        param = next(base.parameters(), None)
+        probe = torch.zeros(1, in_chans, *self.img_size,
+                            device=param.device if param is not None else None,
+                            dtype=param.dtype if param is not None else None)
+        was_training = base.training
+        base.eval()  # a probe must not move BatchNorm running statistics
+        try:
+            with torch.no_grad():
+                _, feats = self._run_with_hooks(base, probe, paths)
+        finally:
+            base.train(was_training)
+        found = {
+            path: StageInfo(name=path, index=None, channels=f.shape[1], reduction=max(1, round(self.img_size[0] / f.shape[2])))
+            for path, f in zip(paths, feats)
+        }
+        return [found[s] if isinstance(s, str) else s for s in resolved]
+
+    def _to_nchw(self, x: torch.Tensor, input_hw: Tuple[int, int], name: str) -> torch.Tensor:
+        base = unwrap_model(self.model)
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        if x.dim() == 3:
+            return _tokens_to_grid(x, base, input_hw)
+        if x.dim() == 4:
+            return x.permute(0, 3, 1, 2) if getattr(base, 'output_fmt', 'NCHW') == 'NHWC' else x
+        raise UsageError(
+            f"Stage '{name}' of {type(base).__name__} outputs shape {tuple(x.shape)}, not a feature map or token "
+            f"sequence; pick another stage ({valid_stages_message(self.model)})."
+        )
+
+    def _run_with_hooks(self, runner: nn.Module, x: torch.Tensor, paths: List[str]):
+        modules = dict(unwrap_model(self.model).named_modules())
+        captured: Dict[str, torch.Tensor] = {}
+
+        def hook_for(path):
+            def hook(_module, _args, output):
+                captured[path] = output
+            return hook
+
+        with ExitStack() as stack:
+            for path in dict.fromkeys(paths):
+                stack.callback(modules[path].register_forward_hook(hook_for(path)).remove)
+            logits = runner(x)
+        missing = [p for p in paths if p not in captured]
+        if missing:
+            raise RuntimeError(f"Stages {missing} did not run in the forward pass of {type(unwrap_model(self.model)).__name__}.")
+        input_hw = (x.shape[-2], x.shape[-1])
+        return logits, [self._to_nchw(captured[p], input_hw, p) for p in paths]
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """x: (B, C_in, H, W) -> (logits (B, num_classes), [(B, C_k, H_k, W_k) per stage])."""
+        if not self.stages:
+            return self.model(x), []
+        if self.use_hooks:
+            return self._run_with_hooks(self.model, x, self.names)
+        base = unwrap_model(self.model)
+        indices = sorted({s.index for s in self.stages})
+        final, intermediates = base.forward_intermediates(x, indices=indices, output_fmt='NCHW')
+        by_index = dict(zip(indices, intermediates))
+        return base.forward_head(final), [by_index[s.index] for s in self.stages]

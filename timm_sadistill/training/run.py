@@ -1,0 +1,319 @@
+"""A whole training run from timm train.py's parsed flags: checks, models, data, the task, the epochs, the run
+folder, the checkpoints and the exported model folder.
+
+``--distill none`` trains a plain model with timm's ClassificationTask (that is how teachers are trained); any other
+method builds ``create_distill_task(...)`` with a frozen teacher loaded from ``--teacher-checkpoint``, from a model
+folder (``--teacher local-dir:<folder>``) or from the hub with ``--teacher-pretrained``. The output folder is
+timm's: ``<output>/<experiment>/`` with args.yaml, summary.csv, last.pth.tar, model_best.pth.tar (readable by
+``timm.task.resume_task_checkpoint``) and model/, the student at its best epoch as a timm model folder
+(``timm.create_model('local-dir:<output>/<experiment>/model', pretrained=True)``; see
+`timm_sadistill.training.export`). Distributed: only rank 0 writes files.
+"""
+import argparse
+import logging
+import os
+from datetime import datetime
+from functools import partial
+from contextlib import suppress
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm import utils
+from timm.data import resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, is_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import NativeScaler, get_state_dict, unwrap_model
+
+from .._atomic import save_safetensors_atomic
+from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
+from ..errors import UsageError
+from ..features import input_size_kwargs
+from ..losses import loss_options
+from ..model_folder import model_folder_of
+from ..tasks import create_distill_task
+from ..cli._common import check_device, check_img_size
+from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs
+from .checkpoint_saver import AtomicCheckpointSaver
+from .data_loading import create_datasets, create_loaders
+from .export import LEGACY_WEIGHTS_FILE, export_student, label_names_of
+from .loop import train_one_epoch, validate
+from .run_folder import check_output_path, check_resume_matches, create_run_folder, disk_full_is_usage_error, trim_summary
+
+__all__ = ['train']
+
+_logger = logging.getLogger('timm_sadistill.train')
+
+# a test-only hook for the torchrun test, whose ranks are subprocesses: every rank writes its final student state to
+# <dir>/rank<k>.safetensors
+DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
+
+
+def _check_distill_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Refuse inconsistent model/teacher flags before anything is loaded; the config.json of a ``local-dir:``
+    teacher, None for others."""
+    if not is_model(args.model):
+        raise UsageError(f"Unknown model '{args.model}'; list the names with timm.list_models('*pattern*').")
+    if args.distill == 'none':
+        if args.teacher or args.teacher_checkpoint:
+            raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
+        return None
+    if not args.teacher:
+        raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
+    if os.path.isdir(args.teacher):
+        raise UsageError(f"--teacher '{args.teacher}' is a folder; name it as timm does: --teacher local-dir:{args.teacher}.")
+    if model_folder_of(args.teacher) is None and not is_model(args.teacher):
+        raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
+    teacher_config = check_teacher_flags(args.teacher, args)
+    if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
+        raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
+    if args.save_attention_maps:
+        if args.distill != 'sa':
+            raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
+        from ..attention_maps import require_matplotlib
+        require_matplotlib()  # before training, not after it
+    return teacher_config
+
+
+def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: torch.device) -> nn.Module:
+    """timm train.py's choice of training loss (``--bce-loss`` replaces cross-entropy when there is smoothing or
+    mixup, as there)."""
+    bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if mixup_active:  # smoothing is part of the mixup targets
+        loss = BinaryCrossEntropy(**bce_kwargs) if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        if args.bce_loss:
+            loss = BinaryCrossEntropy(smoothing=args.smoothing, **bce_kwargs)
+        else:
+            loss = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        if args.bce_loss:  # same flags, same loss as timm's train.py, which takes BCE only with smoothing or mixup
+            _logger.warning("--bce-loss has no effect without --smoothing or mixup/cutmix (as in timm's train.py): "
+                            "training with cross-entropy.")
+        loss = nn.CrossEntropyLoss()
+    return loss.to(device=device)
+
+
+def _create_task(args, model, train_loss, device, img_size) -> TrainingTask:
+    if args.distill == 'none':
+        return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
+    options = distill_task_kwargs(args)
+    if args.kd_temperature is not None:
+        options['temperature'] = args.kd_temperature
+    return create_distill_task(
+        args.distill, model, args.teacher, criterion=train_loss, img_size=img_size,
+        distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+        device=device, verbose=utils.is_primary(args), **options,
+    )
+
+
+def _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast) -> None:
+    """Log the teacher's validation top-1: a teacher that does not know the task cannot teach it."""
+    teacher = task.teacher
+
+    def predict(input: torch.Tensor) -> torch.Tensor:
+        return teacher.model(teacher.normalize_input(input, task.student_mean, task.student_std))
+
+    metrics = validate(predict, loader_eval, args, device, amp_autocast, log_name='Teacher')
+    if utils.is_primary(args):
+        _logger.info(f"Teacher {args.teacher} top-1 on '{args.val_split}': {metrics['top1']:.2f}%")
+
+
+def _save_attention_maps(task, loader, output_dir: str) -> None:
+    """The teacher's and the student's maps for the first images of ``loader``, as attention_maps.png."""
+    from ..attention_maps import save_attention_maps
+    _logger.info(f'Attention maps written to {save_attention_maps(task, loader, output_dir)}')
+
+
+def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
+    """Test-only (TSD_TEST_DUMP_PARAMS): every rank writes its final student state for a cross-rank comparison."""
+    folder = os.environ.get(DUMP_PARAMS_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        save_safetensors_atomic(get_state_dict(task.get_eval_model(), unwrap_model),
+                                os.path.join(folder, f'rank{args.rank}.safetensors'))
+
+
+def train(args: argparse.Namespace, args_text: str, command: Optional[str] = None) -> Dict[str, Any]:
+    """Run the whole training; returns ``{'output_dir', 'best_metric', 'best_epoch'}`` (output_dir None off rank 0).
+
+    ``command`` (the command line of the run) goes into the exported model card.
+    """
+    teacher_config = _check_distill_args(args)
+    if args.num_classes is None and teacher_config is not None:  # a teacher folder knows the classes
+        args.num_classes = teacher_config.get('num_classes')
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    if args.resume:
+        check_checkpoint_readable(args.resume, '--resume checkpoint')
+        check_resume_matches(args.resume, read_checkpoint_args(args.resume), args)
+    check_output_path(args.output or './output/train')
+    check_device('--device', args.device)
+    device = utils.init_distributed_device(args)
+    try:
+        return _train_on_device(args, args_text, device, command)
+    finally:
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.device, command: Optional[str]) -> Dict[str, Any]:
+    if args.distributed:
+        _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    utils.random_seed(args.seed, args.rank)
+
+    if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
+        check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    img_size = tuple(args.input_size[-2:]) if args.input_size else check_img_size(args.img_size)
+    model = create_model(  # a ViT student is built for the training size
+        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
+        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
+        **input_size_kwargs(args.model, img_size), **args.model_kwargs,
+    )
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
+    loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and amp_dtype == torch.float16 else None
+
+    dataset_train, dataset_eval = create_datasets(args, data_config)
+    _check_num_classes(args, dataset_train)
+    loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
+    train_loss = _create_train_loss(args, mixup_active, device)
+
+    task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))
+    task.to(device)
+    if args.distill != 'none' and loader_eval is not None:
+        _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
+
+    if not args.lr:  # timm's rule: scale lr_base by the global batch size
+        batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
+        if not args.lr_base_scale:
+            args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+        args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
+    # the trainable module holds the student and the loss's connectors, so both train
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args),
+        )
+    if args.model_ema:  # after moving to the device, before DDP, as in timm
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile)
+    if args.distributed:
+        # pass broadcast_buffers only to turn it off: newer torch warns whenever it is given
+        ddp_kwargs = {'broadcast_buffers': False} if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    decreasing_metric = eval_metric == 'loss'
+    output_dir = saver = None
+    if utils.is_primary(args):
+        experiment = '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
+        ])
+        output_dir = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
+        saver = AtomicCheckpointSaver(
+            model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
+            max_history=args.checkpoint_hist, task=task,
+        )
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch,
+    )
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:  # the schedule is a function of the epoch: replay it
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    if utils.is_primary(args):
+        _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+
+    best_metric = best_epoch = None
+    for epoch in range(start_epoch, num_epochs):
+        for sampler in (getattr(loader_train, 'sampler', None), getattr(loader_train, 'batch_sampler', None)):
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(epoch)
+                break
+        train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, lr_scheduler,
+                                        amp_autocast, loss_scaler, mixup_fn)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
+            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+
+        eval_metrics = None
+        if loader_eval is not None:
+            eval_model = task.get_eval_model()
+            eval_model.eval()
+            eval_metrics = validate(eval_model, loader_eval, args, device, amp_autocast)
+            if task.has_ema():  # as in timm: with EMA, the EMA weights are the ones that are ranked
+                ema_eval_model = task.get_eval_model(ema=True)
+                ema_eval_model.eval()
+                eval_metrics = validate(ema_eval_model, loader_eval, args, device, amp_autocast, log_name='Test (EMA)')
+        latest_metric = (eval_metrics or train_metrics)[eval_metric]
+
+        if saver is not None:
+            lrs = [group['lr'] for group in optimizer.param_groups]
+            summary = os.path.join(output_dir, 'summary.csv')
+            with disk_full_is_usage_error(output_dir):
+                # the header goes into a new or empty file (also when --resume starts a new --experiment)
+                utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                                     write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+                if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)):
+                    export_student(task, args, output_dir, epoch, data_config,
+                                   label_names_of(dataset_train, args.num_classes), eval_metrics, command)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, latest_metric)
+
+    if best_metric is not None:
+        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    if args.save_attention_maps and saver is not None:
+        _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
+    _dump_rank_params(task, args)
+    return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+
+
+def _check_num_classes(args: argparse.Namespace, dataset) -> None:
+    """Refuse ``--num-classes`` below the class folders of the training split: labels past the head would fail (or,
+    on a GPU, corrupt memory) deep inside the loss."""
+    classes = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if classes and len(classes) > args.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
+                         f"'{os.path.join(args.data_dir, args.train_split)}'; pass --num-classes {len(classes)}.")
