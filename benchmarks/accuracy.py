@@ -1,5 +1,8 @@
 """Accuracy of every distillation method on data-starved students, through the real ``timm-sadistill train``.
 
+Superseded by ``benchmarks/sa_search.py``, which separates the methods (this benchmark's KD gain was narrower than
+its seed noise); its results stay in ``benchmarks/results/superseded/`` (benchmarks/README.md).
+
 Protocol (docs/method.md#measuring-it-data-starved-students): each teacher trains once on the full train split of a
 dataset (seed 0, cached); each student trains on ``--per-class`` images a class of the same split, at 64 px, with
 one schedule for every method, on the same seeds, and is scored by its validation top-1 after the last epoch (no
@@ -7,8 +10,8 @@ selection on the validation split). Methods run with their defaults (``--distill
 ``create_distill_task('sa', ...)``'s defaults). Every run is cached as a json per (dataset, pair, method, seed)
 under ``--cache``, so an interrupted benchmark resumes where it stopped.
 
-    python benchmarks/accuracy.py                    # main table -> benchmarks/results/accuracy.{md,csv,png}
-    python benchmarks/accuracy.py --mode ablation    # SA/KD ablation -> benchmarks/results/ablation.{md,csv}
+    python benchmarks/accuracy.py                    # main table -> benchmarks/results/superseded/accuracy.{md,csv,png}
+    python benchmarks/accuracy.py --mode ablation    # SA/KD ablation -> benchmarks/results/superseded/ablation.{md,csv}
     python benchmarks/accuracy.py --seeds 0 --epochs 1 --methods none,sa --datasets lfw --pairs homo \\
         --cache /tmp/c --results /tmp/r               # a smoke run (what tests/test_datasets.py does)
 
@@ -310,7 +313,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--jobs', type=int, default=2, help='runs in parallel')
     parser.add_argument('--threads', type=int, default=1, help='torch threads of each run')
     parser.add_argument('--cache', default=os.path.join(ROOT, 'benchmarks', '.cache'))
-    parser.add_argument('--results', default=os.path.join(ROOT, 'benchmarks', 'results'))
+    parser.add_argument('--results', default=os.path.join(ROOT, 'benchmarks', 'results', 'superseded'))
     return parser.parse_args(argv)
 
 

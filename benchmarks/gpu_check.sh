@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one check for a lent GPU machine (issue 10, items 1 and 3), run once, in at most 9 minutes, with no network:
+# The one check for a lent GPU machine (the kernels compiled, tested and timed; training on the GPU), run once, in at
+# most 9 minutes, with no network:
 #   1. op tests, Triton compiled on CUDA: tests/test_ops.py (every op, dtype and layout at small and odd shapes)
 #   2. op tests at training scale: tests/test_ops_large.py (B 256, C 2048, 56x56; values and gradients)
 #   3. kernel benchmark: benchmarks/kernels.py (eager / torch.compile / Triton, fwd+bwd, memory, % of HBM peak)

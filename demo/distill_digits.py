@@ -10,8 +10,8 @@
    and ``kd``, each at its defaults, the teacher given as ``--teacher local-dir:<out>/teacher/model``;
 4. prints top-1 on the validation split and the wall time of each run, and where the outputs are.
 
-Every step is the real command line, with the recipe of `benchmarks.launch`. One seed only: the README's
-Results (benchmarks/results/sa-search/) have the paired means over 20 seeds.
+Every step is the real command line, with the recipe of `benchmarks.launch`. One seed only: docs/results.md
+(from benchmarks/results/sa-search/) has the paired means over 20 seeds.
 """
 import argparse
 import os
@@ -69,7 +69,7 @@ def main() -> int:
     for name, result in results.items():
         print(f'| {name} | {result.top1_final:.1f} | {result.wall_s:.0f} | {os.path.relpath(result.output_dir)} |')
     print(f'\ntotal {time.perf_counter() - start:.0f} s; outputs (summary.csv, model/ folders, logs) in '
-          f"{os.path.relpath(args.out)}/. One seed: the README's Results have paired means over seeds.")
+          f"{os.path.relpath(args.out)}/. One seed: docs/results.md has paired means over seeds.")
     return 0
 
 

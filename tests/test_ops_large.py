@@ -24,7 +24,7 @@ from test_ops import DTYPES, LAYOUTS, LOSS_RTOL, _assert_grad_close  # noqa: E40
 DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 gpu_only = pytest.mark.skipif(DEVICE.type != 'cuda', reason='training-scale shapes need a GPU')
 
-BIG = (256, 2048, 56, 56)  # issue 10's shape: every extent at its training-scale maximum at once
+BIG = (256, 2048, 56, 56)  # B, C and H*W each at its training-scale maximum (ResNet-50's), all at once
 LARGE_SHAPES = [BIG, (256, 2048, 7, 7)]  # and ResNet-50's last stage: 49 positions, masked tails at full B and C
 CHUNK = 32  # reference samples at a time: 0.8 GB per float32 temporary at BIG
 TAU, P = 4.0, 2.0

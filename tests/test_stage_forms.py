@@ -1,4 +1,4 @@
-"""Every stage form the README documents (names, indices, negative indices, submodule paths, ``auto``), for every
+"""Every stage form docs/stages.md documents (names, indices, negative indices, submodule paths, ``auto``), for every
 registered method, through ``create_distill_task`` and through the command line (``stages`` and a short ``train``).
 
 Methods on logits only (KD, DKD) take no stages: an explicit form is refused with a one-line error, ``auto`` taps
