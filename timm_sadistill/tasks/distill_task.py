@@ -275,7 +275,8 @@ class DistillTask(TrainingTask):
         self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
 
         loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
-        loss_options = loss_kwargs if isinstance(loss, str) else loss.option_values
+        # a built loss of a registered class records its options; another one has only its attributes
+        loss_options = loss_kwargs if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
         if loss_class.compares_logits(**loss_options):
             _check_class_counts(student_model, self.teacher.model, loss_class)
         policy = loss_class.stage_policy

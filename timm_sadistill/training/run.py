@@ -18,7 +18,6 @@ from contextlib import suppress
 from typing import Any, Dict, Optional
 
 import torch
-import yaml
 import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
@@ -29,6 +28,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
+import yaml
 
 from .._atomic import save_safetensors_atomic
 from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
