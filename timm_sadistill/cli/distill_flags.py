@@ -113,7 +113,7 @@ def _dest(method: str, option: str) -> str:
 
 def _flag_options(method: str) -> List[LossOption]:
     """The options of ``method`` that have a flag of their own (all but the temperature)."""
-    return [o for o in loss_options(method).options.values() if loss_flag(method, o.name) != '--kd-temperature']
+    return [o for o in loss_options(method).options.values() if o.name != 'temperature']
 
 
 def parse_bool(text: str) -> bool:
