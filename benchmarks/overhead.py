@@ -44,7 +44,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, List, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,24 +62,11 @@ METHODS = ('none', 'kd', 'at', 'fitnet', 'cwd', 'dkd', 'sa')
 COMPILED = ' +compile'  # suffix of a compiled method's row label
 
 
-def parse_method(spec: str) -> Tuple[str, Dict[str, Union[float, str]]]:
-    """'sa' -> ('sa', {}); 'sa[connector=conv1x1,beta=30]' -> ('sa', {'connector': 'conv1x1', 'beta': 30.0})."""
-    name, _, rest = spec.partition('[')
-    options: Dict[str, Union[float, str]] = {}
-    for item in filter(None, rest.rstrip(']').split(',')):
-        key, _, value = item.partition('=')
-        try:
-            options[key] = float(value)
-        except ValueError:
-            options[key] = value
-    return name, options
-
-
 def build(method: str, teacher: str, student: str, num_classes: int, img_size: int, device: torch.device,
           channels_last: bool = False, compile: bool = False):
     """(task, optimizer) as the CLI builds them (teacher with random weights: the cost does not depend on them).
 
-    ``method`` is a registered name, optionally with task options (see `parse_method`), or 'none'.
+    ``method`` is a registered name, optionally with options (``tsd.parse_loss_spec``), or 'none'.
     ``channels_last`` converts the student only and ``compile`` calls ``task.compile()``, as the CLI's
     ``--channels-last`` and ``--torchcompile`` do.
     """
@@ -87,7 +74,7 @@ def build(method: str, teacher: str, student: str, num_classes: int, img_size: i
     model = timm.create_model(student, num_classes=num_classes).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    name, options = parse_method(method)
+    name, options = tsd.parse_loss_spec(method)
     if name == 'none':
         task = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=device, verbose=False)
     else:
@@ -354,7 +341,7 @@ def report(args: argparse.Namespace, device: torch.device, times: Dict[str, List
     verdicts = []
     for label, method, compiled in variants(args):
         kd = 'kd' + (COMPILED if compiled else '')
-        if parse_method(method)[0] == 'sa' and kd in median and label in median:
+        if tsd.parse_loss_spec(method)[0] == 'sa' and kd in median and label in median:
             ratio = median[label] / median[kd]
             verdicts.append(f'- {label}: {ratio:.2f} × -> **{"met" if ratio <= target else "not met"}**')
     if verdicts:

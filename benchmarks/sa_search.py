@@ -300,25 +300,6 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
     return {'top1': top1, 'wall_s': wall, 'teacher_top1': bank.teacher_top1}
 
 
-def parse_spec(spec: str) -> Tuple[str, Dict]:
-    """'sa' -> ('sa', {}); 'sa[beta=30,connector=conv1x1]' -> ('sa', {'beta': 30.0, 'connector': 'conv1x1'})."""
-    name, _, rest = spec.partition('[')
-    options: Dict = {}
-    for item in filter(None, rest.rstrip(']').split(',')):
-        key, _, value = item.partition('=')
-        if '|' in value:
-            options[key] = [int(v) if v.lstrip('-').isdigit() else v for v in value.split('|')]
-            continue
-        if value in ('true', 'false'):
-            options[key] = value == 'true'
-            continue
-        try:
-            options[key] = float(value) if '.' in value or 'e' in value else int(value)
-        except ValueError:
-            options[key] = value
-    return name, options
-
-
 def run_path(cache: str, setting: Setting, views: int, epochs: int, spec: str, seed: int) -> str:
     return os.path.join(cache, 'runs', f'v{views}-e{epochs}-n{setting.per_class}', setting.name, spec.replace('/', '_'),
                         f'seed{seed}.json')
@@ -331,7 +312,7 @@ def cached_run(setting: str, spec: str, seed: int, cache: str, views: int, epoch
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    method, options = parse_spec(spec)
+    method, options = tsd.parse_loss_spec(spec)
     result = run_student(s, method, options, seed, cache, views, epochs)
     result.update(setting=setting, spec=spec, seed=seed, views=views, epochs=ep)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -5,8 +5,12 @@
 The example adds similarity-preserving KD (Tung & Mori, ICCV 2019): the (B, B) Gram matrices of the
 flattened stage features of student and teacher, row-normalised, should match. It needs no connector,
 since a Gram matrix does not depend on the channel count.
+
+Its option ``weight`` is declared once, in the constructor (typed, defaulted, documented in ``Args:``): that
+makes it a keyword of ``create_distill_task('sp', ...)`` and, once the command line imports this module (an
+entry point in the group ``timm_sadistill.losses``), the flag ``--sp-weight`` of ``timm-sadistill train``.
 """
-from typing import Dict, Optional
+from typing import Annotated, Dict, Optional
 
 import timm
 import torch
@@ -18,10 +22,14 @@ import timm_sadistill as tsd
 
 @tsd.register_distill_loss('sp')
 class SimilarityPreservingLoss(tsd.DistillLoss):
-    """SP: weight * mean_k 1/B^2 * ||normalize(G^S_k) - normalize(G^T_k)||_F^2, G_k = F_k F_k^T of (B, C*H*W) rows."""
+    """SP: weight * mean_k 1/B^2 * ||normalize(G^S_k) - normalize(G^T_k)||_F^2, G_k = F_k F_k^T of (B, C*H*W) rows.
+
+    Args:
+        weight: weight of the similarity-preserving term.
+    """
     stage_policy = 'last'
 
-    def __init__(self, student_channels=(), teacher_channels=(), weight: float = 3000.0):
+    def __init__(self, student_channels=(), teacher_channels=(), weight: Annotated[float, tsd.NonNegative] = 3000.0):
         super().__init__(student_channels, teacher_channels)
         self.weight = weight
 

@@ -253,19 +253,6 @@ def test_non_finite_loss_stops_with_the_terms_or_is_skipped_on_request(workdir, 
     assert 'Skipping step' in skipped.stderr
 
 
-def test_sa_flags_come_from_the_sa_option_table():
-    from timm_sadistill.cli.train import build_parser
-    from timm_sadistill.losses.sa import SA_OPTIONS
-    actions = {a.dest: a for a in build_parser()[1]._actions if a.dest.startswith('sa_')}
-    flagged = [o for o in SA_OPTIONS if o.flag]
-    assert sorted(actions) == sorted('sa_' + o.name for o in flagged)
-    for option in flagged:
-        action = actions['sa_' + option.name]
-        assert action.option_strings == ['--sa-' + option.name.replace('_', '-')]
-        assert action.default is None and action.type is option.type and action.help == 'SA: ' + option.help
-        assert list(action.choices or ()) == list(option.choices)
-
-
 BAD_INPUTS = {
     'unknown model': (['--model', 'no_such_model'], "Unknown model 'no_such_model'"),
     'unknown distill': (['--distill', 'no_such_method', '--teacher', TEACHER], "invalid choice: 'no_such_method'"),

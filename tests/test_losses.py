@@ -238,14 +238,22 @@ def test_feature_losses_need_channels():
         tsd.create_distill_loss('at', student_channels=[1, 2], teacher_channels=[1])
 
 
-def test_sa_options_are_declared_once_in_the_table():
-    from timm_sadistill.losses.sa import SA_OPTIONS
-    declared = {option.name: option.default for option in SA_OPTIONS}
+# SA's measured defaults (docs/method.md#defaults): changing one is a decision, not a side effect
+SA_DEFAULTS = {'tau': 4.0, 'p': 2.0, 'alpha': 1.0, 'beta': 10.0, 'kd_weight': 1.0, 'temperature': 4.0,
+               'connector': 'bottleneck', 'backend': 'auto', 'standardize': False, 'warmup_steps': 0,
+               'head_weight': 0.0, 'cam_weight': 0.0}
+
+
+def test_sa_options_are_declared_once_in_the_constructor():
+    declared = tsd.loss_options('sa').options
     defaults = tsd.loss_options('sa').defaults
-    assert {k: v for k, v in defaults.items() if k not in ('student_channels', 'teacher_channels')} == declared
-    for option in SA_OPTIONS:
-        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillLoss.__doc__
-        assert f'{option.name} ({option.default!r}): {option.help}' in tsd.SADistillTask.__doc__
+    assert {k: v for k, v in defaults.items() if k not in ('student_channels', 'teacher_channels')} == SA_DEFAULTS
+    assert {name: option.default for name, option in declared.items()} == SA_DEFAULTS
+    for option in declared.values():
+        assert f'{option.name}: {option.help}' in tsd.SADistillLoss.__doc__
+    assert 'SADistillLoss' in tsd.SADistillTask.__doc__ and "loss_options('sa')" in tsd.SADistillTask.__doc__
+    loss = tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], beta=5)
+    assert loss.option_values == {**SA_DEFAULTS, 'beta': 5}
 
 
 @pytest.mark.parametrize('name,options', [('at', {}), ('fitnet', {}), ('cwd', {}), ('sa', {'kd_weight': 0.0})],

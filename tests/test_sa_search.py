@@ -24,15 +24,6 @@ def test_shapes_dataset_is_seeded_balanced_and_the_class_lives_in_the_layout():
     assert all(spread(image) < 0 for image in images[labels == 1])
 
 
-def test_parse_spec_reads_numbers_booleans_and_stage_lists():
-    assert sa_search.parse_spec('sa') == ('sa', {})
-    assert sa_search.parse_spec('sa[cam_weight=1,standardize=true,connector=conv1x1]') == (
-        'sa', {'cam_weight': 1, 'standardize': True, 'connector': 'conv1x1'})
-    assert sa_search.parse_spec('kd[temperature=8.0,distill_loss_weight=0.5]') == (
-        'kd', {'temperature': 8.0, 'distill_loss_weight': 0.5})
-    assert sa_search.parse_spec('sa[teacher_stages=-2|-1]') == ('sa', {'teacher_stages': [-2, -1]})
-
-
 def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
     a = {0: 90.0, 1: 92.0, 2: 91.0, 3: 95.0}
     b = {0: 89.0, 1: 92.5, 2: 89.0, 5: 10.0}  # seed 5 has no partner and is left out

@@ -89,6 +89,9 @@ def test_train_mistakes_are_one_line_and_change_nothing(run, capsys, tmp_path):
         '--device cuda: no CUDA GPU': ['--device', 'cuda'],
         "is not valid YAML at line": ['-c', str(tmp_path / 'broken.yaml')],
         '--sa-tau must be a finite number, got nan': ['--distill', 'sa', '--sa-tau', 'nan'],
+        '--dkd-beta must be >= 0, got -1.0': ['--distill', 'dkd', '--dkd-beta', '-1'],
+        '--fitnet-weight: an option of --distill fitnet, but the method is --distill kd': [
+            '--distill', 'kd', '--fitnet-weight', '3'],
         '--lr must be a finite number, got nan': ['--lr', 'nan'],
         "is a folder, not a checkpoint file": ['--distill', 'kd', '--teacher', 'resnet18', '--teacher-checkpoint', str(done)],
         "invalid choice: 'nope' (choose from 'none', 'at', 'cwd', 'dkd', 'fitnet', 'kd', 'sa')": ['--distill', 'nope'],

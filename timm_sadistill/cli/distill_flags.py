@@ -1,21 +1,21 @@
-"""The distillation flags, defined once for ``train``, ``timm-train`` and (stages, SA options) ``viz``.
+"""The distillation flags, defined once for ``train``, ``timm-train`` and (stages, SA's options) ``viz``.
 
 ``--distill``, the teacher's weights (``--teacher-checkpoint``, ``--teacher-pretrained``), the stages
-(``--distill-stages``, ``--teacher-stages``) and the ``--sa-*`` flags, derived from `SA_OPTIONS`; and the
-translation of the parsed flags into ``create_distill_task`` keywords.
+(``--distill-stages``, ``--teacher-stages``) and one flag per option of every registered loss, ``--<loss>-<option>``
+(`loss_flag`, the one translation of an option to its flag), read from the loss's constructor by `loss_options`;
+and the translation of the parsed flags into ``create_distill_task`` keywords.
 """
 import argparse
 import re
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..losses import list_distill_losses
-from ..losses.sa import SA_OPTIONS, SAOption
+from ..losses import LossOption, get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..tasks import check_teacher_weights
 from ..errors import UsageError
 
 __all__ = [
-    'add_distill_arguments', 'add_stage_arguments', 'add_sa_arguments', 'parse_stages', 'join_stage_values',
-    'sa_flag', 'sa_options', 'distill_task_kwargs', 'check_teacher_flags',
+    'add_distill_arguments', 'add_stage_arguments', 'add_loss_arguments', 'parse_stages', 'join_stage_values',
+    'loss_flag', 'loss_flag_options', 'distill_task_kwargs', 'check_teacher_flags', 'parse_bool',
 ]
 
 STAGE_FLAGS = ('--distill-stages', '--teacher-stages')
@@ -29,6 +29,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags
     ``--teacher``, ``--distill-loss-weight``, ``--task-loss-weight``, ``--kd-temperature``); ``timm-train`` leaves
     them out so they reach the user's train.py untouched.
     """
+    load_loss_plugins()  # a package's losses (entry points) get their --distill choice and flags
     group = parser.add_argument_group('Distillation parameters (timm-sadistill)')
     group.add_argument('--distill', default='none', choices=['none'] + list_distill_losses(),
                        help='Distillation method; "none" trains a plain model (default: none)')
@@ -41,13 +42,14 @@ def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags
         group.add_argument('--task-loss-weight', default=None, type=float,
                            help='Weight of the task loss (alone: distill weight = 1 - task weight)')
         group.add_argument('--kd-temperature', default=None, type=float,
-                           help="Logit temperature for methods that have one (default: the method's own, 4.0)")
+                           help="Logit temperature for methods that have one: their temperature option "
+                            "(default: the method's own, 4.0)")
     group.add_argument('--teacher-checkpoint', default=None, metavar='FILE',
                        help='Teacher weights: .safetensors or timm .pth/.pth.tar (e.g. a teacher run\'s model.safetensors)')
     group.add_argument('--teacher-pretrained', action='store_true', default=False,
                        help='Download the teacher weights from the hub (only with this flag does anything download)')
     add_stage_arguments(group)
-    add_sa_arguments(group)
+    add_loss_arguments(parser)
 
 
 def parse_stages(value: str) -> Union[str, List[Union[str, int]]]:
@@ -94,41 +96,99 @@ def add_stage_arguments(group) -> None:
                        help='Teacher stages, paired in order with --distill-stages (default: auto)')
 
 
-def sa_flag(option: SAOption) -> str:
-    """The command-line flag of an SA option: ``kd_weight`` -> ``--sa-kd-weight``."""
-    return '--sa-' + option.name.replace('_', '-')
+def loss_flag(method: str, option: str) -> str:
+    """The flag of a loss option: ``('dkd', 'beta')`` -> ``--dkd-beta``, ``('sa', 'kd_weight')`` -> ``--sa-kd-weight``;
+    every method's ``temperature`` is timm's one logit-temperature flag, ``--kd-temperature``."""
+    if option == 'temperature':
+        return '--kd-temperature'
+    return f'--{method}-{option}'.replace('_', '-')
 
 
-def add_sa_arguments(group) -> None:
-    """One ``--sa-*`` flag per command-line option of `SA_OPTIONS` (default None: the loss's default)."""
-    for option in SA_OPTIONS:
-        if option.flag:
-            group.add_argument(sa_flag(option), type=option.type, default=None, choices=option.choices or None,
-                               help='SA: ' + option.help)
+_METAVARS = {float: 'X', int: 'N', bool: 'BOOL', str: 'TEXT'}
 
 
-def sa_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """The SA options given on the command line, as ``create_distill_task('sa', ...)`` keywords."""
-    given = {option.name: getattr(args, 'sa_' + option.name) for option in SA_OPTIONS if option.flag}
-    return {name: value for name, value in given.items() if value is not None}
+def _dest(method: str, option: str) -> str:
+    return loss_flag(method, option)[2:].replace('-', '_')
+
+
+def _flag_options(method: str) -> List[LossOption]:
+    """The options of ``method`` that have a flag of their own (all but the temperature)."""
+    return [o for o in loss_options(method).options.values() if o.name != 'temperature']
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'1'/'yes' -> True, 'false'/'0'/'no' -> False (argparse's ``type=bool`` takes any text as True)."""
+    value = str(text).strip().lower()
+    if value in ('true', '1', 'yes', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser, methods: Optional[Sequence[str]] = None) -> None:
+    """One flag per option of each loss in ``methods`` (default: every registered one), a group per loss; default
+    None: the loss's own default."""
+    for method in methods or list_distill_losses():
+        options = _flag_options(method)
+        if not options:
+            continue
+        group = parser.add_argument_group(f'Options of --distill {method} ({get_distill_loss_class(method).__name__})')
+        for option in options:
+            flag = loss_flag(method, option.name)
+            help = f'{option.help} (default: {option.default})'.replace('%', '%%')
+            try:
+                group.add_argument(flag, dest=_dest(method, option.name), default=None, help=help,
+                                   type=parse_bool if option.type is bool else option.type,
+                                   choices=option.choices or None,
+                                   metavar=None if option.choices else _METAVARS[option.type])
+            except argparse.ArgumentError:
+                raise UsageError(f"Loss '{method}' has an option '{option.name}' whose flag {flag} this command "
+                                 "already has; rename the option.") from None
+
+
+def loss_flag_options(args: argparse.Namespace, method: str) -> Dict[str, Any]:
+    """The options of ``method`` its flags set, as loss keywords (an unset flag leaves the loss's default), the
+    ``temperature`` from ``--kd-temperature`` where the namespace has it and the method takes one.
+
+    Raises:
+        UsageError: a value the option's declaration refuses, or a set flag of another method, naming the flag.
+    """
+    given: Dict[str, Dict[str, Any]] = {}
+    for other in list_distill_losses():
+        for option in _flag_options(other):
+            value = getattr(args, _dest(other, option.name), None)
+            if value is not None:
+                given.setdefault(other, {})[option.name] = value
+    for other, options in given.items():
+        if other != method:
+            flags = ', '.join(loss_flag(other, name) for name in options)
+            them = 'them' if len(options) > 1 else 'it'
+            raise UsageError(f"{flags}: {'options' if len(options) > 1 else 'an option'} of --distill {other}, but the "
+                             f"method is --distill {method}; drop {them} or use --distill {other}.")
+    options = dict(given.get(method, {}))
+    declared = loss_options(method).options if method in list_distill_losses() else {}
+    if getattr(args, 'kd_temperature', None) is not None and 'temperature' in declared:
+        options['temperature'] = args.kd_temperature
+    for name, value in options.items():
+        problem = declared[name].problem(value)
+        if problem:
+            raise UsageError(f"{loss_flag(method, name)} {problem}.")
+    return options
 
 
 def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """Keyword arguments for ``create_distill_task`` from the flags of `add_distill_arguments`.
 
     Raises:
-        UsageError: an SA flag given to another method.
+        UsageError: a loss flag of another method, or a value its option refuses (see `loss_flag_options`).
     """
-    sa_given = sa_options(args)
-    if sa_given and args.distill != 'sa':
-        flags = ', '.join(sa_flag(option) for option in SA_OPTIONS if option.name in sa_given)
-        raise UsageError(f"{flags}: SA options, but the method is --distill {args.distill}; drop them or use --distill sa.")
     return dict(
         teacher_pretrained_path=args.teacher_checkpoint,
         teacher_pretrained=args.teacher_pretrained,
         student_stages=args.distill_stages,
         teacher_stages=args.teacher_stages,
-        **sa_given,
+        **loss_flag_options(args, args.distill),
     )
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
 from ..errors import UsageError
-from ..losses import REQUIRED, get_distill_loss_class, list_distill_losses, loss_options
+from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'stage_map_sizes', 'connector_description']
@@ -39,11 +39,12 @@ def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[str, Tu
 
 
 def connector_description(method: str, student_channels: int, teacher_channels: int) -> str:
-    """The connector loss ``method`` builds by default for one pair, e.g. ``'bottleneck 192->256'``, or ``'none'``."""
-    connector = loss_options(method).defaults.get('connector', REQUIRED)
-    if connector is REQUIRED:
+    """The connector loss ``method`` builds by default for one pair (its ``connector`` option), e.g.
+    ``'bottleneck 192->256'``, or ``'none'``."""
+    connector = loss_options(method).options.get('connector')
+    if connector is None:
         return 'none'
-    return f'{connector} {student_channels}->{teacher_channels}'
+    return f'{connector.default} {student_channels}->{teacher_channels}'
 
 
 def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
@@ -86,6 +87,7 @@ def _pair_rows(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    load_loss_plugins()  # a package's losses (entry points) are --distill choices too
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('model', metavar='MODEL', help='timm model name (the student)')
     parser.add_argument('--teacher', default=None, metavar='NAME', help='teacher model name: also print the pairing')

@@ -5,7 +5,8 @@
 
 timm's train.py builds ``LogitDistillationTask`` / ``FeatureDistillationTask`` / ``TokenDistillationTask`` (imported
 from ``timm.task``) when ``--kd-model-name`` is set. This command removes our flags (``--distill``,
-``--teacher-checkpoint``, ``--teacher-pretrained``, ``--distill-stages``, ``--teacher-stages``, ``--sa-*``) from the
+``--teacher-checkpoint``, ``--teacher-pretrained``, ``--distill-stages``, ``--teacher-stages``, the loss options'
+``--<loss>-<option>``) from the
 command line, replaces those task classes in ``timm.task`` with a factory that returns
 ``create_distill_task(<--distill>, student, <--kd-model-name>, teacher_pretrained_path=<--teacher-checkpoint>, ...)``,
 and runs the script as ``__main__``. The flags train.py knows itself (``--kd-model-name``, ``--distill-loss-weight``,
@@ -52,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog='timm-sadistill timm-train', allow_abbrev=False,  # no prefix matching: train.py's flags must pass through
         usage='timm-sadistill timm-train TRAIN_PY <train.py flags> --kd-model-name NAME --teacher-checkpoint FILE '
-              '--distill METHOD [--sa-* ...]',
+              '--distill METHOD [--<method>-<option> ...]',
     )
     add_distill_arguments(parser, include_timm_kd_flags=False)
     return parser

@@ -14,8 +14,9 @@ from timm import utils
 from ..errors import UsageError
 from ..training.export import train_command_line
 from ..training import train
+from ..training.run import RECORDED_ARGS
 from ._parser import OneLineArgumentParser, check_finite_floats
-from .distill_flags import add_distill_arguments, join_stage_values
+from .distill_flags import add_distill_arguments, join_stage_values, loss_flag_options
 from .timm_flags import NEEDS_TIMM_TRAIN, add_timm_arguments, needs_timm_train_message
 
 __all__ = ['build_parser', 'parse_args', 'main']
@@ -71,6 +72,7 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
     args = parser.parse_args(remaining)
     args.config = args_config.config
     check_finite_floats(parser, args)
+    loss_flag_options(args, args.distill)  # a loss flag of another method, or a value its option refuses
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}.")
     args_text = yaml.safe_dump({k: v for k, v in vars(args).items()}, default_flow_style=False)
@@ -80,7 +82,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, str]:
 def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     """The defaults a ``-c`` YAML file sets, keyed by destination. Keys are flag names with '_' for '-', as in timm's
     args.yaml (``kd_model_name`` is ``--kd-model-name``); a train.py flag of `NEEDS_TIMM_TRAIN` passes only at
-    train.py's default, which timm's args.yaml lists for every flag."""
+    train.py's default, which timm's args.yaml lists for every flag; what a run records beside its flags
+    (`RECORDED_ARGS`) is left out, so a run's args.yaml reads back."""
     if not os.path.isfile(path):
         raise UsageError(f"Config file '{path}' does not exist; pass a YAML file to -c/--config.")
     with open(path) as f:
@@ -101,6 +104,8 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
                for flag in flags}
     defaults, unknown = {}, []
     for key, value in config.items():
+        if key in RECORDED_ARGS:
+            continue
         if key in refused:
             flag, default = refused[key]
             if value != default:

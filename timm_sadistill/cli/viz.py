@@ -21,7 +21,7 @@ from ._common import check_device, check_img_size, create_model, run_command
 from ..errors import UsageError
 from ._parser import OneLineArgumentParser, check_finite_floats
 from ..training.run_folder import check_output_path
-from .distill_flags import add_sa_arguments, add_stage_arguments, join_stage_values, sa_options
+from .distill_flags import add_loss_arguments, add_stage_arguments, join_stage_values, loss_flag_options
 
 __all__ = ['main', 'load_images', 'load_student_checkpoint']
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
                         help="input size N x N (default: the student's pretrained_cfg input size)")
     add_stage_arguments(parser)
-    add_sa_arguments(parser)  # as trained: the connector and the weights shown in the titles
+    add_loss_arguments(parser, ['sa'])  # as trained: the connector and the weights shown in the titles
     parser.add_argument('--device', default='cpu', help='device to run the models on (default: cpu)')
     return parser
 
@@ -130,7 +130,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     task = create_distill_task(
         'sa', student, teacher, teacher_pretrained_path=args.teacher_checkpoint, teacher_pretrained=False,
         student_stages=args.distill_stages, teacher_stages=args.teacher_stages, img_size=args.img_size,
-        device=device, verbose=False, **sa_options(args),
+        device=device, verbose=False, **loss_flag_options(args, 'sa'),
     )
     if args.checkpoint:
         load_student_checkpoint(task, args.checkpoint)

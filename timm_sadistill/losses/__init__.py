@@ -1,10 +1,11 @@
 """Distillation losses and their registry; importing this package registers the built-in losses."""
 from ._registry import (
-    REQUIRED, LossOptions, create_distill_loss, get_distill_loss_class, list_distill_losses, loss_options,
+    REQUIRED, Bound, LossOption, LossOptions, NonNegative, Positive, check_loss_options, create_distill_loss,
+    get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options, parse_loss_spec,
     register_distill_loss,
 )
 from .base import DistillLoss
-from .connectors import align_spatial, create_connector, list_connectors
+from .connectors import ConnectorName, align_spatial, create_connector, list_connectors
 from .kd import KDLoss, kd_divergence
 from .at import ATLoss
 from .fitnet import FitNetLoss
@@ -15,6 +16,7 @@ from .sa import SADistillLoss
 __all__ = [
     'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'SADistillLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
-    'loss_options', 'LossOptions', 'REQUIRED',
-    'kd_divergence', 'align_spatial', 'create_connector', 'list_connectors',
+    'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'REQUIRED',
+    'check_loss_options', 'load_loss_plugins', 'parse_loss_spec',
+    'kd_divergence', 'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
 ]

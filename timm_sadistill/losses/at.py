@@ -1,5 +1,5 @@
 """Attention transfer (Zagoruyko & Komodakis, ICLR 2017)."""
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from einops import rearrange
 
 from .. import ops
 from ..errors import UsageError
-from ._registry import register_distill_loss
+from ._registry import NonNegative, Positive, register_distill_loss
 from .base import DistillLoss
 from .connectors import align_spatial
 
@@ -27,15 +27,20 @@ class ATLoss(DistillLoss):
 
     Reference: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
     Terms: ``{'at'}``.
+
+    Args:
+        p: power of |f| in the attention map.
+        weight: weight of the AT term, as in the authors' code.
+        mode: 'code' (squared distance of the maps, the authors' code) or 'paper' (the paper's p=2 norm).
     """
 
     def __init__(
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            p: float = 2.0,
-            weight: float = 1000.0,
-            mode: str = 'code',
+            p: Annotated[float, Positive] = 2.0,
+            weight: Annotated[float, NonNegative] = 1000.0,
+            mode: Literal['code', 'paper'] = 'code',
     ):
         super().__init__(student_channels, teacher_channels)
         if mode not in ('code', 'paper'):

@@ -27,6 +27,10 @@ class DistillLoss(nn.Module):
         stage_policy: which stage pairs ``auto`` gives this loss: ``'all'``, ``'last'``, ``'middle'`` or
             ``'none'`` (logits only: no features are tapped at all).
         loss_name: the registry name, set by `register_distill_loss`.
+
+    A loss's options are its constructor's keyword parameters after the channel counts, each typed, defaulted and
+    documented in ``Args:`` (see `timm_sadistill.losses._registry`); a registered loss checks them when built and
+    keeps them, defaults included, as ``option_values``.
     """
     stage_policy: ClassVar[str] = 'all'
     loss_name: ClassVar[str] = ''

@@ -3,7 +3,7 @@
 Each is built from (in_channels, out_channels) and dropped after training. Spatial sizes are aligned after
 the connector by `align_spatial` (docs/method.md#alignment).
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
-__all__ = ['create_connector', 'list_connectors', 'align_spatial', 'ConnectorList']
+__all__ = ['create_connector', 'list_connectors', 'align_spatial', 'ConnectorList', 'ConnectorName']
 
 
 def _bottleneck(in_channels: int, out_channels: int) -> nn.Module:
@@ -55,6 +55,10 @@ _CONNECTORS: Dict[str, Callable[[int, int], nn.Module]] = {
 
 def list_connectors() -> List[str]:
     return sorted(_CONNECTORS)
+
+
+# the type of a loss's ``connector`` option: its choices are the connectors above
+ConnectorName = Literal[tuple(list_connectors())]
 
 
 def create_connector(kind: str, in_channels: int, out_channels: int) -> nn.Module:

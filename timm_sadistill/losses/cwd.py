@@ -1,12 +1,12 @@
 """Channel-wise distillation (Shu et al., ICCV 2021)."""
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Optional, Sequence
 
 import torch
 
 from .. import ops
-from ._registry import register_distill_loss
+from ._registry import NonNegative, Positive, register_distill_loss
 from .base import DistillLoss
-from .connectors import ConnectorList
+from .connectors import ConnectorList, ConnectorName
 
 __all__ = ['CWDLoss']
 
@@ -21,6 +21,11 @@ class CWDLoss(DistillLoss):
 
     Reference: Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021.
     Terms: ``{'cwd'}``.
+
+    Args:
+        tau: softmax temperature over the positions.
+        weight: weight of the CWD term.
+        connector: student->teacher connector.
     """
     stage_policy = 'last'
 
@@ -28,9 +33,9 @@ class CWDLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            tau: float = 4.0,
-            weight: float = 3.0,
-            connector: str = 'conv1x1',
+            tau: Annotated[float, Positive] = 4.0,
+            weight: Annotated[float, NonNegative] = 3.0,
+            connector: ConnectorName = 'conv1x1',
     ):
         super().__init__(student_channels, teacher_channels)
         self.tau = tau

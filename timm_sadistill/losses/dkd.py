@@ -1,11 +1,11 @@
 """Decoupled knowledge distillation (Zhao et al., CVPR 2022)."""
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ._registry import register_distill_loss
+from ._registry import NonNegative, Positive, register_distill_loss
 from .base import DistillLoss
 
 __all__ = ['DKDLoss']
@@ -22,6 +22,11 @@ class DKDLoss(DistillLoss):
 
     Reference: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (defaults alpha 1, beta 8, tau 4).
     Terms: ``{'dkd_tckd', 'dkd_nckd'}``. Needs ``target``.
+
+    Args:
+        alpha: weight of the target-class term (TCKD).
+        beta: weight of the non-target-class term (NCKD).
+        temperature: softmax temperature of both models' logits.
     """
     stage_policy = 'none'
 
@@ -29,9 +34,9 @@ class DKDLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            alpha: float = 1.0,
-            beta: float = 8.0,
-            temperature: float = 4.0,
+            alpha: Annotated[float, NonNegative] = 1.0,
+            beta: Annotated[float, NonNegative] = 8.0,
+            temperature: Annotated[float, Positive] = 4.0,
     ):
         super().__init__(student_channels, teacher_channels)
         self.alpha = alpha

@@ -1,12 +1,12 @@
 """FitNets hints (Romero et al., ICLR 2015)."""
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._registry import register_distill_loss
+from ._registry import NonNegative, register_distill_loss
 from .base import DistillLoss
-from .connectors import ConnectorList
+from .connectors import ConnectorList, ConnectorName
 
 __all__ = ['FitNetLoss']
 
@@ -20,6 +20,10 @@ class FitNetLoss(DistillLoss):
 
     Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
     Terms: ``{'fitnet'}``.
+
+    Args:
+        weight: weight of the hint term.
+        connector: student->teacher regressor r_k.
     """
     stage_policy = 'middle'
 
@@ -27,8 +31,8 @@ class FitNetLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            weight: float = 100.0,
-            connector: str = 'regressor',
+            weight: Annotated[float, NonNegative] = 100.0,
+            connector: ConnectorName = 'regressor',
     ):
         super().__init__(student_channels, teacher_channels)
         self.weight = weight

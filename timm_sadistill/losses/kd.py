@@ -1,10 +1,10 @@
 """Logit knowledge distillation (Hinton, Vinyals & Dean 2015)."""
-from typing import Dict, Optional, Sequence
+from typing import Annotated, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._registry import register_distill_loss
+from ._registry import NonNegative, Positive, register_distill_loss
 from .base import DistillLoss
 
 __all__ = ['KDLoss', 'kd_divergence']
@@ -23,6 +23,10 @@ class KDLoss(DistillLoss):
 
     Reference: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
     Terms: ``{'kd'}``. Uses logits only (no stage taps).
+
+    Args:
+        temperature: softmax temperature of both models' logits.
+        weight: weight of the KD term.
     """
     stage_policy = 'none'
 
@@ -30,8 +34,8 @@ class KDLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            temperature: float = 4.0,
-            weight: float = 1.0,
+            temperature: Annotated[float, Positive] = 4.0,
+            weight: Annotated[float, NonNegative] = 1.0,
     ):
         super().__init__(student_channels, teacher_channels)
         self.temperature = temperature

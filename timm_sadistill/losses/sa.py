@@ -1,19 +1,10 @@
 """SA: spatial-attention-map distillation (Wang & Liu 2024), reconstructed from the abstract: docs/method.md is
 its spec (#the-sa-loss for the formulas, #defaults for where each default comes from).
 
-SA's options are declared once, in `SA_OPTIONS`: `SADistillLoss`'s defaults, `SADistillTask`'s keywords and their
-documentation, and the command line's ``--sa-*`` flags (``train``, ``timm-train``, ``viz``) all come from it.
-To add an option:
-
-1. add a row ``SAOption('gamma', 0.5, float, 'weight of the new term')`` to `SA_OPTIONS` (``flag=False`` keeps it
-   off the command line);
-2. give `SADistillLoss.__init__` the parameter ``gamma: float = _DEFAULTS['gamma']`` and use it in the loss.
-
-Nothing else changes: ``SADistillTask(..., gamma=...)``, ``create_distill_task('sa', ..., gamma=...)`` and
-``--sa-gamma`` follow (tests/test_losses.py checks that the table and the constructor agree).
+SA's options are `SADistillLoss`'s constructor parameters, each typed, defaulted and documented in its ``Args:``;
+the loss registry reads them for the task's keywords, the ``--sa-*`` flags and the records of a run.
 """
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Annotated, Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,12 +13,12 @@ from einops import rearrange
 
 from .. import ops
 from ..errors import UsageError
-from ._registry import register_distill_loss
+from ._registry import NonNegative, Positive, loss_options, register_distill_loss
 from .base import DistillLoss
-from .connectors import ConnectorList, list_connectors
+from .connectors import ConnectorList, ConnectorName
 from .kd import kd_divergence
 
-__all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
+__all__ = ['SADistillLoss']
 
 
 def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
@@ -52,57 +43,6 @@ def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
         )
 
 
-def parse_bool(text: str) -> bool:
-    """'true'/'1'/'yes' -> True, 'false'/'0'/'no' -> False (argparse's ``type=bool`` takes any text as True)."""
-    value = str(text).strip().lower()
-    if value in ('true', '1', 'yes', 'on'):
-        return True
-    if value in ('false', '0', 'no', 'off'):
-        return False
-    raise ValueError(f"expected true or false, got '{text}'")
-
-
-@dataclass(frozen=True)
-class SAOption:
-    """One option of SA: a keyword of `SADistillLoss` (and so of `SADistillTask`) and, when ``flag``, the
-    command-line flag ``--sa-<name>`` (``_`` written ``-``) of that ``type``, restricted to ``choices`` if any."""
-    name: str
-    default: Any
-    type: Callable[[str], Any]
-    help: str
-    flag: bool = True
-    choices: Tuple[str, ...] = ()
-
-
-# The defaults are the measured ones: docs/method.md#defaults says where each comes from.
-SA_OPTIONS: Tuple[SAOption, ...] = (
-    SAOption('tau', 4.0, float, 'spatial softmax temperature'),
-    SAOption('p', 2.0, float, 'power of |x| in the attention map'),
-    SAOption('alpha', 1.0, float, 'weight of the spatial distribution term'),
-    SAOption('beta', 10.0, float, 'weight of the attention-map term'),
-    SAOption('kd_weight', 1.0, float, 'weight of the logit KD term (0: off)'),
-    # every method's logit temperature has one flag, --kd-temperature
-    SAOption('temperature', 4.0, float, 'temperature of the logit KD term', flag=False),
-    SAOption('connector', 'bottleneck', str, 'student->teacher connector', choices=tuple(list_connectors())),
-    SAOption('backend', 'auto', str, "fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'", flag=False),
-    SAOption('standardize', False, parse_bool, 'z-score each (b, c) map over its positions before the spatial softmax'),
-    SAOption('warmup_steps', 0, int, 'ramp the feature terms linearly from 0 over this many training steps'),
-    SAOption('head_weight', 0.0, float, "weight of the SRRL term: student pre-logits through the teacher's classifier"),
-    SAOption('cam_weight', 0.0, float, 'weight of the class-activation-map term (CAT-KD) on the final feature maps'),
-)
-_DEFAULTS: Dict[str, Any] = {option.name: option.default for option in SA_OPTIONS}
-
-
-def document_sa_options(cls: type) -> type:
-    """Class decorator: write `SA_OPTIONS`, ``name (default): help`` a line, where ``{sa_options}`` stands in the
-    class docstring, so the documented options are the declared ones."""
-    if cls.__doc__:  # None under python -OO
-        lines = '\n'.join(f'        {o.name} ({o.default!r}): {o.help}'
-                          + (f" (one of {', '.join(o.choices)})" if o.choices else '') for o in SA_OPTIONS)
-        cls.__doc__ = cls.__doc__.replace('{sa_options}', lines)
-    return cls
-
-
 def standardize_positions(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each (b, c) map z-scored over its H*W positions (logit standardisation, Sun et al. CVPR 2024, per map)."""
     mean = x.mean(dim=(-2, -1), keepdim=True)
@@ -116,7 +56,6 @@ def spatial_attention_distance(s: torch.Tensor, t: torch.Tensor, p: float, backe
 
 
 @register_distill_loss('sa')
-@document_sa_options
 class SADistillLoss(DistillLoss):
     """SA: per stage pair k, with S'_k = g_k(S_k) the student map through a conv connector, resized to (Ht, Wt):
 
@@ -129,8 +68,18 @@ class SADistillLoss(DistillLoss):
 
     Args:
         student_channels, teacher_channels: channels of each stage pair (the connectors are built from them).
-        SA options (`SA_OPTIONS`), name (default): meaning:
-{sa_options}
+        tau: spatial softmax temperature.
+        p: power of |x| in the attention map.
+        alpha: weight of the spatial distribution term.
+        beta: weight of the attention-map term.
+        kd_weight: weight of the logit KD term (0: off).
+        temperature: temperature of the logit KD term.
+        connector: student->teacher connector.
+        backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
+        standardize: z-score each (b, c) map over its positions before the spatial softmax.
+        warmup_steps: ramp the feature terms linearly from 0 over this many training steps.
+        head_weight: weight of the SRRL term: student pre-logits through the teacher's classifier.
+        cam_weight: weight of the class-activation-map term (CAT-KD) on the final feature maps.
 
     The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 
@@ -143,24 +92,20 @@ class SADistillLoss(DistillLoss):
             self,
             student_channels: Sequence[int] = (),
             teacher_channels: Sequence[int] = (),
-            tau: float = _DEFAULTS['tau'],
-            p: float = _DEFAULTS['p'],
-            alpha: float = _DEFAULTS['alpha'],
-            beta: float = _DEFAULTS['beta'],
-            kd_weight: float = _DEFAULTS['kd_weight'],
-            temperature: float = _DEFAULTS['temperature'],
-            connector: str = _DEFAULTS['connector'],
-            backend: str = _DEFAULTS['backend'],
-            standardize: bool = _DEFAULTS['standardize'],
-            warmup_steps: int = _DEFAULTS['warmup_steps'],
-            head_weight: float = _DEFAULTS['head_weight'],
-            cam_weight: float = _DEFAULTS['cam_weight'],
+            tau: Annotated[float, Positive] = 4.0,
+            p: Annotated[float, Positive] = 2.0,
+            alpha: Annotated[float, NonNegative] = 1.0,
+            beta: Annotated[float, NonNegative] = 10.0,
+            kd_weight: Annotated[float, NonNegative] = 1.0,
+            temperature: Annotated[float, Positive] = 4.0,
+            connector: ConnectorName = 'bottleneck',
+            backend: Literal[ops.BACKENDS] = 'auto',
+            standardize: bool = False,
+            warmup_steps: Annotated[int, NonNegative] = 0,
+            head_weight: Annotated[float, NonNegative] = 0.0,
+            cam_weight: Annotated[float, NonNegative] = 0.0,
     ):
         super().__init__(student_channels, teacher_channels)
-        if tau <= 0 or temperature <= 0:
-            raise UsageError(f"tau and temperature must be positive, got tau={tau}, temperature={temperature}.")
-        if p <= 0:
-            raise UsageError(f"p must be positive, got {p}.")
         if backend not in ops.BACKENDS:
             raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
@@ -171,8 +116,6 @@ class SADistillLoss(DistillLoss):
         self.temperature = temperature
         self.backend = backend
         self.standardize = standardize
-        if warmup_steps < 0:
-            raise UsageError(f"warmup_steps must be >= 0, got {warmup_steps}.")
         self.warmup_steps = int(warmup_steps)
         self.head_weight = head_weight
         self.cam_weight = cam_weight
@@ -188,7 +131,8 @@ class SADistillLoss(DistillLoss):
     @classmethod
     def compares_logits(cls, **options) -> bool:
         """The logit term (kd_weight, default on) and the class-activation maps (cam_weight) compare per class."""
-        return bool(options.get('kd_weight', _DEFAULTS['kd_weight']) or options.get('cam_weight'))
+        kd_weight = options.get('kd_weight', loss_options(cls.loss_name).defaults['kd_weight'])
+        return bool(kd_weight or options.get('cam_weight'))
 
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Keep the two models' heads for the head terms; the SRRL connector maps student to teacher pre-logits.

@@ -13,7 +13,7 @@ from ..features import (
     FeatureTaps, StagesArg, check_input_size, input_size_kwargs, list_stages, pair_stages, resolve_img_size,
 )
 from ..errors import UsageError
-from ..losses import DistillLoss, create_distill_loss, get_distill_loss_class
+from ..losses import DistillLoss, check_loss_options, create_distill_loss, get_distill_loss_class
 from ..model_folder import check_model_folder, model_folder_of
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
@@ -233,7 +233,8 @@ class DistillTask(TrainingTask):
             is built for it. Default: the student's input size; a forward on another size is then refused when
             ``'auto'`` chose the stages (it would distil maps the rule keeps out), naming ``img_size``.
         device, dtype, verbose: as in timm's tasks.
-        **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``).
+        **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``; ``tsd.loss_options(name)``
+            lists them); None keeps the loss's default, as an unset command-line flag does.
     """
 
     def __init__(
@@ -258,6 +259,9 @@ class DistillTask(TrainingTask):
             **loss_kwargs,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        loss_kwargs = {k: v for k, v in loss_kwargs.items() if v is not None}
+        if isinstance(loss, str):  # a mistaken option fails here, before the teacher loads
+            check_loss_options(loss, {**loss_kwargs, **({} if temperature is None else {'temperature': temperature})})
         self.teacher = resolve_teacher(
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
             teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
@@ -271,7 +275,8 @@ class DistillTask(TrainingTask):
         self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
 
         loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
-        loss_options = loss_kwargs if isinstance(loss, str) else vars(loss)
+        # a built loss of a registered class records its options; another one has only its attributes
+        loss_options = loss_kwargs if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
         if loss_class.compares_logits(**loss_options):
             _check_class_counts(student_model, self.teacher.model, loss_class)
         policy = loss_class.stage_policy

@@ -5,24 +5,19 @@ import torch.nn as nn
 from timm.task import DistillationTeacher
 
 from ..errors import UsageError
-from ..losses.sa import SA_OPTIONS, document_sa_options
 from .distill_task import DistillTask
 
 __all__ = ['SADistillTask']
 
-_SA_OPTION_NAMES = frozenset(option.name for option in SA_OPTIONS)
 
-
-@document_sa_options
 class SADistillTask(DistillTask):
-    """Spatial-attention-map distillation (`SADistillLoss`, registered as ``'sa'``) as a `timm.task.TrainingTask`.
+    """Spatial-attention-map distillation (`SADistillLoss`, registered as ``'sa'``) as a `timm.task.TrainingTask`:
+    ``DistillTask(..., loss='sa')``.
 
     ``loss = task_loss_weight * CE + distill_loss_weight * (sa_dist + sa_att + sa_kd)``; see `SADistillLoss` for the
-    formulas and shapes. Every other argument (criterion, teacher_pretrained_path, weights, student_stages,
-    teacher_stages, img_size, device, ...) is `DistillTask`'s.
-
-    SA options (keywords, declared in `SA_OPTIONS`; None keeps the default), name (default): meaning:
-{sa_options}
+    formulas, the shapes and SA's options (its ``Args:``; ``tsd.loss_options('sa').options`` lists them), which this
+    task takes as keywords (None keeps the default). Every other argument (criterion, teacher_pretrained_path,
+    weights, student_stages, teacher_stages, img_size, device, ...) is `DistillTask`'s.
 
     Example:
         >>> task = SADistillTask(student, 'resnet50', teacher_pretrained_path='t.safetensors', img_size=224, beta=10)
@@ -37,6 +32,4 @@ class SADistillTask(DistillTask):
     ):
         if 'loss' in kwargs:
             raise UsageError("SADistillTask always uses the 'sa' loss; use DistillTask(loss=...) for another one.")
-        # None stands for "not given" (as unset --sa-* flags arrive), so the loss keeps its default
-        kwargs = {k: v for k, v in kwargs.items() if not (k in _SA_OPTION_NAMES and v is None)}
         super().__init__(student_model, teacher_model, loss='sa', **kwargs)

@@ -14,11 +14,9 @@ from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
 from .._atomic import atomic_write, save_safetensors_atomic
-from ..losses import loss_options
 from ..model_folder import (
     MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights, save_model_folder,
 )
-from ..cli.distill_flags import distill_task_kwargs
 
 __all__ = ['MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'label_names_of', 'train_command_line']
 
@@ -71,19 +69,13 @@ def _teacher_details(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, Any]:
-    """Method, stages, loss weights and every option of the loss (defaults included)."""
-    options = {k: v for k, v in loss_options(args.distill).defaults.items()
-               if k not in ('student_channels', 'teacher_channels')}
-    given = distill_task_kwargs(args)
-    options.update({k: v for k, v in given.items() if k in options})
-    if args.kd_temperature is not None:
-        options['temperature'] = args.kd_temperature
+    """Method, stages, loss weights and every option of the loss as it was built (defaults included)."""
     pairs = [f'{s.name} -> {t.name}' for s, t in zip(task.student_stages, task.teacher_stages)]
     return {
         'Method': f'`--distill {args.distill}` (`{type(task).__name__}`)',
         'Stages (student -> teacher)': pairs or 'logits only',
         'Loss weights': {'task_loss_weight': task.task_loss_weight, 'distill_loss_weight': task.distill_loss_weight},
-        'Distillation options': options,
+        'Distillation options': dict(task.distill_loss.option_values),
     }
 
 

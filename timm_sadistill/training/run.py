@@ -28,6 +28,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
+import yaml
 
 from .._atomic import save_safetensors_atomic
 from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
@@ -37,20 +38,26 @@ from ..losses import loss_options
 from ..model_folder import model_folder_of
 from ..tasks import create_distill_task
 from ..cli._common import check_device, check_img_size
-from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs
+from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs, loss_flag
 from .checkpoint_saver import AtomicCheckpointSaver
 from .data_loading import create_datasets, create_loaders
 from .export import LEGACY_WEIGHTS_FILE, export_student, label_names_of
 from .loop import train_one_epoch, validate
-from .run_folder import check_output_path, check_resume_matches, create_run_folder, disk_full_is_usage_error, trim_summary
+from .run_folder import (
+    check_output_path, check_resume_distill, check_resume_matches, create_run_folder, disk_full_is_usage_error,
+    trim_summary,
+)
 
-__all__ = ['train']
+__all__ = ['train', 'RECORDED_ARGS']
 
 _logger = logging.getLogger('timm_sadistill.train')
 
 # a test-only hook for the torchrun test, whose ranks are subprocesses: every rank writes its final student state to
 # <dir>/rank<k>.safetensors
 DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
+
+# what a distillation run records beside its flags (args.yaml, the checkpoints' args): derived from them, not flags
+RECORDED_ARGS = ('distill_options', 'distill_stages_resolved', 'teacher_stages_resolved')
 
 
 def _check_distill_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -101,14 +108,25 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
 def _create_task(args, model, train_loss, device, img_size) -> TrainingTask:
     if args.distill == 'none':
         return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
-    options = distill_task_kwargs(args)
-    if args.kd_temperature is not None:
-        options['temperature'] = args.kd_temperature
     return create_distill_task(
         args.distill, model, args.teacher, criterion=train_loss, img_size=img_size,
         distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-        device=device, verbose=utils.is_primary(args), **options,
+        device=device, verbose=utils.is_primary(args), **distill_task_kwargs(args),
     )
+
+
+def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str:
+    """Set `RECORDED_ARGS` on ``args`` (so the checkpoints hold them) and return them as args.yaml lines: every
+    option of the loss as it was built (defaults spelled out) and the stage names ``auto`` resolved to."""
+    if args.distill == 'none':
+        return ''
+    recorded = dict(
+        distill_options=dict(task.distill_loss.option_values),
+        distill_stages_resolved=[s.name for s in task.student_stages],
+        teacher_stages_resolved=[t.name for t in task.teacher_stages],
+    )
+    vars(args).update(recorded)
+    return yaml.safe_dump(recorded, default_flow_style=False)
 
 
 def _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast) -> None:
@@ -203,6 +221,10 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     train_loss = _create_train_loss(args, mixup_active, device)
 
     task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))
+    args_text += _record_distill_choices(args, task)
+    if args.resume:
+        check_resume_distill(args.resume, read_checkpoint_args(args.resume), args,
+                             lambda option: loss_flag(args.distill, option))
     task.to(device)
     if args.distill != 'none' and loader_eval is not None:
         _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)

@@ -12,12 +12,15 @@ import errno
 import glob
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .._atomic import atomic_write, remove_partial_writes
 from ..errors import UsageError
 
-__all__ = ['check_output_path', 'create_run_folder', 'check_resume_matches', 'trim_summary', 'disk_full_is_usage_error']
+__all__ = [
+    'check_output_path', 'create_run_folder', 'check_resume_matches', 'check_resume_distill', 'trim_summary',
+    'disk_full_is_usage_error',
+]
 
 # files that mean "this folder holds a run's results"; args.yaml alone (a run stopped before its first epoch) does not
 _SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model', 'model.safetensors', 'summary.csv', 'checkpoint-*.pth.tar')
@@ -25,8 +28,11 @@ _SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model', 'model.safetensors
 # how torch's zip writer (caffe2's inline_container.cc) words a failed write
 _TORCH_WRITER_FAILURES = ('inline_container.cc', 'PytorchStreamWriter')
 
-# flags that decide what a checkpoint holds: resuming under others cannot load it
-_RESUME_FLAGS = ('model', 'distill', 'teacher', 'distill_stages', 'teacher_stages', 'sa_connector')
+# flags that decide what a checkpoint holds: resuming under others cannot load it (the loss's options and the
+# stages are `check_resume_distill`'s)
+_RESUME_FLAGS = ('model', 'distill', 'teacher')
+# the stage flags, and what a run records of them: the stage names they resolved to ('auto' included)
+_STAGE_FLAGS = (('distill_stages', 'distill_stages_resolved'), ('teacher_stages', 'teacher_stages_resolved'))
 
 
 def check_output_path(output: str, flag: str = '--output') -> None:
@@ -70,8 +76,8 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
 
 
 def check_resume_matches(path: str, saved_args: Optional[argparse.Namespace], args: argparse.Namespace) -> None:
-    """Refuse ``--resume`` of a run whose model, method, teacher, stages or connector differ from this command's:
-    its checkpoint cannot load into what this command builds."""
+    """Refuse ``--resume`` of a run whose model, method or teacher differ from this command's: its checkpoint cannot
+    load into what this command builds."""
     if saved_args is None:  # a checkpoint without the run's flags (not written by train): loading will tell
         return
     for name in _RESUME_FLAGS:
@@ -82,6 +88,43 @@ def check_resume_matches(path: str, saved_args: Optional[argparse.Namespace], ar
             flag = '--' + name.replace('_', '-')
             raise UsageError(f"--resume '{path}' is a run with {flag} {then}, this command has {flag} {now}; resume "
                              f"with the run's flags, or start a new --experiment without --resume.")
+
+
+def _spelled(value: Any) -> str:
+    return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_resume_distill(
+        path: str,
+        saved_args: Optional[argparse.Namespace],
+        args: argparse.Namespace,
+        option_flag: Callable[[str], str],
+) -> None:
+    """Refuse ``--resume`` of a run distilled with other loss options or other stages than this command's task
+    (``args`` with the records of ``training.run.RECORDED_ARGS``): resuming would change the loss half-way. Values
+    are compared, not spellings: a default given explicitly, or stages named as ``auto`` picked them, pass.
+    ``option_flag`` names the flag of a loss option in the message."""
+    if saved_args is None or getattr(args, 'distill', 'none') == 'none':
+        return
+    then_options = getattr(saved_args, 'distill_options', None) or {}
+    for name, now in getattr(args, 'distill_options', {}).items():
+        if name in then_options and then_options[name] != now:
+            flag = option_flag(name)
+            raise UsageError(f"--resume '{path}' is a run with {flag} {then_options[name]}, this command has {flag} "
+                             f"{now}; resume with {flag} {then_options[name]}, or start a new --experiment without "
+                             "--resume.")
+    for name, resolved in _STAGE_FLAGS:
+        if hasattr(saved_args, resolved):
+            then, now = getattr(saved_args, resolved), getattr(args, resolved)
+        elif hasattr(saved_args, name):  # a run from before the resolved stages were recorded
+            then, now = getattr(saved_args, name), getattr(args, name)
+        else:
+            continue
+        if then != now:
+            flag = '--' + name.replace('_', '-')
+            raise UsageError(f"--resume '{path}' is a run with {flag} {_spelled(then)}, this command has {flag} "
+                             f"{_spelled(now)}; resume with the run's {flag}, or start a new --experiment without "
+                             "--resume.")
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
