@@ -305,3 +305,16 @@ def test_resume_compares_the_loss_options_and_stages_the_run_used(tmp_path, caps
     assert main(resume + ['--sa-connector', 'bottleneck', '--kd-temperature', '4',
                           '--distill-stages', ','.join(stages), '--teacher-stages', ','.join(stages)]) == 0
     assert yaml.safe_load((folder / 'args.yaml').read_text())['sa_connector'] == 'bottleneck'
+
+
+def test_resume_compares_what_the_loss_computes_not_how():
+    """A run resumed on another kernel backend computes the same loss; another tau would change it half-way."""
+    from argparse import Namespace
+
+    from timm_sadistill.errors import UsageError
+    from timm_sadistill.training.run_folder import check_resume_distill
+    then = Namespace(distill='sa', distill_options={'tau': 4.0, 'backend': 'triton'})
+    flag = lambda option: '--sa-' + option.replace('_', '-')  # noqa: E731
+    check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 4.0, 'backend': 'torch'}), flag)
+    with pytest.raises(UsageError, match='--sa-tau 4.0, this command has --sa-tau 2.0'):
+        check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 2.0, 'backend': 'triton'}), flag)

@@ -1,6 +1,6 @@
 """Distillation losses and their registry; importing this package registers the built-in losses."""
 from ._registry import (
-    REQUIRED, Bound, LossOption, LossOptions, NonNegative, Positive, check_loss_options, create_distill_loss,
+    REQUIRED, Bound, HowNotWhat, LossOption, LossOptions, NonNegative, Positive, check_loss_options, create_distill_loss,
     get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options, parse_loss_spec,
     register_distill_loss,
 )
@@ -16,7 +16,7 @@ from .sa import SADistillLoss
 __all__ = [
     'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'SADistillLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
-    'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'REQUIRED',
+    'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'HowNotWhat', 'REQUIRED',
     'check_loss_options', 'load_loss_plugins', 'parse_loss_spec',
     'kd_divergence', 'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
 ]

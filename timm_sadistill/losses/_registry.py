@@ -50,7 +50,7 @@ from .base import DistillLoss
 
 __all__ = [
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
-    'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'REQUIRED',
+    'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'HowNotWhat', 'REQUIRED',
     'check_loss_options', 'load_loss_plugins', 'parse_loss_spec', 'PLUGIN_GROUP', 'SPEC_TASK_KEYWORDS',
 ]
 
@@ -82,13 +82,24 @@ Positive = Bound(0, strict=True)  # temperatures, powers
 NonNegative = Bound(0, strict=False)  # the weight of a term (0 turns it off), a count of steps
 
 
+class _HowNotWhat:
+    """The marker of an option that picks how the loss is computed, not its value (a kernel backend), declared as
+    ``Annotated[str, HowNotWhat]``: ``--resume`` may change it."""
+
+    def __repr__(self) -> str:
+        return 'HowNotWhat'
+
+
+HowNotWhat = _HowNotWhat()
+
+
 @dataclass(frozen=True)
 class LossOption:
     """One option of a loss, as its constructor declares it.
 
     type: ``float``, ``int``, ``bool`` or ``str``; choices: the allowed strings of a ``Literal`` (else empty);
     bound: the `Bound` of an ``Annotated`` numeric option (else None); help: its ``Args:`` entry, without the
-    final full stop.
+    final full stop; changes_loss: False for an option marked `HowNotWhat` (it changes how, not what).
     """
     name: str
     type: type
@@ -96,6 +107,7 @@ class LossOption:
     help: str
     choices: Tuple[str, ...] = ()
     bound: Optional[Bound] = None
+    changes_loss: bool = True
 
     def problem(self, value: Any) -> Optional[str]:
         """What is wrong with ``value`` for this option, worded to follow its name (``'must be >= 0, got -1.0'``),
@@ -160,19 +172,21 @@ def _docstring_args(*docs: Optional[str]) -> Dict[str, str]:
     return helps
 
 
-def _option_kind(annotation: Any) -> Tuple[Optional[type], Tuple[str, ...], Optional[Bound]]:
-    """(type, choices, bound) of an option's annotation; type None when it is not one an option may have."""
-    bound = None
+def _option_kind(annotation: Any) -> Tuple[Optional[type], Tuple[str, ...], Optional[Bound], bool]:
+    """(type, choices, bound, changes_loss) of an option's annotation; type None when it is not one an option may
+    have."""
+    bound, changes_loss = None, True
     if typing.get_origin(annotation) is typing.Annotated:
         annotation, *extras = typing.get_args(annotation)
         bounds = [x for x in extras if isinstance(x, Bound)]
         bound = bounds[0] if bounds else None
+        changes_loss = not any(x is HowNotWhat for x in extras)
     if typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
         if choices and all(isinstance(c, str) for c in choices):
-            return str, tuple(choices), bound
-        return None, (), bound
-    return (annotation if annotation in _OPTION_TYPES else None), (), bound
+            return str, tuple(choices), bound, changes_loss
+        return None, (), bound, changes_loss
+    return (annotation if annotation in _OPTION_TYPES else None), (), bound, changes_loss
 
 
 def _read_options(cls: Type[DistillLoss]) -> LossOptions:
@@ -192,7 +206,7 @@ def _read_options(cls: Type[DistillLoss]) -> LossOptions:
     for p in parameters:
         if p.kind not in named or p.name in CHANNELS:
             continue
-        kind, choices, bound = _option_kind(hints.get(p.name, REQUIRED))
+        kind, choices, bound, changes_loss = _option_kind(hints.get(p.name, REQUIRED))
         if kind is None:
             raise UsageError(
                 f"{where}: option '{p.name}' needs a type annotation: float, int, bool, str or Literal['a', 'b'], "
@@ -204,7 +218,8 @@ def _read_options(cls: Type[DistillLoss]) -> LossOptions:
             raise UsageError(f"{where}: option '{p.name}' needs a help line: an entry '{p.name}: what it does' in "
                              "the Args: section of the class or __init__ docstring.")
         help = helps.get(p.name, '')
-        option = LossOption(p.name, kind, p.default, help[:-1] if help.endswith('.') else help, choices, bound)
+        option = LossOption(p.name, kind, p.default, help[:-1] if help.endswith('.') else help, choices, bound,
+                            changes_loss)
         wrong = option.problem(p.default) or (
             f"must be one of {', '.join(choices)}, got {p.default!r}" if choices and p.default not in choices else None)
         if wrong:

@@ -13,7 +13,7 @@ from einops import rearrange
 
 from .. import ops
 from ..errors import UsageError
-from ._registry import NonNegative, Positive, loss_options, register_distill_loss
+from ._registry import HowNotWhat, NonNegative, Positive, loss_options, register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
 from .kd import kd_divergence
@@ -99,7 +99,7 @@ class SADistillLoss(DistillLoss):
             kd_weight: Annotated[float, NonNegative] = 1.0,
             temperature: Annotated[float, Positive] = 4.0,
             connector: ConnectorName = 'bottleneck',
-            backend: Literal[ops.BACKENDS] = 'auto',
+            backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
             warmup_steps: Annotated[int, NonNegative] = 0,
             head_weight: Annotated[float, NonNegative] = 0.0,

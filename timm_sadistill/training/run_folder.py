@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .._atomic import atomic_write, remove_partial_writes
 from ..errors import UsageError
+from ..losses import loss_options
 
 __all__ = [
     'check_output_path', 'create_run_folder', 'check_resume_matches', 'check_resume_distill', 'trim_summary',
@@ -107,7 +108,10 @@ def check_resume_distill(
     if saved_args is None or getattr(args, 'distill', 'none') == 'none':
         return
     then_options = getattr(saved_args, 'distill_options', None) or {}
+    declared = loss_options(args.distill).options
     for name, now in getattr(args, 'distill_options', {}).items():
+        if name in declared and not declared[name].changes_loss:  # a backend: the same loss, computed elsewhere
+            continue
         if name in then_options and then_options[name] != now:
             flag = option_flag(name)
             raise UsageError(f"--resume '{path}' is a run with {flag} {then_options[name]}, this command has {flag} "
