@@ -189,8 +189,6 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     model.to(device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -204,6 +202,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
 
     task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))
     task.to(device)
+    if args.channels_last:  # the student, its connectors and the teacher: the loss compares their features
+        task.to(memory_format=torch.channels_last)
     if args.distill != 'none' and loader_eval is not None:
         _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
 
