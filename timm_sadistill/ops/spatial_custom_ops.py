@@ -23,7 +23,6 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _first_use, reference, spatial_triton
 
