@@ -25,6 +25,7 @@ def _explain_step(task):
 
 # numpy, under the interpreter, warns on log2(0) of zero padding; the kernel masks those lanes
 @pytest.mark.filterwarnings('ignore:divide by zero:RuntimeWarning')
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
 def test_sa_step_is_one_graph(backend):
     task = _sa_task(backend=backend).train()
