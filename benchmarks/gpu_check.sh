@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one check for a lent GPU machine (the kernels compiled, tested and timed; training on the GPU), run once, in at
 # most 9 minutes, with no network:
+#   0. kernel compile report: benchmarks/kernel_compile.py for this GPU's compute capability (registers, spills,
+#      occupancy of every launch the ops make); it fills triton's cache, so the steps after it spend their time
+#      measuring, not compiling, and benchmarks/kernels.py reads the registers from it
 #   1. op tests, Triton compiled on CUDA: tests/test_ops.py (every op, dtype and layout at small and odd shapes)
 #   2. op tests at training scale: tests/test_ops_large.py (B 256, C 2048, 56x56; values and gradients)
 #   3. kernel benchmark: benchmarks/kernels.py (eager / torch.compile / Triton, fwd+bwd, memory, % of HBM peak)
@@ -15,8 +18,8 @@
 # sum to 490 s (+2 s to kill each) and leave the machine's start and one rerun inside the 15-minute lease.
 #
 # Output, under ${OUT:-benchmarks/results}, named by GPU ("NVIDIA-H200"): gpu_check-<gpu>.md (each step's
-# status and time), gpu_check-<gpu>.log (all output) and one markdown per benchmark: 7 files, since the device
-# tool brings back at most 8 files from $OUT. A timm wheel carried in .whl/ is installed to /tmp/site first.
+# status and time), gpu_check-<gpu>.log (all output) and one markdown per benchmark: 8 files, what the device
+# tool brings back from $OUT at most. A timm wheel carried in .whl/ is installed to /tmp/site first.
 #
 #   benchmarks/gpu_check.sh             # on the GPU machine; exit status 0 when every step passed
 #   benchmarks/gpu_check.sh --dry-run   # on a CPU: every step at toy sizes (Triton interpreter), output under
@@ -106,6 +109,8 @@ pytest=("$PYTHON" -m pytest -q -rs -p no:cacheprovider)
 
 if ((DRY)); then
     toy_pair=(--teacher test_resnet --student test_resnet --img-size 32 --num-classes 10 --batch-size 4)
+    step "kernel compile report" 60 "$PYTHON" benchmarks/kernel_compile.py --arch 90 --shapes 'odd sizes' \
+        --out "$OUT/kernel_compile-$gpu.md"
     step "op tests" 50 "${pytest[@]}" tests/test_ops.py -k "sa_loss_terms_matches_reference and shape1"
     step "op tests, large shapes" 50 "${pytest[@]}" tests/test_ops_large.py
     step "kernel benchmark" 60 "$PYTHON" benchmarks/kernels.py --small --iters 2 --triton-on-cpu --out "$OUT/kernels-$gpu.md"
@@ -124,15 +129,18 @@ if ((DRY)); then
     step "train, bf16 + channels-last + compile" 70 "$PYTHON" benchmarks/train_check.py "${train[@]}" \
         --flags '--amp --amp-dtype bfloat16 --channels-last --torchcompile'
 else
+    step "kernel compile report" 30 "$PYTHON" benchmarks/kernel_compile.py --arch native --jobs "$(nproc)" \
+        --out "$OUT/kernel_compile-$gpu.md"
     step "op tests" 45 "${pytest[@]}" "${parallel[@]}" tests/test_ops.py
-    step "op tests, large shapes" 45 "${pytest[@]}" tests/test_ops_large.py
-    step "kernel benchmark" 55 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
+    # the compile report compiled the training-shape kernels these launch, so their limits leave out the compiles
+    step "op tests, large shapes" 35 "${pytest[@]}" tests/test_ops_large.py
+    step "kernel benchmark" 40 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
     step "backend agreement" 35 "$PYTHON" benchmarks/backend_agreement.py --amp --channels-last \
         --out "$OUT/backend_agreement-$gpu.md"
     train=(--work /tmp/gpu-check-train --out "$OUT/train_check-$gpu.md")
     rm -f "$OUT/train_check-$gpu.md"
     step "train, amp + channels-last" 45 "$PYTHON" benchmarks/train_check.py "${train[@]}" --flags '--amp --channels-last'
-    step "teacher precision" 45 "$PYTHON" benchmarks/teacher_precision.py --out "$OUT/teacher_precision-$gpu.md"
+    step "teacher precision" 40 "$PYTHON" benchmarks/teacher_precision.py --out "$OUT/teacher_precision-$gpu.md"
     step "training step" 130 "$PYTHON" benchmarks/overhead.py --device cuda --teacher resnet50 --student resnet18 \
         --img-size 224 --num-classes 1000 --batch-size 128 --amp --channels-last --compile both \
         --methods 'none;kd;sa[backend=triton];sa[backend=torch]' --steps 10 --repeats 3 --warmup 3 --no-flops \

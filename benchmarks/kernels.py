@@ -7,12 +7,17 @@ itemsize) as a fraction of the device peak.
 
     python benchmarks/kernels.py [--small] [--batch 64 256] [--peak-gbs 4800] [--out results.md]
 
+Beside each Triton row: the registers a thread of its forward and backward kernels take and the occupancy they
+allow (blocks and warps an SM), from `kernel_compile`'s report of those launches for the device's compute
+capability (sm_90 without a GPU).
+
 On a CPU it runs small shapes (eager vs compiled) and says that the Triton rows need a GPU; ``--triton-on-cpu``
 adds them through the interpreter (TRITON_INTERPRET=1) so that the whole report runs (gpu_check.sh --dry-run).
 After the table, the Triton rows against the targets a fused kernel has to meet to be worth its code (speedups,
 share of the HBM peak, extra memory in feature maps), misses marked.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+import kernel_compile  # first: it puts the checkout's package on sys.path
 from timm_sadistill import ops
 from timm_sadistill.ops import reference
 
@@ -104,6 +110,27 @@ def _peak_gbs(arg: Optional[float]) -> Optional[float]:
     return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
 
 
+def _registers(shapes: Dict[str, Tuple[int, int, int, bool]], dtype: torch.dtype, p: float,
+               cuda: bool) -> Dict[Tuple[str, str], str]:
+    """(stage, layout) -> 'fwd R (blocks/warps an SM), bwd R (...)' of the fused op's forward and backward kernels."""
+    major, minor = torch.cuda.get_device_capability() if cuda else divmod(kernel_compile.ARCHS[-1], 10)
+    rows = kernel_compile.compile_report(
+        [10 * major + minor], jobs=os.cpu_count() or 2, dtypes=[str(dtype).split('.')[-1]], ps=[p],
+        shapes={stage: (c, h, w) for stage, (c, h, w, _) in shapes.items()})
+    found = {}
+    for row in rows:
+        flags = row.constexprs
+        role = ('fwd' if row.kernel == '_sa_fwd_kernel' and flags.get('PAIR') and flags.get('DO_ATT') else
+                'bwd' if row.kernel == '_sa_bwd_kernel' and flags.get('DO_KL') and flags.get('DO_ATT') else None)
+        if role is None:
+            continue
+        for stage in row.shapes:
+            for layout in row.layouts:
+                found.setdefault((stage, layout), {})[role] = \
+                    f'{role} {row.regs} ({row.blocks_per_sm}/{row.warps_per_sm})'
+    return {key: ', '.join(v[r] for r in ('fwd', 'bwd') if r in v) for key, v in found.items()}
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return 'n/a' if value is None else format(value, spec)
 
@@ -157,8 +184,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         f'# SA stage loss (L_dist + L_att), forward + backward, {dtype} ({env})',
         '',
         '| shape (B, C, H, W) | stage | impl | ms | speedup vs eager | peak extra MiB | memory vs eager '
-        '| GB/s | % of peak |',
-        '|---|---|---|---:|---:|---:|---:|---:|---:|',
+        '| GB/s | % of peak | regs (blocks/warps an SM) |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|---|',
     ]
     # rows go out as they are measured, to stdout and --out, so a run cut short still leaves its table
     out = open(args.out, 'w') if args.out else None
@@ -169,6 +196,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 stream.write(''.join(line + '\n' for line in lines))
                 stream.flush()
 
+    registers = _registers(shapes, dtype, p, cuda) if 'triton' in impls else {}
     emit(*header)
     summary = []  # (shape, Triton vs eager, vs compile, share of peak, extra memory in feature maps)
     for bsz in batches:
@@ -193,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     shape, stage, name, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
                     _fmt(mib, '.0f'), _fmt(mib / eager_mib if mib is not None and eager_mib else None, '.2f'),
                     _fmt(gbs, '.0f'), _fmt(gbs / peak * 100 if gbs is not None and peak else None, '.0f'),
+                    registers.get((stage, 'channels_last' if channels_last else 'nchw'), 'n/a')
+                    if name == 'triton' else '',
                 ]
                 emit('| ' + ' | '.join(row) + ' |')
             if 'triton' in measured:

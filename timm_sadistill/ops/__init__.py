@@ -3,8 +3,12 @@
 Every op takes ``backend='auto' | 'triton' | 'torch'``. ``auto`` runs the Triton kernels for CUDA tensors
 when triton imports and PyTorch otherwise; ``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1``
 was set before triton was first imported (that is how CI checks the kernels).
+
+Layout: `spatial_triton` holds the kernels and their launchers, `spatial_custom_ops` the ``torch.library`` custom ops
+over them (opaque to ``torch.compile``, with their autograd), this module the dispatch, and `reference` the
+PyTorch formulas, the test oracle. Under ``auto`` each kernel variant is checked against the PyTorch formulas on its
+first call (`_first_use`): one that fails warns once and falls back; ``triton`` raises instead.
 """
-import functools
 import os
 from typing import Tuple
 
@@ -20,13 +24,25 @@ BACKENDS = ('auto', 'triton', 'torch')
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# read once: a traced step (torch.compile) sees a constant, not an import
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
+
+
+def _is_cuda(x: torch.Tensor) -> bool:
+    # auto's device test, one function so that the CPU tests can make auto pick the kernels (in the interpreter)
+    return x.is_cuda
 
 
 def _use_triton(backend: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -35,7 +51,7 @@ def _use_triton(backend: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
     if backend == 'torch':
         return False
     if backend == 'auto':
-        return x.is_cuda and all(y.dtype in TRITON_DTYPES for y in (x, *others)) and triton_available()
+        return _is_cuda(x) and all(y.dtype in TRITON_DTYPES for y in (x, *others)) and triton_available()
     for y in (x, *others):
         if y.dtype not in TRITON_DTYPES:
             raise UsageError(
@@ -84,8 +100,8 @@ def spatial_attention(x: torch.Tensor, p: float = 2.0, backend: str = 'auto') ->
     _check_features('x', x)
     _check_positive(p=p)
     if _use_triton(backend, x):
-        from . import spatial_triton
-        return spatial_triton.spatial_attention(x, p)
+        from . import spatial_custom_ops
+        return spatial_custom_ops.spatial_attention(x, p, strict=backend == 'triton')
     return reference.spatial_attention(x, p)
 
 
@@ -95,8 +111,8 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, backend: str 
     _check_pair(s, t)
     _check_positive(tau=tau)
     if _use_triton(backend, s, t):
-        from . import spatial_triton
-        return spatial_triton.spatial_kl(s, t, tau)
+        from . import spatial_custom_ops
+        return spatial_custom_ops.spatial_kl(s, t, tau, strict=backend == 'triton')
     return reference.spatial_kl(s, t, tau)
 
 
@@ -111,7 +127,7 @@ def spatial_kl_and_attention(
     _check_pair(s, t)
     _check_positive(tau=tau, p=p)
     if _use_triton(backend, s, t):
-        from . import spatial_triton
-        return spatial_triton.spatial_kl_and_attention(s, t, tau, p)
+        from . import spatial_custom_ops
+        return spatial_custom_ops.spatial_kl_and_attention(s, t, tau, p, strict=backend == 'triton')
     return reference.spatial_kl_and_attention(s, t, tau, p)
 

@@ -1,8 +1,9 @@
-"""Fused Triton kernels for the SA ops: kernels, their autograd Functions and the three entry points.
+"""Fused Triton kernels for the SA ops and their launchers, `forward` and `backward`.
 
 Shapes: s (student), t (teacher) and x are (B, C, H, W) float32 / float16 / bfloat16 tensors; N = H*W. The
-public, validated entry is `timm_sadistill.ops` (device, dtype and shape checks live there). All arithmetic
-is float32; gradients come back in the input dtype and layout.
+public, validated entry is `timm_sadistill.ops` (device, dtype and shape checks live there); the custom ops and
+their autograd are `spatial_custom_ops`. All arithmetic is float32; gradients come back in the input dtype and
+layout.
 
 Forward, one read of s and t: `_sa_fwd_kernel`, grid (B, ceil(C / BLOCK_C)). A program owns BLOCK_C channel
 rows of one sample and walks the N positions in BLOCK_N tiles, so
@@ -20,13 +21,10 @@ recomputes softmax(s/tau) and softmax(t/tau) from the saved per-row log-sum-exps
 where A^s_b(i) = mean_c |s_{b,c,i}|^p is the map before normalisation. Saved for backward: the inputs, the
 (B, C) log-sum-exps and (B, N) / (B,) per-sample tensors; never a B x C x N temporary.
 
-The teacher t takes no gradient here (it is a distillation target; the backward returns None for it, even if
-t.requires_grad). x of `spatial_attention` does get one.
-
 Strides are passed to the kernels, so NCHW and channels-last inputs (a ViT's (B, N, C) tokens viewed as
 (B, C, H, W) are channels-last) are read in place; only a layout in which the H*W positions are not one stride
-apart is copied to contiguous first. Block sizes are fixed heuristics (`_blocks`), not autotuned: autotuning
-does not run under the interpreter, and the partial buffer's shape depends on BLOCK_C.
+apart is copied to contiguous first. The launch configuration is a fixed heuristic (`launch_config`), not
+autotuned: autotuning does not run under the interpreter, and the partial buffer's shape depends on BLOCK_C.
 """
 import contextlib
 from typing import ContextManager, NamedTuple, Optional, Tuple
@@ -34,15 +32,18 @@ from typing import ContextManager, NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-__all__ = ['spatial_attention', 'spatial_kl', 'spatial_kl_and_attention']
+__all__ = ['LaunchConfig', 'NORM_EPS', 'backward', 'forward', 'launch_config']
 
 # F.normalize's default: the smallest norm an attention map is divided by
-_NORM_EPS = 1e-12
-# elements per (BLOCK_C, BLOCK_N) tile: 16 float32 values per thread and input at the default 4 warps,
-# which leaves registers for the softmax state and lets several programs share an SM
-_TILE = 2048
+NORM_EPS = 1e-12
+# elements per (BLOCK_C, BLOCK_N) tile: 8 values a thread and input at 4 warps. At 16 (a 2048-element tile) the
+# paired forward takes 255 registers a thread on sm_80 and sm_90 when the rows are not 16-aligned (NCHW with H*W
+# not a multiple of 16: ResNet-50 stages 3 and 4, ViT grids), which leaves 2 blocks (8 warps) an SM; at 8 every
+# launch stays within 128 registers without spills (benchmarks/kernel_compile.py, docs/kernels.md)
+_TILE = 1024
+_NUM_WARPS = 4
+_NUM_STAGES = 3  # Triton's default; the loops stream, and the register counts do not change with it
 
 
 @triton.jit
@@ -252,13 +253,25 @@ def _on_device_of(x: torch.Tensor) -> ContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _blocks(c: int, n: int, strides: Tuple[int, int, int]) -> Tuple[int, int]:
-    """(BLOCK_C, BLOCK_N) with the tile's long side along the contiguous dimension, so loads coalesce."""
+class LaunchConfig(NamedTuple):
+    """Tile and launch options of `_sa_fwd_kernel` and `_sa_bwd_kernel` for one (C, N, layout)."""
+    block_c: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(c: int, n: int, strides: Tuple[int, int, int]) -> LaunchConfig:
+    """The launch of both kernels for C channels and N positions in the layout of ``strides``.
+
+    BLOCK_C x BLOCK_N = _TILE elements (fewer for small maps) at 4 warps, the tile's long side along the contiguous
+    dimension so that loads coalesce: NCHW 32 x 32, channels-last 64 x 16. Wide channel blocks keep the partial-sum
+    buffer, 1/BLOCK_C of the |x|^p values, small.
+    """
     channels_last = strides[1] < strides[2]
-    # wide channel blocks keep the partial-sum buffer, 1/BLOCK_C of the |x|^p values, small
     block_c = min(triton.next_power_of_2(c), 64 if channels_last else 32)
     block_n = min(triton.next_power_of_2(n), _TILE // block_c)
-    return block_c, block_n
+    return LaunchConfig(block_c, block_n, _NUM_WARPS, _NUM_STAGES)
 
 
 class _Stats(NamedTuple):
@@ -271,15 +284,15 @@ class _Stats(NamedTuple):
     att: Optional[torch.Tensor]  # (B,) ||a^s_b - a^t_b||^2 / B (spatial_kl_and_attention only)
 
 
-def _forward(s: torch.Tensor, t: Optional[torch.Tensor], tau: float, p: float, do_att: bool) -> _Stats:
+def forward(s: torch.Tensor, t: Optional[torch.Tensor], tau: float, p: float, do_att: bool) -> _Stats:
     """Run the forward kernels: the softmax/KL part when t is given, the attention part when do_att."""
     s, s_strides = _flat(s)
     pair = t is not None
     t, t_strides = _flat(t) if pair else (None, (0, 0, 0))
     bsz, c, h, w = s.shape
     n = h * w
-    block_c, block_n = _blocks(c, n, s_strides)
-    n_cblk = triton.cdiv(c, block_c)
+    cfg = launch_config(c, n, s_strides)
+    n_cblk = triton.cdiv(c, cfg.block_c)
     f32 = dict(device=s.device, dtype=torch.float32)
     lse_s = torch.empty(bsz, c, **f32) if pair else None
     lse_t = torch.empty(bsz, c, **f32) if pair else None
@@ -296,18 +309,18 @@ def _forward(s: torch.Tensor, t: Optional[torch.Tensor], tau: float, p: float, d
             c, n, *s_strides, *t_strides,
             1.0 / tau, float(p), tau * tau / (bsz * c),
             PAIR=pair, DO_ATT=do_att, P_IS_TWO=p == 2,
-            BLOCK_C=block_c, BLOCK_N=block_n,
+            BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if do_att:
             _attention_finish_kernel[(bsz,)](
                 part_s, part_t, map_s, map_t, norm_s, att,
-                n_cblk, n, 1.0 / c, 1.0 / bsz, _NORM_EPS,
-                PAIR=pair, BLOCK_N=min(triton.next_power_of_2(n), 1024),
+                n_cblk, n, 1.0 / c, 1.0 / bsz, NORM_EPS,
+                PAIR=pair, BLOCK_N=min(triton.next_power_of_2(n), 1024), num_warps=_NUM_WARPS,
             )
     return _Stats(lse_s, lse_t, kl, map_s, norm_s, att)
 
 
-def _backward(
+def backward(
         s: torch.Tensor, t: Optional[torch.Tensor], lse_s: Optional[torch.Tensor], lse_t: Optional[torch.Tensor],
         g_dist: Optional[torch.Tensor], w: Optional[torch.Tensor], tau: float, p: float,
 ) -> torch.Tensor:
@@ -318,94 +331,13 @@ def _backward(
     n = h * wd
     ds = torch.empty_like(s)
     _, d_strides = _flat(ds)
-    block_c, block_n = _blocks(c, n, s_strides)
+    cfg = launch_config(c, n, s_strides)
     with _on_device_of(s):
-        _sa_bwd_kernel[(bsz, triton.cdiv(c, block_c), triton.cdiv(n, block_n))](
+        _sa_bwd_kernel[(bsz, triton.cdiv(c, cfg.block_c), triton.cdiv(n, cfg.block_n))](
             s, t, ds, lse_s, lse_t, g_dist, w,
             c, n, *s_strides, *t_strides, *d_strides,
             1.0 / tau, float(p), tau / (bsz * c),
             DO_KL=g_dist is not None, DO_ATT=w is not None, P_IS_TWO=p == 2,
-            BLOCK_C=block_c, BLOCK_N=block_n,
+            BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return ds
-
-
-class SpatialAttentionFunction(torch.autograd.Function):
-    """(B, C, H, W) -> (B, H*W) float32: a_b(i) = A_b(i) / max(||A_b||_2, eps), A_b(i) = mean_c |x_{b,c,i}|^p."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        fwd = _forward(x, None, 1.0, p, do_att=True)
-        ctx.save_for_backward(x, fwd.map_s, fwd.norm_s)
-        ctx.p = p
-        return fwd.map_s
-
-    @staticmethod
-    @once_differentiable  # the backward kernels have no backward of their own
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        x, a, norm = ctx.saved_tensors
-        # (B, N) work: dL/dA = (g - a (a . g)) / max(||A||, eps), no projection below eps (F.normalize's clamp)
-        g = grad.float()
-        proj = torch.where(norm >= _NORM_EPS, (a * g).sum(dim=1), 0.0)
-        w = (g - a * proj[:, None]) / (norm.clamp_min(_NORM_EPS)[:, None] * x.shape[1])
-        return _backward(x, None, None, None, None, w, 1.0, ctx.p), None
-
-
-class SpatialKLFunction(torch.autograd.Function):
-    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax_i(t_bc/tau) || softmax_i(s_bc/tau)); no gradient for t."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
-        fwd = _forward(s, t, tau, 2.0, do_att=False)
-        ctx.save_for_backward(s, t, fwd.lse_s, fwd.lse_t)
-        ctx.tau = tau
-        return fwd.kl.sum()
-
-    @staticmethod
-    @once_differentiable  # the backward kernels have no backward of their own
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
-        s, t, lse_s, lse_t = ctx.saved_tensors
-        return _backward(s, t, lse_s, lse_t, grad, None, ctx.tau, 2.0), None, None
-
-
-class SpatialKLAndAttentionFunction(torch.autograd.Function):
-    """(L_dist, L_att) from one read of s and t; no gradient for t.
-
-    L_dist = spatial_kl(s, t, tau); L_att = 1/B * sum_b ||a^s_b - a^t_b||_2^2, a = spatial attention maps.
-    """
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor, tau: float, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        fwd = _forward(s, t, tau, p, do_att=True)
-        ctx.save_for_backward(s, t, fwd.lse_s, fwd.lse_t, fwd.map_s)
-        ctx.tau, ctx.p = tau, p
-        # an unused term arrives as None in backward and its half of the kernel is skipped
-        ctx.set_materialize_grads(False)
-        return fwd.kl.sum(), fwd.att.sum()
-
-    @staticmethod
-    @once_differentiable  # the backward kernels have no backward of their own
-    def backward(ctx, g_dist: Optional[torch.Tensor], g_att: Optional[torch.Tensor]):
-        s, t, lse_s, lse_t, w = ctx.saved_tensors
-        if g_dist is None and g_att is None:
-            return None, None, None, None
-        w = None if g_att is None else w * g_att
-        return _backward(s, t, lse_s, lse_t, g_dist, w, ctx.tau, ctx.p), None, None, None
-
-
-def spatial_attention(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W) float32 maps: mean_c |x|^p, L2-normalised over the positions."""
-    return SpatialAttentionFunction.apply(x, p)
-
-
-def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
-    """Scalar tau^2/(B*C) * sum_{b,c} KL(softmax_i(t_bc/tau) || softmax_i(s_bc/tau)); t takes no gradient."""
-    return SpatialKLFunction.apply(s, t.detach(), tau)
-
-
-def spatial_kl_and_attention(
-        s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(L_dist, L_att), two float32 scalars, from one read of s and t (forward) and one of s, t plus a write of
-    ds (backward); t takes no gradient."""
-    return SpatialKLAndAttentionFunction.apply(s, t.detach(), tau, p)

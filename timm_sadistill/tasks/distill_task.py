@@ -215,7 +215,9 @@ class DistillTask(TrainingTask):
     ``kd_loss`` the sum of the loss's terms and ``loss = task_loss_weight * task_loss + distill_loss_weight * kd_loss``.
 
     The teacher stays frozen (eval mode through ``train()``, no gradients); its input is renormalised when the two
-    models' mean/std differ. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
+    models' mean/std differ. ``task.to(memory_format=torch.channels_last)`` lays out the student, its connectors and
+    the teacher channels-last (what ``--channels-last`` does), so the features the loss compares are channels-last
+    too; under autocast the teacher runs in the autocast dtype, without gradients. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
     from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
     Args:
@@ -312,6 +314,10 @@ class DistillTask(TrainingTask):
         self.register_buffer('student_mean', torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.in_chans = _check_input_channels(base, self.teacher, self.student_mean, self.student_std)
+        # decided once: timm's normalize_input compares the statistics on every call, a data-dependent branch
+        # that breaks the torch.compile graph of the step
+        self.renormalize_teacher_input = not (torch.equal(self.student_mean, self.teacher.mean_kd)
+                                              and torch.equal(self.student_std, self.teacher.std_kd))
 
         if self.verbose:
             pairs = ', '.join(
@@ -427,11 +433,18 @@ class DistillTask(TrainingTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """input (B, C, H, W), target (B,) or (B, K) -> {'loss', 'output', 'task_loss', 'kd_loss', terms...}."""
         self._check_input(input)
+        # no_grad, not inference_mode: the loss's backward saves the teacher's features, which inference tensors
+        # cannot be; under autocast the teacher runs in the autocast dtype like the student
         with torch.no_grad():
-            teacher_input = self.teacher.normalize_input(input, self.student_mean, self.student_std)
-            teacher_logits, teacher_feats = self.teacher_taps(teacher_input)
+            teacher_logits, teacher_feats = self.teacher_taps(self.teacher_input(input))
         logits, terms = self.trainable_module(input, teacher_feats, teacher_logits, target)
         return self.combine(logits, terms, target)
+
+    def teacher_input(self, input: torch.Tensor) -> torch.Tensor:
+        """The student's input (B, C, H, W) renormalised from the student's mean/std to the teacher's."""
+        if not self.renormalize_teacher_input:
+            return input
+        return (input * self.student_std + self.student_mean - self.teacher.mean_kd) / self.teacher.std_kd
 
     def combine(self, logits: torch.Tensor, terms: Dict[str, torch.Tensor], target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The result dict of `forward` from the student's logits (B, K) and the loss's weighted terms."""

@@ -60,8 +60,7 @@ def _nonfinite_tensors(task, input: torch.Tensor, target: torch.Tensor) -> List[
     if not torch.isfinite(input).all():
         found.append(_describe('input', input))
     if isinstance(task, DistillTask):
-        teacher_input = task.teacher.normalize_input(input, task.student_mean, task.student_std)
-        teacher_logits, teacher_feats = task.teacher_taps(teacher_input)
+        teacher_logits, teacher_feats = task.teacher_taps(task.teacher_input(input))
         for stage, feat in zip(task.teacher_stages, teacher_feats):
             if not torch.isfinite(feat).all():
                 found.append(_describe(f"teacher stage '{stage.name}'", feat))

@@ -207,8 +207,6 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     model.to(device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -226,6 +224,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         check_resume_distill(args.resume, read_checkpoint_args(args.resume), args,
                              lambda option: loss_flag(args.distill, option))
     task.to(device)
+    if args.channels_last:  # the student, its connectors and the teacher: the loss compares their features
+        task.to(memory_format=torch.channels_last)
     if args.distill != 'none' and loader_eval is not None:
         _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
 
