@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from timm_sadistill.cli import main
-from test_user_errors import FLAGS, write_folder
+from test_user_errors import FLAGS, STUDENT, write_folder
 
 
 @pytest.fixture(autouse=True)
@@ -113,3 +113,162 @@ def test_every_output_has_the_mode_the_umask_gives(tmp_path, umask):
     expected = {name: (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask for name in modes}
     assert modes == expected
     assert {'out/run/model/model.safetensors', 'out/run/model.safetensors', 'out/run/last.pth.tar'} <= set(modes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# After a crash: restart, resume, a finished run, a stale export, a full disk, Ctrl-C
+
+
+def run_main(argv: list, capsys, status: int = 2) -> list:
+    """``timm-sadistill argv`` in-process, asserted to exit with ``status``; its stderr lines."""
+    assert main(argv) == status, capsys.readouterr().err[-3000:]
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory) -> Path:
+    """A finished 2-epoch run in out/done: copy it before changing it."""
+    root = tmp_path_factory.mktemp('finished')
+    write_folder(root / 'data')
+    assert main(['train', '--data-dir', str(root / 'data'), '--num-classes', '3', '--output', str(root / 'out'),
+                 '--experiment', 'done'] + FLAGS + ['--epochs', '2']) == 0
+    logging.root.handlers.clear()
+    return root
+
+
+def _copy(finished: Path, tmp_path: Path) -> tuple:
+    """(command that trains the copy of the finished run in tmp_path/done, its folder)."""
+    import shutil
+    shutil.copytree(finished / 'out' / 'done', tmp_path / 'done')
+    command = ['train', '--data-dir', str(finished / 'data'), '--num-classes', '3', '--output', str(tmp_path),
+               '--experiment', 'done'] + FLAGS
+    return command, tmp_path / 'done'
+
+
+def _digests(folder: Path) -> dict:
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def _export_epoch(folder: Path) -> str:
+    from safetensors import safe_open
+    with safe_open(str(folder / 'model' / 'model.safetensors'), framework='pt') as f:
+        return f.metadata()['epoch']
+
+
+@pytest.mark.parametrize('epochs, words', [
+    ('2', "has trained all 2 epochs: nothing to train (pass a larger --epochs to train on)."),
+    ('1', "has trained 2 epochs, more than the 1 this command asks for: nothing to train (pass a larger --epochs to "
+            "train on)."),
+])
+def test_resuming_a_finished_run_says_so_and_trains_nothing(finished, tmp_path, capsys, epochs, words):
+    command, folder = _copy(finished, tmp_path)
+    before = _digests(folder)
+    lines = run_main(command + ['--epochs', epochs, '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert [line for line in lines if 'nothing to train' in line] == [lines[-1]]
+    assert lines[-1].endswith(f"--resume '{folder / 'last.pth.tar'}' {words}")
+    assert _digests(folder) == before  # not even args.yaml
+
+
+def test_resuming_refreshes_a_stale_export_with_the_best_checkpoint(finished, tmp_path, capsys):
+    import timm
+    import torch
+    from safetensors.torch import load_file
+    from timm_sadistill.model_folder import save_model_folder
+
+    command, folder = _copy(finished, tmp_path)
+    best = torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)
+    # what a kill between saving the best checkpoint and exporting it leaves: the export of another epoch
+    save_model_folder(timm.create_model(STUDENT, num_classes=3), str(folder / 'model'), metadata={'epoch': '7'})
+    (folder / 'model.safetensors').unlink()
+    run_main(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert _export_epoch(folder) == str(best['epoch'])
+    for path in (folder / 'model' / 'model.safetensors', folder / 'model.safetensors'):
+        weights = load_file(str(path))
+        assert weights.keys() == best['state_dict'].keys()
+        assert all(torch.equal(weights[k], v) for k, v in best['state_dict'].items()), path
+    card = (folder / 'model' / 'README.md').read_text()
+    assert f"**Exported epoch:** {best['epoch']} " in card and '## Results' in card
+    from test_user_errors import digests
+    again = digests(folder)
+    run_main(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert digests(folder) == again  # a current export is left alone
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_with_the_same_command(finished, tmp_path, capsys):
+    command, folder = _copy(finished, tmp_path)
+    # what Ctrl-C, kill -9 or a full disk during the first save leaves
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'model.safetensors'):
+        (folder / name).unlink(missing_ok=True)
+    import shutil
+    shutil.rmtree(folder / 'model')
+    (folder / 'tmp.pth.tar').write_bytes(b'x' * 1000)
+    assert sorted(p.name for p in folder.iterdir()) == ['.lock', 'args.yaml', 'summary.csv', 'tmp.pth.tar']
+    line = run_main(command + ['--resume', str(folder / 'last.pth.tar')], capsys)[-1]
+    assert line.endswith(f"--resume '{folder / 'last.pth.tar'}' does not exist: the run in '{folder}' stopped before "
+                         "its first checkpoint; drop --resume (and pass --experiment done) to start it over there.")
+    run_main(command, capsys, status=0)
+    assert epochs(folder) == ['0'] and (folder / 'last.pth.tar').is_file() and not (folder / 'tmp.pth.tar').exists()
+
+
+def _safetensors_disk_full(tensors, path, metadata=None):
+    Path(path).write_bytes(b'partial')
+    from safetensors import SafetensorError
+    raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+
+
+def _config_disk_full(model, path, **kwargs):
+    import errno
+    Path(path).write_bytes(b'partial')
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+@pytest.mark.parametrize('target, writer, words', [
+    ('timm_sadistill._atomic.save_file', _safetensors_disk_full,
+     "No space left on the device of '{folder}' while writing weights (Error while serializing: I/O error: No space "
+     "left on device (os error 28)"),
+    ('timm_sadistill.model_folder.save_config_for_hf', _config_disk_full,
+     "No space left on the device of '{folder}' while saving (No space left on device)"),
+], ids=['SafetensorError', 'OSError'])
+def test_a_full_disk_while_exporting_is_one_line_and_the_resume_refreshes_the_export(finished, tmp_path, capsys,
+                                                                                     monkeypatch, target, writer, words):
+    command, folder = _copy(finished, tmp_path)
+    (folder / 'model.safetensors').unlink()  # a stale export: the run exports again
+    before = _digests(folder / 'model')
+    monkeypatch.setattr(target, writer)
+    resume = command + ['--resume', str(folder / 'last.pth.tar')]
+    line = run_main(resume + ['--epochs', '3'], capsys)[-1]
+    assert line.startswith('timm-sadistill train: error: ' + words.format(folder=folder))
+    assert line.endswith(f"the files saved before are intact: free space, then continue with --resume "
+                         f"{folder / 'last.pth.tar'}.")
+    assert _digests(folder / 'model') == before  # the model folder is the previous one, whole
+    assert not [p.name for p in folder.rglob('*') if '.tmp' in p.name or p.name.endswith(('.new', '.old'))]
+    monkeypatch.undo()
+    run_main(resume + ['--epochs', '3'], capsys, status=0)
+    import torch
+    best = torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)['epoch']
+    assert epochs(folder) == ['0', '1', '2'] and _export_epoch(folder) == str(best)
+
+
+@pytest.mark.parametrize('checkpointed', [False, True], ids=['before the first checkpoint', 'after it'])
+def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkeypatch, checkpointed):
+    from timm_sadistill.training import run
+
+    command, folder = _copy(finished, tmp_path)
+    if checkpointed:
+        command = command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')]
+    else:
+        command = [flag if flag != 'done' else 'fresh' for flag in command]
+        folder = tmp_path / 'fresh'
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(run, 'train_one_epoch', interrupted)
+    lines = run_main(command, capsys, status=130)
+    hint = f"continue with --resume {folder / 'last.pth.tar'}." if checkpointed else \
+        'rerun the same command (nothing was checkpointed yet, so it starts over).'
+    assert lines[-1] == f"timm-sadistill train: interrupted: '{folder}': {hint}"

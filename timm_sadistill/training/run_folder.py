@@ -24,7 +24,7 @@ import os
 import socket
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from safetensors import SafetensorError
 
@@ -76,10 +76,11 @@ class RunFolder:
     Args:
         path: the run folder.
         lock_fd: the open lock file this process holds the ``flock`` of.
-        created: whether this process made the folder (`release` then removes it if nothing was written in it).
+        created: the folders this process made for it, the run folder last (`release` removes them if nothing was
+            written in them).
     """
 
-    def __init__(self, path: str, lock_fd: int, created: bool):
+    def __init__(self, path: str, lock_fd: int, created: List[str]):
         self.path = path
         self._lock_fd = lock_fd
         self._created = created
@@ -90,10 +91,11 @@ class RunFolder:
         nothing of it is left."""
         if self._lock_fd is None:
             return
-        if self._created and os.listdir(self.path) == [LOCK_FILE]:
+        if self.path in self._created and os.listdir(self.path) == [LOCK_FILE]:
             os.unlink(os.path.join(self.path, LOCK_FILE))
-            with suppress(OSError):  # another run has just taken it over: its lock file is in it
-                os.rmdir(self.path)
+            with suppress(OSError):  # another run has just taken it over (its lock file is in it), or --output has more
+                for folder in reversed(self._created):
+                    os.rmdir(folder)
         else:
             with suppress(OSError):
                 os.ftruncate(self._lock_fd, 0)
@@ -139,6 +141,10 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
         UsageError: the folder is held by a running run, or holds a run's results and ``resume`` is not its
             checkpoint, or cannot be created.
     """
+    made, probe = [], os.path.abspath(output)
+    while not os.path.exists(probe):
+        made.insert(0, probe)
+        probe = os.path.dirname(probe)
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as e:
@@ -148,12 +154,12 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
         folder = os.path.join(output, f'{name}-{suffix}' if suffix else name)
         try:
             os.mkdir(folder)
-            created = True
+            created = made + [folder]
         except FileExistsError:
             if not experiment:  # timm's timestamp name is taken: a fresh name is what the user asked for
                 suffix += 1
                 continue
-            created = False
+            created = made
             _refuse_saved_work(folder, experiment, resume)  # before the lock, which would write in the folder
         except OSError as e:
             raise UsageError(f"--output: cannot create the run folder '{folder}' ({e.strerror}); pass another "
@@ -167,7 +173,7 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
         break
     run = RunFolder(folder, lock_fd, created)
     try:
-        if not created:
+        if folder not in created:
             _refuse_saved_work(folder, experiment, resume)  # again: another run may have saved in it meanwhile
             _clean_for_restart(folder)
         remove_partial_writes(folder)  # a run killed while saving left its temp files here
