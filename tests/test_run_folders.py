@@ -272,3 +272,55 @@ def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkey
     hint = f"continue with --resume {folder / 'last.pth.tar'}." if checkpointed else \
         'rerun the same command (nothing was checkpointed yet, so it starts over).'
     assert lines[-1] == f"timm-sadistill train: interrupted: '{folder}': {hint}"
+
+
+@pytest.mark.slow
+def test_a_busy_folder_refuses_a_second_run_and_a_kill_or_ctrl_c_leaves_a_folder_that_goes_on(tmp_path):
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import cli_env
+
+    write_folder(tmp_path / 'data')
+    command = [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', str(tmp_path / 'data'), '--num-classes',
+               '3', '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS
+    folder = tmp_path / 'out' / 'run'
+
+    def paused_in_a_save(argv: list) -> subprocess.Popen:
+        process = subprocess.Popen(argv, env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not (folder / 'tmp.pth.tar').exists():  # timm's temp checkpoint: the save pauses before its rename
+            assert process.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
+            time.sleep(0.1)
+        return process
+
+    def last_line(result: subprocess.CompletedProcess, status: int) -> str:
+        assert result.returncode == status and 'Traceback' not in result.stderr, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    first = paused_in_a_save(command)
+    try:  # the same command again while the first runs: refused, nothing of the first touched
+        second = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    finally:  # then the first dies in its first save
+        first.kill()
+        first.wait()
+    assert re.fullmatch(rf"timm-sadistill train: error: '{re.escape(str(folder))}' is in use by another run \(pid "
+                        rf"{first.pid} on {re.escape(socket.gethostname())}, since [-0-9: ]+\); wait for it to end, or "
+                        r"pass another --experiment\.", last_line(second, 2))
+    assert sorted(p.name for p in folder.iterdir()) == ['.lock', 'args.yaml', 'summary.csv', 'tmp.pth.tar']
+    assert f'pid {first.pid} ' in (folder / '.lock').read_text()  # the dead holder: named, blocking nothing
+    last_line(subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300), 0)
+    assert epochs(folder) == ['0'] and (folder / 'last.pth.tar').is_file()
+
+    resumed = paused_in_a_save(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')])
+    resumed.send_signal(signal.SIGINT)  # Ctrl-C after the first checkpoint, while saving the second
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"timm-sadistill train: interrupted: '{folder}': continue with --resume "
+                                            f"{folder / 'last.pth.tar'}.")
+    assert not (folder / 'tmp.pth.tar').exists()
