@@ -91,13 +91,12 @@ def new_folder_for(folder: str) -> str:
 
 
 def replace_folder(new: str, folder: str) -> None:
-    """Put the complete folder ``new`` (from `new_folder_for`) in the place of ``folder``, as a unit.
+    """Put the complete folder ``new`` (from `new_folder_for`, its files written with `atomic_write`, so on disk) in
+    the place of ``folder``, as a unit.
 
     POSIX cannot rename a folder over another: the old one moves aside first. A process killed between the two
     renames leaves no ``folder`` but its old version beside it, which `remove_partial_writes` puts back.
     """
-    for path in glob.glob(os.path.join(new, '*')):
-        fsync_file(path)
     old = _sibling(folder, _OLD_FOLDER)
     if os.path.isdir(old):
         shutil.rmtree(old)
