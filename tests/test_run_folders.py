@@ -104,8 +104,8 @@ def test_every_output_has_the_mode_the_umask_gives(tmp_path, umask):
     write_folder(tmp_path / 'data')
     before = os.umask(umask)
     try:
-        assert main(['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output', str(tmp_path / 'out'),
-                     '--experiment', 'run'] + FLAGS) == 0
+        assert main(['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3',
+                     '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS) == 0
     finally:
         os.umask(before)
     paths = [tmp_path / 'out' / 'run'] + sorted((tmp_path / 'out' / 'run').rglob('*'))
@@ -201,7 +201,8 @@ def test_resuming_refreshes_a_stale_export_with_the_best_checkpoint(finished, tm
 def test_a_run_stopped_before_its_first_checkpoint_restarts_with_the_same_command(finished, tmp_path, capsys):
     command, folder = _copy(finished, tmp_path)
     # what Ctrl-C, kill -9 or a full disk during the first save leaves
-    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'model.safetensors'):
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar',
+                 'model.safetensors'):
         (folder / name).unlink(missing_ok=True)
     import shutil
     shutil.rmtree(folder / 'model')
@@ -233,8 +234,8 @@ def _config_disk_full(model, path, **kwargs):
     ('timm_sadistill.model_folder.save_config_for_hf', _config_disk_full,
      "No space left on the device of '{folder}' while saving (No space left on device)"),
 ], ids=['SafetensorError', 'OSError'])
-def test_a_full_disk_while_exporting_is_one_line_and_the_resume_refreshes_the_export(finished, tmp_path, capsys,
-                                                                                     monkeypatch, target, writer, words):
+def test_a_full_disk_while_exporting_is_one_line_and_the_resume_refreshes_the_export(
+        finished, tmp_path, capsys, monkeypatch, target, writer, words):
     command, folder = _copy(finished, tmp_path)
     (folder / 'model.safetensors').unlink()  # a stale export: the run exports again
     before = _digests(folder / 'model')

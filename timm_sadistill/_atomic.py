@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = [
-    'atomic_write', 'save_safetensors_atomic', 'new_folder_for', 'replace_folder', 'remove_partial_writes', 'fsync_file', 'fsync_dir',
-    'pause_for_tests', 'umask',
+    'atomic_write', 'save_safetensors_atomic', 'new_folder_for', 'replace_folder', 'remove_partial_writes',
+    'fsync_file', 'fsync_dir', 'pause_for_tests', 'umask',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def remove_partial_writes(folder: str) -> None:
     for new in glob.glob(os.path.join(folder, _NEW_FOLDER.format('*'))):
         _logger.info(f"Removing '{new}', a partial write of an interrupted run.")
         shutil.rmtree(new)
-    paths = {path for pattern in _TEMP_PATTERNS for path in glob.glob(os.path.join(folder, '**', pattern), recursive=True)}
+    paths = {path for pattern in _TEMP_PATTERNS
+             for path in glob.glob(os.path.join(folder, '**', pattern), recursive=True)}
     for path in sorted(paths):
         if os.path.isfile(path):
             _logger.info(f"Removing '{path}', a partial write of an interrupted run.")

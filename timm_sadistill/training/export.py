@@ -21,7 +21,9 @@ from ..model_folder import (
 )
 from ..cli.distill_flags import distill_task_kwargs
 
-__all__ = ['MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'exported_epoch', 'label_names_of', 'train_command_line']
+__all__ = [
+    'MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'exported_epoch', 'label_names_of', 'train_command_line',
+]
 
 _logger = logging.getLogger(__name__)
 

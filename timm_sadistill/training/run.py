@@ -391,7 +391,8 @@ def _refresh_export(task, args, output_dir: str, data_config, label_names, comma
         return False
     _logger.info(f"The exported student in '{output_dir}' is not that of '{best}' (epoch {epoch}): exporting it again.")
     _reload(task, best)
-    export_student(task, args, output_dir, epoch, data_config, label_names, _eval_metrics_of(output_dir, epoch), command)
+    export_student(task, args, output_dir, epoch, data_config, label_names, _eval_metrics_of(output_dir, epoch),
+                   command)
     return True
 
 
