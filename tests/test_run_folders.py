@@ -325,3 +325,19 @@ def test_a_busy_folder_refuses_a_second_run_and_a_kill_or_ctrl_c_leaves_a_folder
     assert err.strip().splitlines()[-1] == (f"timm-sadistill train: interrupted: '{folder}': continue with --resume "
                                             f"{folder / 'last.pth.tar'}.")
     assert not (folder / 'tmp.pth.tar').exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from timm_sadistill.training.run_folder import create_run_folder
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, 'No locks available')
+
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    with caplog.at_level('WARNING'):
+        run = create_run_folder(str(tmp_path), 'exp', 'stamp', '')
+    run.release()
+    assert f"The file system of '{tmp_path / 'exp'}' cannot lock files (No locks available)" in caplog.text

@@ -39,6 +39,8 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 LOCK_FILE = '.lock'
+# flock's errors on a file system without locks (some network and FUSE mounts): the run goes on unlocked
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 LAST_CHECKPOINT = 'last.pth.tar'
 
 # the files of a completed checkpoint, and the rest of a run's results: a folder with neither holds nothing to keep
@@ -121,6 +123,12 @@ def _lock(folder: str) -> int:
             os.close(fd)
             raise UsageError(f"'{folder}' is in use by another run ({holder}); wait for it to end, or pass another "
                              "--experiment.") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            _logger.warning(f"The file system of '{folder}' cannot lock files ({e.strerror}): nothing keeps a second "
+                            "run out of this folder; start one run at a time in it.")
+            break
         try:  # the last holder may have removed the file between our open and flock: lock the one now there
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
