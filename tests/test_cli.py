@@ -227,8 +227,8 @@ def test_torchrun_two_cpu_ranks_agree_and_only_rank0_writes(workdir, teacher_run
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert [p.name for p in output.iterdir()] == ['ddp']
-    files = ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model', 'model.safetensors', 'model_best.pth.tar',
-             'summary.csv']
+    files = ['.lock', 'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model', 'model.safetensors',
+             'model_best.pth.tar', 'summary.csv']
     assert sorted(p.name for p in (output / 'ddp').iterdir()) == files
     assert sorted(p.name for p in (output / 'ddp' / 'model').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert 'torchrun --nproc_per_node=2' in (output / 'ddp' / 'model' / 'README.md').read_text()
@@ -248,9 +248,13 @@ def test_non_finite_loss_stops_with_the_terms_or_is_skipped_on_request(workdir, 
     stopped = run_cli(flags + ['--experiment', 'nonfinite'], workdir)
     assert stopped.returncode == 2 and 'Traceback' not in stopped.stderr
     assert 'Non-finite loss' in stopped.stderr and 'sa_att' in stopped.stderr
+    # every step skipped: nothing trained, so nothing is saved or exported (no card for an untrained model)
     skipped = run_cli(flags + ['--experiment', 'skipped', '--skip-nonfinite'], workdir)
-    check_ok(skipped)
+    assert skipped.returncode == 2 and 'Traceback' not in skipped.stderr, skipped.stderr[-3000:]
     assert 'Skipping step' in skipped.stderr
+    assert skipped.stderr.strip().splitlines()[-1].startswith(
+        'timm-sadistill train: error: --skip-nonfinite skipped every step of epoch 0 (the loss was NaN/inf at all ')
+    assert sorted(p.name for p in (workdir / 'out' / 'skipped').iterdir()) == ['.lock', 'args.yaml']
 
 
 BAD_INPUTS = {

@@ -206,3 +206,65 @@ def test_a_teacher_folder_without_its_prefix_is_told_to_add_it(workdir, teacher,
                       '--epochs', '1', '--output', str(tmp_path / 'out')] + COMMON_FLAGS, workdir)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert '--teacher local-dir:out/teacher/model' in result.stderr
+
+
+def _saved(folder: Path):
+    """(weights' epoch, config.json's label names, the card's title) of a model folder: what must agree."""
+    from safetensors import safe_open
+    with safe_open(str(folder / 'model.safetensors'), framework='pt') as f:
+        epoch = f.metadata()['epoch']
+    labels = json.loads((folder / 'config.json').read_text())['label_names']
+    title = next(line for line in (folder / 'README.md').read_text().splitlines() if line.startswith('# '))
+    return epoch, labels, title
+
+
+@pytest.mark.parametrize('kill_at', ['writing the card', 'between the renames'])
+def test_a_model_folder_killed_while_replaced_is_the_old_one_whole_after_the_cleanup(tmp_path, monkeypatch, kill_at):
+    import timm
+    from timm_sadistill import _atomic, model_folder
+    from timm_sadistill.model_folder import ModelCard, check_model_folder, save_model_folder
+
+    model = timm.create_model(STUDENT, num_classes=NUM_CLASSES)
+    folder = tmp_path / 'model'
+
+    def save(epoch: int) -> None:
+        save_model_folder(model, str(folder), label_names=[f'e{epoch}c{k}' for k in range(NUM_CLASSES)],
+                          card=ModelCard(name=f'epoch {epoch}', description='.'), metadata={'epoch': str(epoch)})
+
+    save(0)
+    old = _saved(folder)
+    assert old == ('0', ['e0c0', 'e0c1', 'e0c2'], '# epoch 0')
+    if kill_at == 'writing the card':
+        monkeypatch.setattr(model_folder, 'render_model_card', lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    else:
+        renames = []
+
+        def rename(src, dst):  # the old folder moves aside, then the process dies
+            if renames:
+                raise KeyboardInterrupt()
+            renames.append(src)
+            os.rename(src, dst)
+
+        monkeypatch.setattr(_atomic.os, 'rename', rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) != ['model']  # the kill left its traces
+    _atomic.remove_partial_writes(str(tmp_path))  # what the next run in the folder does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+    assert _saved(folder) == old
+    check_model_folder(str(folder))
+    save(1)
+    assert _saved(folder) == ('1', ['e1c0', 'e1c1', 'e1c2'], '# epoch 1')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+
+def test_a_folder_with_other_files_is_not_replaced(tmp_path):
+    import timm
+    from timm_sadistill.errors import UsageError
+    from timm_sadistill.model_folder import save_model_folder
+
+    (tmp_path / 'notes.txt').write_text('mine')
+    with pytest.raises(UsageError, match=r"holds other files than a model folder's \(notes.txt\)"):
+        save_model_folder(timm.create_model(STUDENT, num_classes=NUM_CLASSES), str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']

@@ -7,8 +7,8 @@
     <folder>/README.md           the model card: the Hub's YAML header, how the model was made, its accuracy
 
 ``timm.create_model('local-dir:<folder>', pretrained=True)``, timm's ``validate.py --model local-dir:<folder>
---pretrained`` and ``create_distill_task(..., teacher='local-dir:<folder>')`` read it. Every file is written
-atomically, so a crash mid-export leaves the previous file in place.
+--pretrained`` and ``create_distill_task(..., teacher='local-dir:<folder>')`` read it. The folder is written as a
+unit (built beside it, then swapped in), so after a crash at any point its weights, config and card agree.
 """
 import inspect
 import json
@@ -22,7 +22,7 @@ import yaml
 from timm.models._hub import _PREFERRED_FILES, save_config_for_hf
 from timm.utils.model import get_state_dict, unwrap_model
 
-from ._atomic import atomic_write, save_safetensors_atomic
+from ._atomic import atomic_write, new_folder_for, replace_folder, save_safetensors_atomic
 from ._checkpoint_checks import check_checkpoint_readable
 from .errors import UsageError
 
@@ -139,7 +139,7 @@ def save_model_folder(
 
     Args:
         model: a timm model (DDP, compile and EMA wrappers are looked through).
-        folder: the folder to write; created if missing, its files replaced atomically one by one.
+        folder: the folder to write; created if missing, replaced as a whole if it holds a model folder.
         data_config: the preprocessing the model was trained with (``timm.data.resolve_data_config`` output);
             None keeps the model's own pretrained_cfg.
         label_names: class names in classifier order (e.g. the class folders), stored as config.json label_names.
@@ -150,8 +150,8 @@ def save_model_folder(
         ``folder``.
 
     Raises:
-        UsageError: timm older than 1.0.29 (see `MODEL_FOLDER_SUPPORTED`), or
-            ``label_names`` whose count is not the model's number of classes.
+        UsageError: timm older than 1.0.29 (see `MODEL_FOLDER_SUPPORTED`), ``label_names`` whose count is not the
+            model's number of classes, or a ``folder`` that holds other files (replacing it would lose them).
     """
     if not MODEL_FOLDER_SUPPORTED:
         raise UsageError(f"The model folder needs timm >= 1.0.29 (save_config_for_hf with data_config); this is timm "
@@ -160,18 +160,24 @@ def save_model_folder(
     if label_names is not None and len(label_names) != model.num_classes:
         raise UsageError(f"{len(label_names)} label names for a model with {model.num_classes} classes; "
                          "pass one name per class, in classifier order.")
-    os.makedirs(folder, exist_ok=True)
-    save_safetensors_atomic(get_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata)
+    others = sorted(set(os.listdir(folder)) - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}) if os.path.isdir(folder) else []
+    if others:
+        raise UsageError(f"'{folder}' holds other files than a model folder's ({', '.join(others[:3])}); save the "
+                         "model folder into a new or empty folder.")
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    new = new_folder_for(folder)
+    save_safetensors_atomic(get_state_dict(model), os.path.join(new, WEIGHTS_FILE), metadata)
     # the tag names the architecture's published weights, which these are not
     model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}
     if label_names is not None:
         model_config['label_names'] = list(label_names)
-    with atomic_write(os.path.join(folder, CONFIG_FILE)) as tmp_path:
+    with atomic_write(os.path.join(new, CONFIG_FILE)) as tmp_path:
         save_config_for_hf(model, tmp_path, model_config=model_config, data_config=data_config)
     if card is not None:
-        with atomic_write(os.path.join(folder, CARD_FILE)) as tmp_path:
+        with atomic_write(os.path.join(new, CARD_FILE)) as tmp_path:
             with open(tmp_path, 'w', encoding='utf-8') as f:
                 f.write(render_model_card(card, folder))
+    replace_folder(new, folder)
     return folder
 
 

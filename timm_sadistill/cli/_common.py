@@ -3,7 +3,8 @@
 `USER_ERRORS` is the one list of what the command line treats as the user's error: the library raises `UsageError`
 (and `MissingExtraError`, a subclass) where it detects a mistake, with a message that names the flag or file and the
 fix; a non-finite loss is a problem of the run's settings and says which term. Any other exception is a bug and keeps
-its traceback (exit status 1).
+its traceback (exit status 1). Ctrl-C is one line too, with how to continue when the run says it, and exit status 130
+(128 + SIGINT, what a shell reports for a process stopped by Ctrl-C).
 """
 import sys
 from typing import Callable, Optional, Tuple
@@ -16,9 +17,10 @@ from ..features import input_size_kwargs
 from ..errors import UsageError
 from ..tasks.nonfinite import NonFiniteLossError
 
-__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command', 'USER_ERRORS']
+__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command', 'USER_ERRORS', 'INTERRUPTED_STATUS']
 
 USER_ERRORS = (UsageError, NonFiniteLossError)
+INTERRUPTED_STATUS = 130
 
 
 def check_img_size(img_size: Optional[int], flag: str = '--img-size') -> Optional[Tuple[int, int]]:
@@ -53,7 +55,9 @@ def check_device(flag: str, name: str) -> None:
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a user error (`USER_ERRORS`) becomes one ``<prog>: error: ...`` line on stderr and exit status 2.
+    """Run ``body``; a user error (`USER_ERRORS`) becomes one ``<prog>: error: ...`` line on stderr and exit status 2,
+    Ctrl-C one ``<prog>: interrupted...`` line (with what the KeyboardInterrupt says, e.g. how to continue the run)
+    and `INTERRUPTED_STATUS`.
 
     Any other exception propagates: it is a bug, and its traceback is what a report needs.
     """
@@ -63,3 +67,6 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"{prog}: error: {message}\n")
         return 2
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"{prog}: interrupted" + (f": {str(e).splitlines()[0]}" if str(e).strip() else '.') + '\n')
+        return INTERRUPTED_STATUS

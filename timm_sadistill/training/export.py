@@ -15,10 +15,13 @@ from timm.utils import unwrap_model
 
 from .._atomic import atomic_write, save_safetensors_atomic
 from ..model_folder import (
-    MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights, save_model_folder,
+    CARD_FILE, CONFIG_FILE, MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights,
+    save_model_folder,
 )
 
-__all__ = ['MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'label_names_of', 'train_command_line']
+__all__ = [
+    'MODEL_FOLDER', 'LEGACY_WEIGHTS_FILE', 'export_student', 'exported_epoch', 'label_names_of', 'train_command_line',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -137,3 +140,26 @@ def export_student(
     folder = save_model_folder(model, os.path.join(output_dir, MODEL_FOLDER), data_config, label_names, card, metadata)
     with atomic_write(legacy_path) as tmp_path:
         shutil.copyfile(os.path.join(folder, WEIGHTS_FILE), tmp_path)
+
+
+def _weights_epoch(path: str) -> Optional[str]:
+    """The ``epoch`` in the safetensors header of an export, None if the file is missing or unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            return (f.metadata() or {}).get('epoch')
+    except Exception:  # missing, truncated: not an export of any epoch
+        return None
+
+
+def exported_epoch(output_dir: str) -> Optional[int]:
+    """The epoch whose student ``export_student`` wrote in ``output_dir``, None unless every exported file is there
+    and they agree (``model/``, written as a unit, and the legacy weights, a copy of its weights written after it)."""
+    legacy = _weights_epoch(os.path.join(output_dir, LEGACY_WEIGHTS_FILE))
+    if MODEL_FOLDER_SUPPORTED:
+        folder = os.path.join(output_dir, MODEL_FOLDER)
+        if not all(os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_FILE, CARD_FILE)):
+            return None
+        if _weights_epoch(os.path.join(folder, WEIGHTS_FILE)) != legacy:
+            return None
+    return int(legacy) if legacy is not None and legacy.isdigit() else None

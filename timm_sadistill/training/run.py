@@ -10,11 +10,12 @@ timm's: ``<output>/<experiment>/`` with args.yaml, summary.csv, last.pth.tar, mo
 `timm_sadistill.training.export`). Distributed: only rank 0 writes files.
 """
 import argparse
+import csv
 import logging
 import os
 from datetime import datetime
 from functools import partial
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from typing import Any, Dict, Optional
 
 import torch
@@ -30,8 +31,8 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 import yaml
 
-from .._atomic import save_safetensors_atomic
-from .._checkpoint_checks import check_checkpoint_readable, read_checkpoint_args
+from .._atomic import remove_partial_writes, save_safetensors_atomic
+from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, read_checkpoint_args
 from ..errors import UsageError
 from ..features import input_size_kwargs
 from ..losses import loss_options
@@ -41,11 +42,11 @@ from ..cli._common import check_device, check_img_size
 from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs, loss_flag
 from .checkpoint_saver import AtomicCheckpointSaver
 from .data_loading import create_datasets, create_loaders
-from .export import LEGACY_WEIGHTS_FILE, export_student, label_names_of
+from .export import LEGACY_WEIGHTS_FILE, export_student, exported_epoch, label_names_of
 from .loop import train_one_epoch, validate
 from .run_folder import (
-    check_output_path, check_resume_distill, check_resume_matches, create_run_folder, disk_full_is_usage_error,
-    trim_summary,
+    RunFolder, check_output_path, check_resume_distill, check_resume_exists, check_resume_matches, continue_hint,
+    create_run_folder, disk_full_is_usage_error, trim_summary,
 )
 
 __all__ = ['train', 'RECORDED_ARGS']
@@ -167,6 +168,7 @@ def train(args: argparse.Namespace, args_text: str, command: Optional[str] = Non
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.resume:
+        check_resume_exists(args.resume)
         check_checkpoint_readable(args.resume, '--resume checkpoint')
         check_resume_matches(args.resume, read_checkpoint_args(args.resume), args)
     check_output_path(args.output or './output/train')
@@ -182,7 +184,6 @@ def train(args: argparse.Namespace, args_text: str, command: Optional[str] = Non
 def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.device, command: Optional[str]) -> Dict[str, Any]:
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     utils.random_seed(args.seed, args.rank)
 
     if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
@@ -206,6 +207,39 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+
+    # the run folder and its lock come before any heavy work (the teacher, its validation, a resumed checkpoint), so
+    # that a second run into the same folder stops at once; a setup that fails after this removes the new folder
+    run = None
+    if utils.is_primary(args):
+        experiment = '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
+        ])
+        run = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
+    try:
+        with disk_full_is_usage_error(run.path, args.experiment) if run is not None else nullcontext():
+            return _train_in_folder(args, args_text, device, command, model, data_config, run)
+    except KeyboardInterrupt:
+        if run is None:
+            raise
+        remove_partial_writes(run.path)
+        raise KeyboardInterrupt(f"'{run.path}': {continue_hint(run.path, args.experiment)}.") from None
+    finally:
+        if run is not None:
+            run.release()
+
+
+def _train_in_folder(
+        args: argparse.Namespace,
+        args_text: str,
+        device: torch.device,
+        command: Optional[str],
+        model: nn.Module,
+        data_config: Dict[str, Any],
+        run: Optional[RunFolder],
+) -> Dict[str, Any]:
+    """The run from its data to its last epoch; ``run`` is the run folder (None off rank 0)."""
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     model.to(device=device)
     if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -217,6 +251,7 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     _check_num_classes(args, dataset_train)
     loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
     train_loss = _create_train_loss(args, mixup_active, device)
+    label_names = label_names_of(dataset_train, args.num_classes)
 
     task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))
     args_text += _record_distill_choices(args, task)
@@ -226,8 +261,6 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     task.to(device)
     if args.channels_last:  # the student, its connectors and the teacher: the loss compares their features
         task.to(memory_format=torch.channels_last)
-    if args.distill != 'none' and loader_eval is not None:
-        _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
 
     if not args.lr:  # timm's rule: scale lr_base by the global batch size
         batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
@@ -247,6 +280,40 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if args.resume:
             load_task_ema_checkpoint(task, args.resume)
+
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    decreasing_metric = eval_metric == 'loss'
+    output_dir = saver = None
+    if run is not None:
+        output_dir = run.path
+        saver = AtomicCheckpointSaver(
+            model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
+            max_history=args.checkpoint_hist, task=task,
+        )
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
+            if _refresh_export(task, args, output_dir, data_config, label_names, command):
+                _reload(task, args.resume)  # the export loaded the best epoch; training goes on from the last
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch,
+    )
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if args.resume and start_epoch >= num_epochs:
+        done = f'has trained all {num_epochs} epochs' if start_epoch == num_epochs else \
+            f'has trained {start_epoch} epochs, more than the {num_epochs} this command asks for'
+        if utils.is_primary(args):
+            _logger.info(f"--resume '{args.resume}' {done}: nothing to train (pass a larger --epochs to train on).")
+        best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver is not None else (None, None)
+        return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+    if lr_scheduler is not None and start_epoch > 0:  # the schedule is a function of the epoch: replay it
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
     if args.torchcompile:
         task.compile(backend=args.torchcompile)
         if task.has_ema():
@@ -255,36 +322,12 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         # pass broadcast_buffers only to turn it off: newer torch warns whenever it is given
         ddp_kwargs = {'broadcast_buffers': False} if args.no_ddp_bb else {}
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+    if args.distill != 'none' and loader_eval is not None:
+        _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
 
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
-    decreasing_metric = eval_metric == 'loss'
-    output_dir = saver = None
     if utils.is_primary(args):
-        experiment = '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
-        ])
-        output_dir = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
-        saver = AtomicCheckpointSaver(
-            model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist, task=task,
-        )
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
-
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch,
-    )
-    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
-    if lr_scheduler is not None and start_epoch > 0:  # the schedule is a function of the epoch: replay it
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
-    if utils.is_primary(args):
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
@@ -296,6 +339,12 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
                 break
         train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, lr_scheduler,
                                         amp_autocast, loss_scaler, mixup_fn)
+        if train_metrics.get('skipped_steps', 0) >= len(loader_train):  # the ranks skip together: all agree
+            raise UsageError(
+                f"--skip-nonfinite skipped every step of epoch {epoch} (the loss was NaN/inf at all "
+                f"{len(loader_train)}): nothing was trained, so this epoch is neither saved nor exported; the "
+                "warnings above name the non-finite term: change the settings that make it (e.g. a lower --lr or "
+                "loss weight).")
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
@@ -313,14 +362,12 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         if saver is not None:
             lrs = [group['lr'] for group in optimizer.param_groups]
             summary = os.path.join(output_dir, 'summary.csv')
-            with disk_full_is_usage_error(output_dir):
-                # the header goes into a new or empty file (also when --resume starts a new --experiment)
-                utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
-                                     write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
-                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-                if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)):
-                    export_student(task, args, output_dir, epoch, data_config,
-                                   label_names_of(dataset_train, args.num_classes), eval_metrics, command)
+            # the header goes into a new or empty file (also when --resume starts a new --experiment)
+            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                                 write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+            if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)):
+                export_student(task, args, output_dir, epoch, data_config, label_names, eval_metrics, command)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
@@ -330,6 +377,42 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
     _dump_rank_params(task, args)
     return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+
+
+def _reload(task: TrainingTask, checkpoint: str) -> None:
+    """Load ``checkpoint``'s student, connectors and EMA into ``task`` (not the optimizer)."""
+    resume_task_checkpoint(task, checkpoint, log_info=False)
+    if task.has_ema():
+        load_task_ema_checkpoint(task, checkpoint)
+
+
+def _eval_metrics_of(output_dir: str, epoch: int) -> Optional[Dict[str, float]]:
+    """The validation top-1 and top-5 of ``epoch`` in the run's summary.csv; None without them."""
+    path = os.path.join(output_dir, 'summary.csv')
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline='') as f:
+        row = next((row for row in csv.DictReader(f) if row.get('epoch') == str(epoch)), None)
+    if not row or not row.get('eval_top1') or not row.get('eval_top5'):
+        return None
+    return {'top1': float(row['eval_top1']), 'top5': float(row['eval_top5'])}
+
+
+def _refresh_export(task, args, output_dir: str, data_config, label_names, command) -> bool:
+    """Export the best checkpoint again when the run's exported student is not its export (a run stopped between
+    saving a best epoch and exporting it, or while exporting); True when it exported."""
+    best = next((os.path.join(output_dir, name) for name in ('model_best.pth.tar', 'last.pth.tar')
+                 if os.path.isfile(os.path.join(output_dir, name))), None)
+    if best is None:
+        return False
+    epoch = load_checkpoint(best).get('epoch')
+    if epoch is None or exported_epoch(output_dir) == epoch:
+        return False
+    _logger.info(f"The exported student in '{output_dir}' is not that of '{best}' (epoch {epoch}): exporting it again.")
+    _reload(task, best)
+    export_student(task, args, output_dir, epoch, data_config, label_names, _eval_metrics_of(output_dir, epoch),
+                   command)
+    return True
 
 
 def _check_num_classes(args: argparse.Namespace, dataset) -> None:

@@ -1,33 +1,57 @@
-"""The run folder ``<output>/<experiment>/`` of ``train``: a finished run is never overwritten, a resumed run's files
-continue where its last checkpoint ended, and a full disk is a message, not a traceback.
+"""The run folder ``<output>/<experiment>/`` of ``train``: one run at a time in it, a finished run is never
+overwritten, a crash at any point leaves a folder that the same command (or the ``--resume`` it prints) continues or
+restarts, and a full disk is a message, not a traceback.
+
+One run per folder: the run that writes a folder holds an exclusive ``flock`` on its lock file (`LOCK_FILE`, which
+names the holder's pid and host) for the life of its process, taken before anything is written; the kernel drops it
+when the process dies, however it dies, so a lock file left behind blocks nothing. A second run into a held folder
+(the same ``--experiment`` twice, a ``--resume`` of a running run) is refused with the holder's pid.
 
 A repeated ``--experiment`` is refused (with the ``--resume`` command that continues it) rather than renamed: scripts
 and the README's teacher -> student recipe read ``<output>/<experiment>/model.safetensors`` by name, and a quietly
-renamed run would leave them reading the old one. Without ``--experiment`` the name is timm's timestamp, and a
-clash picks a fresh name (``-1``, ``-2``, ... as ``timm.utils.get_outdir(inc=True)`` does).
+renamed run would leave them reading the old one. A folder without a completed checkpoint (a run stopped before its
+first save) holds nothing to continue: the same command restarts it. Without ``--experiment`` the name is timm's
+timestamp, and a taken name (also by a run started the same second) picks a fresh one, ``-1``, ``-2``, ... as
+``timm.utils.get_outdir(inc=True)`` does, made atomically by ``os.mkdir``.
 """
 import argparse
 import csv
 import errno
+import fcntl
 import glob
+import logging
 import os
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+import socket
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from typing import Any, Callable, Iterator, List, Optional
+
+from safetensors import SafetensorError
 
 from .._atomic import atomic_write, remove_partial_writes
 from ..errors import UsageError
 from ..losses import loss_options
 
 __all__ = [
-    'check_output_path', 'create_run_folder', 'check_resume_matches', 'check_resume_distill', 'trim_summary',
-    'disk_full_is_usage_error',
+    'LOCK_FILE', 'RunFolder', 'check_output_path', 'create_run_folder', 'continue_hint', 'check_resume_exists',
+    'check_resume_matches', 'check_resume_distill', 'trim_summary', 'disk_full_is_usage_error',
 ]
 
-# files that mean "this folder holds a run's results"; args.yaml alone (a run stopped before its first epoch) does not
-_SAVED_WORK = ('last.pth.tar', 'model_best.pth.tar', 'model', 'model.safetensors', 'summary.csv', 'checkpoint-*.pth.tar')
+_logger = logging.getLogger(__name__)
+
+LOCK_FILE = '.lock'
+# flock's errors on a file system without locks (some network and FUSE mounts): the run goes on unlocked
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+LAST_CHECKPOINT = 'last.pth.tar'
+
+# the files of a completed checkpoint, and the rest of a run's results: a folder with neither holds nothing to keep
+_CHECKPOINTS = (LAST_CHECKPOINT, 'model_best.pth.tar', 'checkpoint-*.pth.tar')
+_SAVED_WORK = _CHECKPOINTS + ('model', 'model.safetensors')
 
 # how torch's zip writer (caffe2's inline_container.cc) words a failed write
 _TORCH_WRITER_FAILURES = ('inline_container.cc', 'PytorchStreamWriter')
+# how safetensors words an OS error (Rust's io::Error: "... (os error 28) ...")
+_SAFETENSORS_DISK_FULL = tuple(f'(os error {code})' for code in (errno.ENOSPC, errno.EDQUOT))
 
 # flags that decide what a checkpoint holds: resuming under others cannot load it (the loss's options and the
 # stages are `check_resume_distill`'s)
@@ -48,32 +72,173 @@ def check_output_path(output: str, flag: str = '--output') -> None:
         raise UsageError(f"{flag} '{output}': no permission to write in '{probe}'; pass a folder you can write to.")
 
 
-def _saved_work(folder: str) -> list:
-    return sorted(os.path.basename(p) for pattern in _SAVED_WORK for p in glob.glob(os.path.join(folder, pattern)))
+def _present(folder: str, patterns) -> list:
+    return sorted(os.path.basename(p) for pattern in patterns for p in glob.glob(os.path.join(folder, pattern)))
 
 
-def create_run_folder(output: str, experiment: str, default_name: str, resume: str) -> str:
-    """Create and return the run folder; refuse one that holds another run unless ``resume`` continues it."""
-    folder = os.path.join(output, experiment or default_name)
-    saved = _saved_work(folder) if os.path.isdir(folder) else []
-    continues = bool(resume) and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder)
-    if saved and not continues:
-        if not experiment:  # timm's timestamp name clashed: a fresh name is what the user asked for
-            suffix = 1
-            while os.path.exists(f'{folder}-{suffix}'):
-                suffix += 1
-            folder = f'{folder}-{suffix}'
+class RunFolder:
+    """A run folder this process holds: ``path``, and its lock, which keeps every other run out until `release`.
+
+    Args:
+        path: the run folder.
+        lock_fd: the open lock file this process holds the ``flock`` of.
+        created: the folders this process made for it, the run folder last (`release` removes them if nothing was
+            written in them).
+    """
+
+    def __init__(self, path: str, lock_fd: int, created: List[str]):
+        self.path = path
+        self._lock_fd = lock_fd
+        self._created = created
+
+    def release(self) -> None:
+        """Drop the lock (the lock file is emptied: only a process that died holding it is left named in it); a
+        folder this process made and wrote nothing in (a run refused or stopped during its setup) goes, so that
+        nothing of it is left."""
+        if self._lock_fd is None:
+            return
+        if self.path in self._created and os.listdir(self.path) == [LOCK_FILE]:
+            os.unlink(os.path.join(self.path, LOCK_FILE))
+            with suppress(OSError):  # another run has just taken it over (its lock file is in it), or --output has more
+                for folder in reversed(self._created):
+                    os.rmdir(folder)
         else:
-            raise UsageError(
-                f"--experiment '{experiment}': '{folder}' already holds a run ({', '.join(saved[:3])}); continue it "
-                f"with --resume {os.path.join(folder, 'last.pth.tar')}, or pass another --experiment."
-            )
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _lock(folder: str) -> int:
+    """Hold the ``flock`` of ``folder``'s lock file and write this process into it; the open file.
+
+    Raises:
+        UsageError: another process holds it.
+        FileNotFoundError: ``folder`` went away (a run that made it wrote nothing and removed it).
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path, encoding='utf-8', errors='replace') as f:
+                holder = f.read().strip() or 'another process'
+            os.close(fd)
+            raise UsageError(f"'{folder}' is in use by another run ({holder}); wait for it to end, or pass another "
+                             "--experiment.") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            _logger.warning(f"The file system of '{folder}' cannot lock files ({e.strerror}): nothing keeps a second "
+                            "run out of this folder; start one run at a time in it.")
+            break
+        try:  # the last holder may have removed the file between our open and flock: lock the one now there
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.now():%Y-%m-%d %H:%M:%S}\n".encode())
+    return fd
+
+
+def create_run_folder(output: str, experiment: str, default_name: str, resume: str) -> RunFolder:
+    """Make (or reuse) the run folder and hold its lock; refuse one that holds another run unless ``resume``
+    continues it, and clean what a crashed run left in it.
+
+    Raises:
+        UsageError: the folder is held by a running run, or holds a run's results and ``resume`` is not its
+            checkpoint, or cannot be created.
+    """
+    made, probe = [], os.path.abspath(output)
+    while not os.path.exists(probe):
+        made.insert(0, probe)
+        probe = os.path.dirname(probe)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(output, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--output: cannot create the run folder '{folder}' ({e.strerror}); pass another --output.") from e
-    remove_partial_writes(folder)  # a run killed while saving left its temp files here
-    return folder
+        raise UsageError(f"--output: cannot create '{output}' ({e.strerror}); pass another --output.") from e
+    name, suffix = experiment or default_name, 0
+    while True:
+        folder = os.path.join(output, f'{name}-{suffix}' if suffix else name)
+        try:
+            os.mkdir(folder)
+            created = made + [folder]
+        except FileExistsError:
+            if not experiment:  # timm's timestamp name is taken: a fresh name is what the user asked for
+                suffix += 1
+                continue
+            created = made
+            _refuse_saved_work(folder, experiment, resume)  # before the lock, which would write in the folder
+        except OSError as e:
+            raise UsageError(f"--output: cannot create the run folder '{folder}' ({e.strerror}); pass another "
+                             "--output.") from e
+        try:
+            lock_fd = _lock(folder)
+        except FileNotFoundError:  # it went away between our mkdir and open: try again
+            continue
+        except NotADirectoryError as e:
+            raise UsageError(f"--experiment '{experiment}': '{folder}' is a file; pass another --experiment.") from e
+        break
+    run = RunFolder(folder, lock_fd, created)
+    try:
+        if folder not in created:
+            _refuse_saved_work(folder, experiment, resume)  # again: another run may have saved in it meanwhile
+            _clean_for_restart(folder)
+        remove_partial_writes(folder)  # a run killed while saving left its temp files here
+    except BaseException:
+        run.release()
+        raise
+    return run
+
+
+def _refuse_saved_work(folder: str, experiment: str, resume: str) -> None:
+    """Refuse a folder with a run's results unless ``resume`` continues it."""
+    if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder):
+        return
+    saved = _present(folder, _SAVED_WORK)
+    if not saved:
+        return
+    checkpoints = _present(folder, _CHECKPOINTS)
+    if LAST_CHECKPOINT in checkpoints:
+        hint = f'continue it with --resume {os.path.join(folder, LAST_CHECKPOINT)}, or'
+    elif checkpoints:
+        hint = f'continue it with --resume {os.path.join(folder, checkpoints[-1])}, or'
+    else:
+        hint = 'it holds no checkpoint to continue from:'
+    raise UsageError(f"--experiment '{experiment}': '{folder}' already holds a run ({', '.join(saved[:3])}); {hint} "
+                     "pass another --experiment.")
+
+
+def _clean_for_restart(folder: str) -> None:
+    """Empty a folder whose run stopped before its first checkpoint, for the same command to start over in it."""
+    if not _present(folder, _CHECKPOINTS) and os.path.exists(os.path.join(folder, 'summary.csv')):
+        _logger.info(f"Restarting '{folder}': its run stopped before its first checkpoint.")
+        os.unlink(os.path.join(folder, 'summary.csv'))  # rows of epochs that no checkpoint holds
+
+
+def continue_hint(folder: str, experiment: Optional[str]) -> str:
+    """How to go on with the run of ``folder`` after it stopped: the ``--resume`` of its last checkpoint (with the
+    ``--experiment`` that writes into this folder again when its name was timm's timestamp), or, with no checkpoint
+    yet, the same command again."""
+    last = os.path.join(folder, LAST_CHECKPOINT)
+    if os.path.isfile(last):
+        again = '' if experiment else f' --experiment {os.path.basename(folder)}'
+        return f'continue with{again} --resume {last}'
+    return 'rerun the same command (nothing was checkpointed yet, so it starts over)'
+
+
+def check_resume_exists(resume: str) -> None:
+    """Refuse a ``--resume`` checkpoint that a run never wrote, saying how to restart a run that stopped before its
+    first checkpoint (its folder is there, its ``last.pth.tar`` is not)."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    if os.path.exists(resume) or not _present(folder, ('args.yaml', LOCK_FILE)) or _present(folder, _CHECKPOINTS):
+        return  # there, or not a run folder, or a run with other checkpoints: the readability check tells
+    raise UsageError(f"--resume '{resume}' does not exist: the run in '{folder}' stopped before its first checkpoint; "
+                     f"drop --resume (and pass --experiment {os.path.basename(folder)}) to start it over there.")
 
 
 def check_resume_matches(path: str, saved_args: Optional[argparse.Namespace], args: argparse.Namespace) -> None:
@@ -151,23 +316,29 @@ def trim_summary(path: str, start_epoch: int) -> None:
                 writer.writerows(rows)
 
 
+def _disk_full(e: Exception, folder: str) -> Optional[str]:
+    """The words for a failed write that a full disk (or quota) explains, None for other errors."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"No space left on the device of '{folder}' while saving ({e.strerror})"
+    if isinstance(e, SafetensorError) and any(mark in str(e) for mark in _SAFETENSORS_DISK_FULL):
+        return f"No space left on the device of '{folder}' while writing weights ({str(e).splitlines()[0][:160]})"
+    # torch.save's zip writer reports a failed write (a full disk among them) as a RuntimeError without errno
+    if isinstance(e, RuntimeError) and any(mark in str(e) for mark in _TORCH_WRITER_FAILURES):
+        return f"torch could not write a checkpoint in '{folder}' ({str(e).splitlines()[0]}): the disk may be full"
+    return None
+
+
 @contextmanager
-def disk_full_is_usage_error(folder: str) -> Iterator[None]:
-    """A full disk (or quota) while saving: remove the partial temp files and say how to continue; the files saved
-    before are intact, since every write replaces its target only when complete."""
-    resume = f"continue with --resume {os.path.join(folder, 'last.pth.tar')}"
+def disk_full_is_usage_error(folder: str, experiment: Optional[str] = None) -> Iterator[None]:
+    """A full disk (or quota) while saving (a checkpoint, the model folder, any file of the run): remove the partial
+    writes and say how to continue; the files saved before are intact, since every write replaces its target only
+    when complete. ``experiment`` is the run's ``--experiment`` (None: timm's timestamp name)."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError, SafetensorError) as e:
+        words = _disk_full(e, folder)
+        if words is None:
             raise
         remove_partial_writes(folder)
-        raise UsageError(f"No space left on the device of '{folder}' while saving ({e.strerror}); the files saved "
-                         f"before are intact: free space, then {resume}.") from e
-    except RuntimeError as e:
-        # torch.save's zip writer reports a failed write (a full disk among them) as a RuntimeError without errno
-        if not any(mark in str(e) for mark in _TORCH_WRITER_FAILURES):
-            raise
-        remove_partial_writes(folder)
-        raise UsageError(f"torch could not write a checkpoint in '{folder}' ({str(e).splitlines()[0]}): the disk may "
-                         f"be full; the files saved before are intact: free space, then {resume}.") from e
+        raise UsageError(f"{words}; the files saved before are intact: free space, then "
+                         f"{continue_hint(folder, experiment)}.") from e
