@@ -108,7 +108,9 @@ def _model_card(
     details['Training (timm train.py flags)'] = {flag: getattr(args, flag) for flag in RECIPE_FLAGS}
     details['Processes'] = args.world_size
     details['Input'] = {k: data_config[k] for k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std')}
-    details['Exported epoch'] = f'{epoch} (of epochs 0..{args.epochs - 1}; the best by {args.eval_metric}' + \
+    # as the run ranks epochs: by the validation metric, or by the training loss without a validation split
+    ranked_by = args.eval_metric if eval_metrics else 'training loss, without validation'
+    details['Exported epoch'] = f'{epoch} (of epochs 0..{args.epochs - 1}; the best by {ranked_by}' + \
         (', EMA weights)' if task.has_ema() else ')')
     dataset = args.dataset or os.path.basename(os.path.normpath(args.data_dir or args.data or '')) or None
     hub_datasets = [args.dataset.split('/', 1)[1] for prefix in HUB_DATASET_PREFIXES if args.dataset.startswith(prefix)]
