@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
 from ..errors import UsageError
+from ..model_folder import resolve_model_name
 from ..losses import REQUIRED, get_distill_loss_class, list_distill_losses, loss_options
 from ._common import check_img_size, create_model, run_command
 
@@ -113,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{args.model} has no feature_info: distil submodule paths (see model.named_modules()).")
     else:
-        print(f"Stages of {args.model} at {_hw(img_size)} (random weights):")
+        weights = 'its own weights' if resolve_model_name(args.model).has_weights else 'random weights'
+        print(f"Stages of {args.model} at {_hw(img_size)} ({weights}):")
         print(_table(('name', 'index', 'channels', 'reduction', 'map', 'auto'), rows))
     if teacher is None:
         return 0

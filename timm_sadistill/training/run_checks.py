@@ -142,10 +142,11 @@ def _check_label_names(flag: str, model: ModelName, classes: List[str], root: st
             f"'{classes[k]}' in the data); pass --class-map FILE with its label_names, one per line in its order, "
             "so that the indices agree.")
     missing, extra = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+    fix = ('distil on data of its classes, or pass another teacher' if flag == '--teacher' else
+           f'train it on data of its classes, or start from its architecture: --model {model.architecture}')
     raise UsageError(
         f"{flag} {model.name} knows other classes than the class folders of '{root}' (only {flag}'s: "
-        f"{_preview(missing) or '-'}; only the data's: {_preview(extra) or '-'}); distil on data of its classes, "
-        "or pass another teacher.")
+        f"{_preview(missing) or '-'}; only the data's: {_preview(extra) or '-'}); {fix}.")
 
 
 def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, teacher: Optional[ModelName]) -> None:
