@@ -66,7 +66,7 @@ def test_flag_mistakes_are_one_line_before_the_data_is_read(run, capsys, tmp_pat
         '--torchcompile nope: torch has no such compile backend': [['--torchcompile', 'nope']],
         '--save-attention-maps draws SA': [['--save-attention-maps']],
         "Unknown model 'no_such_net' (--model)": [['--model', 'no_such_net']],
-        f"--teacher '{done}' is a folder; name it as timm does: local-dir:{done}": [['--distill', 'kd', '--teacher',
+        f"--teacher '{done}' is a folder; name it as timm does: --teacher local-dir:{done}": [['--distill', 'kd', '--teacher',
                                                                                     str(done)]],
     }
     if torch.backends.mps.is_available():

@@ -306,7 +306,8 @@ def resolve_model_name(
                          f"Download it once (hf download {path.partition('@')[0]}) or pass a model folder as "
                          "local-dir:<folder>.")
     if os.path.isdir(name):
-        raise UsageError(f"{option} '{name}' is a folder; name it as timm does: local-dir:{name}.")
+        as_timm = f"{option} local-dir:{name}" if option.startswith('-') else f"local-dir:{name}"
+        raise UsageError(f"{option} '{name}' is a folder; name it as timm does: {as_timm}.")
     if not timm.is_model(name):
         raise UsageError(f"Unknown model '{name}' ({option}); find timm model names with timm.list_models, e.g. "
                          f"python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\".")
