@@ -150,6 +150,9 @@ def test_train_fine_tunes_a_model_folder_with_its_weights(run, model_folder, tmp
     before, after = load_file(model_folder / 'model.safetensors'), load_file(tmp_path / 'out' / 'ft' / 'model' /
                                                                             'model.safetensors')
     assert after['fc.weight'].shape == (3, before['fc.weight'].shape[1])  # the folder's 3 classes, not 1000
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'out' / 'ft' / 'model' / 'model.safetensors'), 'pt') as f:
+        assert f.metadata()['arch'] == STUDENT
     for key in ('conv1.0.weight', 'fc.weight'):  # at lr 1e-9 the weights are those loaded, not a fresh init
         torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
 
@@ -183,7 +186,12 @@ def test_a_cached_hub_repo_is_a_model_folder(model_folder, tmp_path, monkeypatch
     source = tsd.model_folder.resolve_model_name('hf-hub:someone/tiny')
     assert source.architecture == STUDENT and source.num_classes == 3 and source.label_names == ['c0', 'c1', 'c2']
     assert main(['stages', 'hf-hub:someone/tiny', '--img-size', '64']) == 0
-    assert 'Stages of hf-hub:someone/tiny at 64x64' in capsys.readouterr().out
+    assert 'Stages of hf-hub:someone/tiny at 64x64 (its own weights)' in capsys.readouterr().out
+    # a teacher from the cache brings its weights (loaded from the snapshot: timm never asks the Hub)
+    student = timm.create_model(STUDENT, num_classes=3)
+    task = tsd.create_distill_task('kd', student, 'hf-hub:someone/tiny', img_size=32, verbose=False)
+    weights = load_file(model_folder / 'model.safetensors')
+    assert torch.equal(task.teacher.model.state_dict()['conv1.0.weight'], weights['conv1.0.weight'])
 
 
 def test_one_module_as_teacher_and_student_is_refused():

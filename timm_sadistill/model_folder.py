@@ -228,10 +228,17 @@ class ModelName:
         architecture: the timm architecture it builds.
         config: the parsed config.json of a model folder (``local-dir:``) or of a Hub repo in the local cache
             (``hf-hub:``); such a name brings its weights, classes and preprocessing. None for a registry name.
+        load_name: the name to give ``timm.create_model``: a cached Hub repo loads as the model folder of its
+            snapshot, so that timm does not reach the Hub; else ``name``.
     """
     name: str
     architecture: str
     config: Optional[Dict[str, Any]] = None
+    load_name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.load_name is None:
+            object.__setattr__(self, 'load_name', self.name)
 
     @property
     def has_weights(self) -> bool:
@@ -297,7 +304,7 @@ def resolve_model_name(
         folder = _cached_hub_folder(path)
         if folder is not None:
             config = check_model_folder(folder)
-            return ModelName(name, config['architecture'], config)
+            return ModelName(name, config['architecture'], config, load_name=LOCAL_DIR_PREFIX + folder)
         if allow_download and not hub_offline():
             from timm.models._hub import load_model_config_from_hf
             return ModelName(name, load_model_config_from_hf(path)[1])

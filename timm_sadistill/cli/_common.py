@@ -39,7 +39,7 @@ def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, option: 
     ``img_size`` (H, W) when given (a ViT takes only the size it is built for): a registry name with random weights
     (nothing downloads), a model folder (``local-dir:``) or cached Hub repo (``hf-hub:``) with its own."""
     source = resolve_model_name(name, option)
-    return timm.create_model(name, pretrained=source.has_weights, **input_size_kwargs(source.architecture, img_size),
+    return timm.create_model(source.load_name, pretrained=source.has_weights, **input_size_kwargs(source.architecture, img_size),
                              **kwargs)
 
 

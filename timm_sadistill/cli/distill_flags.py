@@ -6,7 +6,7 @@ translation of the parsed flags into ``create_distill_task`` keywords.
 """
 import argparse
 import re
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 from ..losses import list_distill_losses
 from ..losses.sa import SA_OPTIONS, SAOption

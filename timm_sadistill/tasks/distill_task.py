@@ -139,7 +139,7 @@ def resolve_teacher(
                    **(pretrained_cfg_overlay or {})}
         try:
             model = create_model(
-                teacher, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
+                source.load_name, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
                 in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
                 **input_size_kwargs(source.architecture, resolve_img_size(img_size, base)),
             )

@@ -136,7 +136,9 @@ def export_student(
     """Write the student of ``epoch`` (EMA weights when EMA is ranked) as ``<output_dir>/model/`` and as the legacy
     ``<output_dir>/model.safetensors``; ``eval_metrics`` (top1, top5) and ``command`` go into the model card."""
     model = unwrap_model(task.get_eval_model(ema=task.has_ema()))
-    metadata = {'arch': args.model, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
+    # the architecture, also for a student started from a model folder (--model local-dir:...)
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or args.model
+    metadata = {'arch': arch, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
     legacy_path = os.path.join(output_dir, LEGACY_WEIGHTS_FILE)
     if not MODEL_FOLDER_SUPPORTED:
         _logger.warning(f"timm {timm.__version__} cannot write the model folder (timm >= 1.0.29 can); "

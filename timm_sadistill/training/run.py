@@ -89,7 +89,7 @@ def _create_student(args: argparse.Namespace, student: ModelName, in_chans: int,
                      f"{args.num_classes}-class one; the rest of its weights load.")
     try:
         model = create_model(  # a ViT student is built for the training size
-            args.model, pretrained=args.pretrained or student.has_weights, in_chans=in_chans,
+            student.load_name, pretrained=args.pretrained or student.has_weights, in_chans=in_chans,
             num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
             drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
             checkpoint_path=args.initial_checkpoint or None,
