@@ -133,9 +133,9 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
 
-def check_teacher_flags(teacher: str, args: argparse.Namespace) -> ModelName:
-    """What ``--teacher`` names, refused before anything is built when the flags cannot give it weights (see
-    `check_teacher_weights`)."""
+def check_teacher_flags(teacher: str, args: argparse.Namespace, flag: str = '--teacher') -> ModelName:
+    """What the teacher flag (``--teacher``; timm-train's ``--kd-model-name``) names, refused before anything is
+    built when the flags cannot give it weights (see `check_teacher_weights`)."""
     return check_teacher_weights(teacher, args.teacher_checkpoint, args.teacher_pretrained,
                                  path_option='--teacher-checkpoint FILE', hub_option='--teacher-pretrained',
-                                 name_option='--teacher')
+                                 name_option=flag)
