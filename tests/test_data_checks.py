@@ -140,7 +140,7 @@ def test_undecodable_image_found_while_reading_stops_with_its_path(workers, tmp_
 def _datasets(data: Path, *flags: str):
     args, _ = parse_args(['--data-dir', str(data), '--model', STUDENT, '-b', '1', *flags])
     args.rank, args.world_size = 0, 1
-    return data_module.create_datasets(args, {'input_size': (3, 8, 8)})
+    return data_module.create_datasets(args, 3)
 
 
 def test_folder_checks_add_no_walk_to_timms_listing(tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ def test_stages_unknown_model_is_a_clean_error():
     result = run_cli('stages', 'no_such_net')
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
-    assert "unknown model 'no_such_net'" in result.stderr and 'timm.list_models' in result.stderr
+    assert "unknown model 'no_such_net'" in result.stderr.lower() and 'timm.list_models' in result.stderr
 
 
 # ---------------------------------------------------------------- attention maps

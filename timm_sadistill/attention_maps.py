@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.model import unwrap_model
 
 from . import ops
@@ -20,7 +21,8 @@ from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
 from .tasks.distill_task import DistillTask
 
-__all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps', 'require_matplotlib']
+__all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps', 'picture_path',
+           'require_matplotlib']
 
 DEFAULT_FILENAME = 'attention_maps.png'
 
@@ -187,6 +189,18 @@ def render_attention_maps(
     return path
 
 
+def picture_path(path: str, option: str = 'path') -> str:
+    """The PNG file ``path`` names: itself when it ends in .png, else ``<path>/attention_maps.png`` (a folder);
+    UsageError, naming ``option``, for the name of another image file (it would become a folder)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == '.png':
+        return path
+    if suffix in get_img_extensions(as_set=True) | {'.pdf', '.svg', '.eps', '.tif'}:
+        raise UsageError(f"{option} '{path}' names a {suffix} file, but the picture is a PNG; name it "
+                         f"{os.path.splitext(path)[0]}.png, or pass a folder to receive {DEFAULT_FILENAME}.")
+    return os.path.join(path, DEFAULT_FILENAME)
+
+
 def save_attention_maps(
         task: DistillTask,
         images: Union[torch.Tensor, Iterable],
@@ -214,8 +228,7 @@ def save_attention_maps(
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
     if max_images is not None:
         images = images[:max_images]
-    if not path.lower().endswith('.png'):
-        path = os.path.join(path, DEFAULT_FILENAME)
+    path = picture_path(path)
     maps = attention_maps(task, images)
     return render_attention_maps(
         images, maps, path, mean=task.student_mean.flatten().tolist(), std=task.student_std.flatten().tolist(),

@@ -14,7 +14,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .errors import UsageError
 __all__ = [
     'MODEL_FOLDER_SUPPORTED', 'LOCAL_DIR_PREFIX', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'ModelCard', 'save_model_folder',
     'render_model_card', 'model_folder_of', 'check_model_folder', 'model_folder_weights',
+    'ModelName', 'resolve_model_name', 'hub_offline', 'check_pretrained_available',
 ]
 
 # timm writes the preprocessing a model was trained with into config.json only since its save_config_for_hf takes
@@ -222,3 +223,131 @@ def check_model_folder(folder: str) -> Dict[str, Any]:
         raise UsageError(f"Model folder '{folder}' has no weights ({WEIGHTS_FILE}); {hint}.")
     check_checkpoint_readable(weights, 'Model weights')
     return config
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """What a model name names, as `resolve_model_name` decided it.
+
+    Args:
+        name: the name as given (``resnet18``, ``resnet18.a1_in1k``, ``local-dir:<folder>``, ``hf-hub:<repo>``).
+        architecture: the timm architecture it builds.
+        config: the parsed config.json of a model folder (``local-dir:``) or of a Hub repo in the local cache
+            (``hf-hub:``); such a name brings its weights, classes and preprocessing. None for a registry name.
+        load_name: the name to give ``timm.create_model``: a cached Hub repo loads as the model folder of its
+            snapshot, so that timm does not reach the Hub; else ``name``.
+    """
+    name: str
+    architecture: str
+    config: Optional[Dict[str, Any]] = None
+    load_name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.load_name is None:
+            object.__setattr__(self, 'load_name', self.name)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.config is not None
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return (self.config or {}).get('num_classes')
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        """The class names in classifier order the config.json lists (as a train run's model folder does)."""
+        names = (self.config or {}).get('label_names') or (self.config or {}).get('pretrained_cfg', {}).get('label_names')
+        return list(names) if names else None
+
+
+def _cached_hub_folder(repo: str) -> Optional[str]:
+    """The snapshot folder of Hub repo ``repo`` (``owner/name[@revision]``) in the local cache, if its config.json
+    is there."""
+    from huggingface_hub import try_to_load_from_cache
+    repo_id, _, revision = repo.partition('@')
+    path = try_to_load_from_cache(repo_id, CONFIG_FILE, revision=revision or None)
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub may not be reached (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_model_name(
+        name: str,
+        option: str = 'model',
+        allow_download: bool = False,
+        download_option: str = 'pretrained=True',
+) -> ModelName:
+    """Decide what a model name names, the one rule for every model name the library and the command line take.
+
+    A timm registry name (tags allowed) is an architecture; ``local-dir:<folder>`` is a model folder (checked by
+    `check_model_folder`); ``hf-hub:<repo>`` is a Hub repo, read from the local cache: nothing is downloaded unless
+    ``allow_download`` (the caller's leave to download, e.g. ``--teacher-pretrained``) and the Hub is reachable.
+
+    Args:
+        name: the model name.
+        option: the caller's word for it in messages (``--teacher``, ``teacher_model``).
+        allow_download: a Hub repo missing from the cache may be fetched by timm.
+        download_option: the caller's word for that leave, for the message.
+
+    Raises:
+        UsageError: an unknown architecture, a folder given without ``local-dir:``, a bad folder, a Hub repo
+            that is not in the cache.
+    """
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{option}: a model name is a timm architecture, local-dir:<folder> or hf-hub:<repo>, "
+                         f"got {name!r}.")
+    source, sep, path = name.partition(':')
+    source = source.lower().replace('_', '-')
+    if sep and source == LOCAL_DIR_PREFIX[:-1]:
+        config = check_model_folder(path)
+        return ModelName(name, config['architecture'], config)
+    if sep and source == 'hf-hub':
+        folder = _cached_hub_folder(path)
+        if folder is not None:
+            config = check_model_folder(folder)
+            return ModelName(name, config['architecture'], config, load_name=LOCAL_DIR_PREFIX + folder)
+        if allow_download and not hub_offline():
+            from timm.models._hub import load_model_config_from_hf
+            return ModelName(name, load_model_config_from_hf(path)[1])
+        why = 'HF_HUB_OFFLINE is set' if hub_offline() else f'not without {download_option}'
+        raise UsageError(f"{option} '{name}' is not in the local Hugging Face cache; nothing is downloaded ({why}). "
+                         f"Download it once (hf download {path.partition('@')[0]}) or pass a model folder as "
+                         "local-dir:<folder>.")
+    if os.path.isdir(name):
+        as_timm = f"{option} local-dir:{name}" if option.startswith('-') else f"local-dir:{name}"
+        raise UsageError(f"{option} '{name}' is a folder; name it as timm does: {as_timm}.")
+    if not timm.is_model(name):
+        raise UsageError(f"Unknown model '{name}' ({option}); find timm model names with timm.list_models, e.g. "
+                         f"python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\".")
+    return ModelName(name, name)
+
+
+def check_pretrained_available(name: str, option: str = 'pretrained=True') -> None:
+    """Refuse leave to load the published weights of registry name ``name`` where there are none (timm would warn
+    and go on with random weights), or where the Hub is off (``HF_HUB_OFFLINE=1``) and they are not in the local
+    cache (timm would fail deep in the download), naming ``option`` (``--pretrained``, ``--teacher-pretrained``)."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise UsageError(f"{option}: timm has no pretrained weights for '{name}'; drop {option} or pick a model "
+                         "that has them (timm.list_pretrained('*pattern*')).")
+    if not hub_offline() or (cfg.file and os.path.isfile(cfg.file)):
+        return
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo_id, _, revision = cfg.hf_hub_id.partition('@')
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else _PREFERRED_FILES
+        if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in files):
+            return
+    if cfg.url:
+        import torch.hub
+        if os.path.isfile(os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(cfg.url))):
+            return
+    raise UsageError(f"{option}: the pretrained weights of '{name}' ({cfg.hf_hub_id or cfg.url}) are not in the "
+                     "local cache and HF_HUB_OFFLINE is set, so nothing is downloaded; unset HF_HUB_OFFLINE to "
+                     f"download them, or drop {option}.")

@@ -6,6 +6,7 @@ fix; a non-finite loss is a problem of the run's settings and says which term. A
 its traceback (exit status 1). Ctrl-C is one line too, with how to continue when the run says it, and exit status 130
 (128 + SIGINT, what a shell reports for a process stopped by Ctrl-C).
 """
+import re
 import sys
 from typing import Callable, Optional, Tuple
 
@@ -15,9 +16,11 @@ import torch.nn as nn
 
 from ..features import input_size_kwargs
 from ..errors import UsageError
+from ..model_folder import resolve_model_name
 from ..tasks.nonfinite import NonFiniteLossError
 
-__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command', 'USER_ERRORS', 'INTERRUPTED_STATUS']
+__all__ = ['create_model', 'check_device', 'check_img_size', 'run_command', 'in_flag_words', 'USER_ERRORS',
+           'INTERRUPTED_STATUS', 'PARAMETER_FLAGS']
 
 USER_ERRORS = (UsageError, NonFiniteLossError)
 INTERRUPTED_STATUS = 130
@@ -33,15 +36,13 @@ def check_img_size(img_size: Optional[int], flag: str = '--img-size') -> Optiona
     return img_size, img_size
 
 
-def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, **kwargs) -> nn.Module:
-    """A randomly initialised timm model (nothing downloads), built for inputs of ``img_size`` (H, W) when given (a
-    ViT takes only the size it is built for); UsageError naming how to find models when unknown."""
-    if not timm.is_model(name):
-        raise UsageError(
-            f"unknown model '{name}'; find timm model names with timm.list_models('*resnet*') "
-            f"(e.g. python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\")"
-        )
-    return timm.create_model(name, pretrained=False, **input_size_kwargs(name, img_size), **kwargs)
+def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, option: str = 'MODEL', **kwargs) -> nn.Module:
+    """The timm model ``name`` names (`resolve_model_name`, its words for the name ``option``), built for inputs of
+    ``img_size`` (H, W) when given (a ViT takes only the size it is built for): a registry name with random weights
+    (nothing downloads), a model folder (``local-dir:``) or cached Hub repo (``hf-hub:``) with its own."""
+    source = resolve_model_name(name, option)
+    return timm.create_model(source.load_name, pretrained=source.has_weights, **input_size_kwargs(source.architecture, img_size),
+                             **kwargs)
 
 
 def check_device(flag: str, name: str) -> None:
@@ -52,12 +53,49 @@ def check_device(flag: str, name: str) -> None:
         raise UsageError(f"{flag} '{name}' is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f"{flag} {name}: no CUDA GPU is available on this machine; use {flag} cpu.")
+    if device.type not in ('cpu', 'cuda'):  # mps, xpu, ...: each backend says whether this machine has one
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        if not getattr(backend, 'is_available', lambda: False)():
+            raise UsageError(f"{flag} {name}: no {device.type} device is available on this machine; use {flag} cpu.")
+
+
+# the library's parameters that are flags here, as the library's messages name them (SA's options add theirs: the
+# library's messages that name a loss option by itself are SA's; other losses' option errors are named by their
+# flags before the library sees the values)
+PARAMETER_FLAGS = {
+    'student_stages': '--distill-stages', 'teacher_stages': '--teacher-stages', 'img_size': '--img-size',
+    'num_classes': '--num-classes', 'in_chans': '--in-chans', 'teacher_pretrained_path': '--teacher-checkpoint',
+    'teacher_pretrained': '--teacher-pretrained', 'temperature': '--kd-temperature',
+}
+_CALL = re.compile(r'[\w.]+\((?:[^()]|\([^()]*\))*\)')  # code in a message, e.g. timm.create_model(name, img_size=64)
+
+
+def in_flag_words(message: str) -> str:
+    """``message`` with the library's parameter names as the command line's flags: ``img_size=64`` ->
+    ``--img-size 64``, ``student_stages`` -> ``--distill-stages``; code quoted in it stays as it is."""
+    from ..losses import loss_options
+    from .distill_flags import loss_flag
+    words = {**PARAMETER_FLAGS, **{name: loss_flag('sa', name) for name in loss_options('sa').options}}
+    pattern = re.compile(r'(?<![\w\-\'])(' + '|'.join(sorted(words, key=len, reverse=True)) + r')(?:=([^\s,;)]+))?(?![\w\'])')
+
+    def flag(match: re.Match) -> str:
+        value = match.group(2)
+        if value is None:
+            return words[match.group(1)]
+        core = value.rstrip('.')  # the full stop ends the sentence, not the value
+        return f"{words[match.group(1)]} {core}{value[len(core):]}"
+
+    pieces, start = [], 0
+    for call in _CALL.finditer(message):
+        pieces += [pattern.sub(flag, message[start:call.start()]), call.group(0)]
+        start = call.end()
+    return ''.join(pieces + [pattern.sub(flag, message[start:])])
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
     """Run ``body``; a user error (`USER_ERRORS`) becomes one ``<prog>: error: ...`` line on stderr and exit status 2,
-    Ctrl-C one ``<prog>: interrupted...`` line (with what the KeyboardInterrupt says, e.g. how to continue the run)
-    and `INTERRUPTED_STATUS`.
+    in the command line's words (`in_flag_words`); Ctrl-C one ``<prog>: interrupted...`` line (with what the
+    KeyboardInterrupt says, e.g. how to continue the run) and `INTERRUPTED_STATUS`.
 
     Any other exception propagates: it is a bug, and its traceback is what a report needs.
     """
@@ -65,7 +103,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         return body()
     except USER_ERRORS as e:
         message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.write(f"{prog}: error: {in_flag_words(message)}\n")
         return 2
     except KeyboardInterrupt as e:
         sys.stderr.write(f"{prog}: interrupted" + (f": {str(e).splitlines()[0]}" if str(e).strip() else '.') + '\n')

@@ -10,6 +10,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..losses import LossOption, get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
+from ..model_folder import ModelName
 from ..tasks import check_teacher_weights
 from ..errors import UsageError
 
@@ -192,8 +193,9 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
 
-def check_teacher_flags(teacher: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """Refuse, before anything is built, a teacher whose weights the flags cannot provide (see `check_teacher_weights`);
-    the config.json of a ``local-dir:`` teacher, None for others."""
+def check_teacher_flags(teacher: str, args: argparse.Namespace, flag: str = '--teacher') -> ModelName:
+    """What the teacher flag (``--teacher``; timm-train's ``--kd-model-name``) names, refused before anything is
+    built when the flags cannot give it weights (see `check_teacher_weights`)."""
     return check_teacher_weights(teacher, args.teacher_checkpoint, args.teacher_pretrained,
-                          path_option='--teacher-checkpoint FILE', hub_option='--teacher-pretrained')
+                                 path_option='--teacher-checkpoint FILE', hub_option='--teacher-pretrained',
+                                 name_option=flag)

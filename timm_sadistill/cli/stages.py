@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
 from ..errors import UsageError
 from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
+from ..model_folder import resolve_model_name
 from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'stage_map_sizes', 'connector_description']
@@ -23,10 +24,11 @@ __all__ = ['main', 'stage_map_sizes', 'connector_description']
 PROG = 'timm-sadistill stages'
 
 
-def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[str, Tuple[int, int]]:
-    """{stage name: (H, W)} of every ``feature_info`` stage, measured by one forward pass of a zero image.
+def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[int, Tuple[int, int]]:
+    """{stage index: (H, W)} of every ``feature_info`` stage, measured by one forward pass of a zero image.
 
-    Measured rather than computed as size // reduction, because padding and odd sizes round differently per model.
+    Measured rather than computed as size // reduction, because padding and odd sizes round differently per model;
+    keyed by index, because stages may share a module name (CoaT's parallel_blocks is three stages).
     """
     stages = list_stages(model)
     if not stages:
@@ -35,7 +37,7 @@ def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[str, Tu
     model.eval()
     with torch.no_grad():
         _, feats = taps(torch.zeros(1, int(getattr(model, 'in_chans', 3)), *img_size))
-    return {s.name: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
+    return {s.index: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
 
 
 def connector_description(method: str, student_channels: int, teacher_channels: int) -> str:
@@ -57,14 +59,14 @@ def _hw(size: Tuple[int, int]) -> str:
     return f'{size[0]}x{size[1]}'
 
 
-def _stage_rows(model: nn.Module, img_size: Tuple[int, int], sizes: Dict[str, Tuple[int, int]]) -> List[Sequence[str]]:
+def _stage_rows(model: nn.Module, img_size: Tuple[int, int], sizes: Dict[int, Tuple[int, int]]) -> List[Sequence[str]]:
     # The stages 'auto' may pick at this input size: FeatureTaps applies the same rule (reduction >= 4, map >= 4x4).
     try:
-        auto = set(FeatureTaps(model, 'auto', img_size=img_size).names)
+        auto = {s.index for s in FeatureTaps(model, 'auto', img_size=img_size).stages}
     except UsageError:  # no stage qualifies at this size: the table still shows what exists
         auto = set()
     return [
-        (s.name, str(s.index), str(s.channels), str(s.reduction), _hw(sizes[s.name]), 'yes' if s.name in auto else '')
+        (s.name, str(s.index), str(s.channels), str(s.reduction), _hw(sizes[s.index]), 'yes' if s.index in auto else '')
         for s in list_stages(model)
     ]
 
@@ -72,13 +74,13 @@ def _stage_rows(model: nn.Module, img_size: Tuple[int, int], sizes: Dict[str, Tu
 def _pair_rows(
         method: str,
         pairs: Tuple[List[StageInfo], List[StageInfo]],
-        student_sizes: Dict[str, Tuple[int, int]],
-        teacher_sizes: Dict[str, Tuple[int, int]],
+        student_sizes: Dict[int, Tuple[int, int]],
+        teacher_sizes: Dict[int, Tuple[int, int]],
 ) -> List[Sequence[str]]:
     """One row per pair; ``resized`` shows the student map resized to the teacher's (docs/method.md#alignment)."""
     rows = []
     for s, t in zip(*pairs):
-        s_map, t_map = student_sizes[s.name], teacher_sizes[t.name]
+        s_map, t_map = student_sizes[s.index], teacher_sizes[t.index]
         reduction = str(t.reduction) if s.reduction == t.reduction else f'{s.reduction}->{t.reduction}'
         resized = f'{_hw(s_map)}->{_hw(t_map)}' if s_map != t_map else ''
         rows.append((f'{s.name} ({s.channels})', f'{t.name} ({t.channels})', reduction, _hw(t_map),
@@ -89,8 +91,9 @@ def _pair_rows(
 def build_parser() -> argparse.ArgumentParser:
     load_loss_plugins()  # a package's losses (entry points) are --distill choices too
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('model', metavar='MODEL', help='timm model name (the student)')
-    parser.add_argument('--teacher', default=None, metavar='NAME', help='teacher model name: also print the pairing')
+    parser.add_argument('model', metavar='MODEL', help='timm model name (the student), or local-dir:FOLDER')
+    parser.add_argument('--teacher', default=None, metavar='NAME',
+                        help='teacher model name (or local-dir:FOLDER): also print the pairing')
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
                         help="input size N x N (default: the model's pretrained_cfg input size)")
     parser.add_argument('--distill', default='sa', choices=list_distill_losses(),
@@ -100,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     requested = check_img_size(args.img_size)
-    model = create_model(args.model, img_size=requested)
+    model = create_model(args.model, img_size=requested, option='MODEL')
     img_size = requested or default_img_size(model)
     check_input_size(model, img_size, option='--img-size', role=f'model {args.model}')
     teacher = None
     if args.teacher is not None:  # built (and checked) before anything prints: an error is then the only output
-        teacher = create_model(args.teacher, img_size=img_size, num_classes=model.num_classes,
+        teacher = create_model(args.teacher, img_size=img_size, option='--teacher', num_classes=model.num_classes,
                                in_chans=getattr(model, 'in_chans', 3))
         check_input_size(teacher, img_size, option='--img-size', role=f'teacher {args.teacher}')
     sizes = stage_map_sizes(model, img_size)
@@ -113,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{args.model} has no feature_info: distil submodule paths (see model.named_modules()).")
     else:
-        print(f"Stages of {args.model} at {_hw(img_size)} (random weights):")
+        weights = 'its own weights' if resolve_model_name(args.model).has_weights else 'random weights'
+        print(f"Stages of {args.model} at {_hw(img_size)} ({weights}):")
         print(_table(('name', 'index', 'channels', 'reduction', 'map', 'auto'), rows))
     if teacher is None:
         return 0

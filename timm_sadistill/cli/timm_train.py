@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     peeked = _peek_train_py_args(train_py_argv)
     if not peeked.kd_model_name:
         raise UsageError("timm-train needs --kd-model-name TEACHER: train.py builds a distillation task only with it.")
-    check_teacher_flags(peeked.kd_model_name, ours)
+    check_teacher_flags(peeked.kd_model_name, ours, flag='--kd-model-name')
     img_size = tuple(peeked.input_size[1:]) if peeked.input_size else peeked.img_size
     factory = _make_task_factory(ours.distill, distill_task_kwargs(ours), img_size)
     with patched_timm_tasks(factory), _script_invocation(script, train_py_argv):

@@ -14,7 +14,8 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from timm.models import clean_state_dict
 
-from ..tasks.distill_task import DistillTask
+from ..model_folder import resolve_model_name
+from ..tasks.distill_task import DistillTask, check_teacher_weights
 from ..tasks.factory import create_distill_task
 from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from ._common import check_device, check_img_size, create_model, run_command
@@ -93,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files, one row of the picture each')
     parser.add_argument('-o', '--output', default='attention_maps.png', metavar='PNG',
                         help='picture to write (default: attention_maps.png)')
-    parser.add_argument('--model', required=True, metavar='NAME', help='student model name (timm)')
+    parser.add_argument('--model', required=True, metavar='NAME', help='student model name (timm), or local-dir:FOLDER')
     parser.add_argument('--checkpoint', default=None, metavar='FILE',
                         help="the student from a train run: last.pth.tar (with connectors) or model.safetensors")
-    parser.add_argument('--teacher', required=True, metavar='NAME', help='teacher model name (timm)')
+    parser.add_argument('--teacher', required=True, metavar='NAME',
+                        help='teacher model name (timm), or local-dir:FOLDER (its weights included)')
     parser.add_argument('--teacher-checkpoint', default=None, metavar='FILE',
                         help='teacher weights (.safetensors or timm .pth); without it the teacher is random')
     parser.add_argument('--num-classes', type=int, default=None, metavar='N',
@@ -110,18 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ..attention_maps import require_matplotlib, save_attention_maps
+    from ..attention_maps import picture_path, require_matplotlib, save_attention_maps
     require_matplotlib()  # fail before building models when the picture cannot be drawn
     check_finite_floats(parser, args)
     check_device('--device', args.device)
-    check_output_path(os.path.dirname(os.path.abspath(args.output)), flag='-o/--output')
+    output = picture_path(args.output, option='-o/--output')
+    check_output_path(os.path.dirname(os.path.abspath(output)), flag='-o/--output')
 
     device = torch.device(args.device)
-    class_kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+    source = check_teacher_weights(args.teacher, args.teacher_checkpoint, pretrained=False, name_option='--teacher',
+                                   path_option='--teacher-checkpoint FILE', hub_option='a model folder') \
+        if args.teacher_checkpoint else resolve_model_name(args.teacher, '--teacher')
+    num_classes = args.num_classes or source.num_classes  # a teacher folder knows the classes
+    class_kwargs = {} if num_classes is None else {'num_classes': num_classes}
     img_size = check_img_size(args.img_size)  # a ViT is built for the size of the pictures
-    student = create_model(args.model, img_size=img_size, **class_kwargs)
-    if args.teacher_checkpoint:
-        teacher = args.teacher  # resolve_teacher builds it with the student's classes and loads the file
+    student = create_model(args.model, img_size=img_size, option='--model', **class_kwargs)
+    if args.teacher_checkpoint or source.has_weights:
+        teacher = args.teacher  # resolve_teacher builds it with the student's classes and loads its weights
     else:
         teacher = create_model(args.teacher, img_size=img_size, num_classes=student.num_classes,
                                in_chans=getattr(student, 'in_chans', 3))
@@ -137,7 +144,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     else:
         _logger.warning("No --checkpoint: the student and its connectors have random weights.")
     images = load_images(args.images, student, args.img_size)
-    path = save_attention_maps(task, images, args.output, max_images=None,
+    path = save_attention_maps(task, images, output, max_images=None,
                                titles=[os.path.basename(p) for p in args.images])
     print(f"wrote {path}")
     return 0

@@ -1,5 +1,6 @@
 """Input sizes: the (H, W) a model takes by default, the keywords that build a fixed-size model (ViT, Swin) for
 another size, and the check that a patch model can take a size at all."""
+from numbers import Integral
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
@@ -9,6 +10,11 @@ from timm.utils.model import unwrap_model
 from ..errors import UsageError
 
 __all__ = ['default_img_size', 'resolve_img_size', 'input_size_kwargs', 'check_input_size']
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(H, W) of a size timm keeps as N or (H, W)."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def default_img_size(model: nn.Module) -> Tuple[int, int]:
@@ -21,7 +27,7 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     base = unwrap_model(model)
     built = getattr(getattr(base, 'patch_embed', None), 'img_size', None)
     if built is not None:
-        return int(built[0]), int(built[1])
+        return _pair(built)
     cfg = getattr(base, 'pretrained_cfg', None) or {}
     size = cfg.get('test_input_size') or cfg.get('input_size') or (3, 224, 224)
     return int(size[-2]), int(size[-1])
@@ -31,12 +37,23 @@ def resolve_img_size(
         img_size: Optional[Union[int, Sequence[int]]],
         model: Optional[nn.Module] = None,
 ) -> Tuple[int, int]:
-    """(H, W) of an input size given as N or (..., H, W); None: the default size of ``model``."""
+    """(H, W) of an input size given as N or (..., H, W); None: the default size of ``model``.
+
+    Raises:
+        UsageError: a size that is not a positive int or a sequence of them (a string '64' would read as (6, 4)).
+    """
     if img_size is None:
         return default_img_size(model)
-    if isinstance(img_size, int):
-        return img_size, img_size
-    return int(img_size[-2]), int(img_size[-1])
+    if isinstance(img_size, Integral) and not isinstance(img_size, bool):
+        hw = (int(img_size), int(img_size))
+    elif isinstance(img_size, (str, bytes)) or not isinstance(img_size, Sequence) or len(img_size) < 2 \
+            or not all(isinstance(x, Integral) and not isinstance(x, bool) for x in img_size[-2:]):
+        raise UsageError(f"img_size is N or (H, W) in pixels, as ints, got {img_size!r}; e.g. img_size=64.")
+    else:
+        hw = (int(img_size[-2]), int(img_size[-1]))
+    if min(hw) <= 0:
+        raise UsageError(f"img_size {hw[0]}x{hw[1]}: an input size is a positive number of pixels, e.g. img_size=64.")
+    return hw
 
 
 def input_size_kwargs(name: str, img_size: Optional[Union[int, Sequence[int]]]) -> Dict[str, Any]:
@@ -65,8 +82,10 @@ def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 
     patch = getattr(embed, 'patch_size', None)
     if patch is None:
         return
+    patch = _pair(patch)  # a ViT keeps (h, w), XCiT a single int
     name = type(unwrap_model(model)).__name__
     built = getattr(embed, 'img_size', None)
+    built = _pair(built) if built is not None else None
     if getattr(embed, 'strict_img_size', False) and built is not None and tuple(built) != tuple(img_size):
         raise UsageError(
             f"The {role} ({name}) was built for {built[0]}x{built[1]} inputs, not {option} {img_size[0]}x{img_size[1]}; "

@@ -45,7 +45,14 @@ def list_stages(model: nn.Module) -> List[StageInfo]:
     """Name, index, channels and reduction of each ``feature_info`` stage of a timm model.
 
     Works through DDP, ``torch.compile`` and EMA wrappers.
+
+    Raises:
+        UsageError: ``model`` is not a module (a model name: build the model first).
     """
+    if not isinstance(model, nn.Module):
+        hint = f"timm.create_model({model!r})" if isinstance(model, str) else 'timm.create_model(name)'
+        raise UsageError(f"list_stages takes a model, not a {type(model).__name__}; pass {hint} (or run "
+                         "timm-sadistill stages NAME).")
     return [
         StageInfo(name=e['module'], index=i, channels=int(e['num_chs']), reduction=int(e['reduction']))
         for i, e in enumerate(_feature_info_entries(model))

@@ -14,7 +14,7 @@ from ..features import (
 )
 from ..errors import UsageError
 from ..losses import DistillLoss, check_loss_options, create_distill_loss, get_distill_loss_class
-from ..model_folder import check_model_folder, model_folder_of
+from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
@@ -79,26 +79,29 @@ def check_teacher_weights(
         pretrained: bool,
         path_option: str = 'teacher_pretrained_path=<checkpoint>',
         hub_option: str = 'teacher_pretrained=True',
-) -> Optional[Dict[str, Any]]:
-    """Refuse a teacher given by name that cannot get weights: its checkpoint must be a readable file
-    (`CheckpointReadError`, a UsageError); without one, only leave to download (``pretrained``) will do (UsageError).
-    A ``local-dir:<folder>`` teacher brings its own weights: the folder must pass `check_model_folder`, whose parsed
-    config.json is returned (None for other teachers).
+        name_option: str = 'teacher_model',
+) -> ModelName:
+    """What teacher name ``teacher`` names (`resolve_model_name`), refused when it cannot get weights: its checkpoint
+    must be a readable file (`CheckpointReadError`, a UsageError); without one, only leave to download
+    (``pretrained``) will do, and with the Hub off only weights in the local cache. A ``local-dir:<folder>`` (or
+    cached ``hf-hub:``) teacher brings its own weights, and its config.json rides along in the result.
 
-    ``path_option`` and ``hub_option`` name the two ways in the caller's words: the command line checks its flags
-    before anything is built and says ``--teacher-checkpoint FILE`` and ``--teacher-pretrained``.
+    ``path_option``, ``hub_option`` and ``name_option`` name the options in the caller's words: the command line
+    checks its flags before anything is built and says ``--teacher-checkpoint FILE``, ``--teacher-pretrained`` and
+    ``--teacher``.
     """
-    folder = model_folder_of(teacher)
-    if folder is not None:
+    source = resolve_model_name(teacher, name_option, allow_download=pretrained, download_option=hub_option)
+    if source.has_weights:
         if pretrained_path:
             raise UsageError(f"Teacher '{teacher}' loads its weights from its folder; drop {path_option}.")
-        return check_model_folder(folder)
-    if pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
+    elif pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
         check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
     elif not pretrained:
         raise UsageError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
                          f"{hub_option} to download them from the hub.")
-    return None
+    elif ':' not in teacher:  # a registry name: its published weights
+        check_pretrained_available(teacher, hub_option)
+    return source
 
 
 def resolve_teacher(
@@ -118,29 +121,32 @@ def resolve_teacher(
     ``pretrained=True`` lets timm fetch them from the hub. The number of classes and input channels follow the student,
     and a fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
     """
+    given = teacher.model if isinstance(teacher, DistillationTeacher) else teacher
+    if isinstance(given, nn.Module) and unwrap_model(given) is unwrap_model(student):
+        raise UsageError("The teacher is the student itself, and freezing the teacher would freeze the student; "
+                         "pass another model as the teacher (e.g. a trained copy: copy.deepcopy(student)).")
     if isinstance(teacher, DistillationTeacher):
         resolved = teacher
     elif isinstance(teacher, str):
-        folder_config = check_teacher_weights(teacher, pretrained_path, pretrained)
+        source = check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
-        folder = model_folder_of(teacher)
-        folder_classes = folder_config.get('num_classes') if folder_config is not None else None
+        folder_classes = source.num_classes
         if folder_classes is not None and folder_classes != base.num_classes:
             raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
-                             f"create the student with num_classes={folder_classes} (--num-classes {folder_classes}).")
+                             f"create the student with num_classes={folder_classes}.")
         # DistillationTeacher(name) as timm builds it, plus the input size that a fixed-size model needs
         overlay = {**(dict(file=pretrained_path, num_classes=base.num_classes) if pretrained_path else {}),
                    **(pretrained_cfg_overlay or {})}
         try:
             model = create_model(
-                teacher, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
+                source.load_name, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
                 in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
-                **input_size_kwargs(teacher, resolve_img_size(img_size, base)),
+                **input_size_kwargs(source.architecture, resolve_img_size(img_size, base)),
             )
         except RuntimeError as e:
-            if folder is not None:
+            if source.has_weights:
                 raise UsageError(
-                    f"The weights in '{folder}' do not fit the architecture its config.json names; export the "
+                    f"The weights of '{teacher}' do not fit the architecture its config.json names; export the "
                     f"folder again. Details: {state_dict_mismatch(e)}"
                 ) from e
             if not pretrained_path:

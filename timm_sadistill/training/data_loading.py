@@ -97,8 +97,9 @@ def _decode_sample(dataset: ImageDataset, per_class: Union[int, str], rank: int,
         check_decodes(dataset, index)
 
 
-def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Dataset, Optional[Dataset]]:
-    """(train, eval or None) datasets of ``--dataset``/``--data-dir``, checked (see the module docstring)."""
+def create_datasets(args: argparse.Namespace, in_chans: int = 3) -> Tuple[Dataset, Optional[Dataset]]:
+    """(train, eval or None) datasets of ``--dataset``/``--data-dir`` with images of ``in_chans`` channels (RGB or
+    grayscale), checked (see the module docstring); they need no model, so their classes can set its head."""
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if not args.dataset:  # ImageFolder/ImageTar: a local path that must exist
@@ -106,7 +107,7 @@ def create_datasets(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tu
             raise UsageError("No data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders).")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
-    input_img_mode = 'RGB' if data_config['input_size'][0] == 3 else 'L'
+    input_img_mode = 'RGB' if in_chans == 3 else 'L'
     common = dict(class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
     dataset_eval = None
     if args.val_split:  # first: without its folder timm lists the whole data folder, refused before a second listing

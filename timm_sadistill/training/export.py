@@ -103,7 +103,9 @@ def _model_card(
     details['Training (timm train.py flags)'] = {flag: getattr(args, flag) for flag in RECIPE_FLAGS}
     details['Processes'] = args.world_size
     details['Input'] = {k: data_config[k] for k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std')}
-    details['Exported epoch'] = f'{epoch} (of epochs 0..{args.epochs - 1}; the best by {args.eval_metric}' + \
+    # as the run ranks epochs: by the validation metric, or by the training loss without a validation split
+    ranked_by = args.eval_metric if eval_metrics else 'training loss, without validation'
+    details['Exported epoch'] = f'{epoch} (of epochs 0..{args.epochs - 1}; the best by {ranked_by}' + \
         (', EMA weights)' if task.has_ema() else ')')
     dataset = args.dataset or os.path.basename(os.path.normpath(args.data_dir or args.data or '')) or None
     hub_datasets = [args.dataset.split('/', 1)[1] for prefix in HUB_DATASET_PREFIXES if args.dataset.startswith(prefix)]
@@ -129,7 +131,9 @@ def export_student(
     """Write the student of ``epoch`` (EMA weights when EMA is ranked) as ``<output_dir>/model/`` and as the legacy
     ``<output_dir>/model.safetensors``; ``eval_metrics`` (top1, top5) and ``command`` go into the model card."""
     model = unwrap_model(task.get_eval_model(ema=task.has_ema()))
-    metadata = {'arch': args.model, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
+    # the architecture, also for a student started from a model folder (--model local-dir:...)
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or args.model
+    metadata = {'arch': arch, 'num_classes': str(args.num_classes), 'epoch': str(epoch), 'format': 'pt'}
     legacy_path = os.path.join(output_dir, LEGACY_WEIGHTS_FILE)
     if not MODEL_FOLDER_SUPPORTED:
         _logger.warning(f"timm {timm.__version__} cannot write the model folder (timm >= 1.0.29 can); "

@@ -16,7 +16,7 @@ import os
 from datetime import datetime
 from functools import partial
 from contextlib import nullcontext, suppress
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm import utils
 from timm.data import resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, is_model, safe_model_name
+from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
@@ -32,15 +32,18 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 import yaml
 
 from .._atomic import remove_partial_writes, save_safetensors_atomic
-from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, read_checkpoint_args
+from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, read_checkpoint_args, state_dict_mismatch
 from ..errors import UsageError
-from ..features import input_size_kwargs
+from ..features import check_input_size, default_img_size, input_size_kwargs
 from ..losses import loss_options
-from ..model_folder import model_folder_of
+from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
 from ..tasks import create_distill_task
 from ..cli._common import check_device, check_img_size
 from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs, loss_flag
 from .checkpoint_saver import AtomicCheckpointSaver
+from .run_checks import (
+    check_batch_of_one, check_classes, check_normalisation, check_resume_checkpoint, check_train_flags,
+)
 from .data_loading import create_datasets, create_loaders
 from .export import LEGACY_WEIGHTS_FILE, export_student, exported_epoch, label_names_of
 from .loop import train_one_epoch, validate
@@ -61,22 +64,21 @@ DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 RECORDED_ARGS = ('distill_options', 'distill_stages_resolved', 'teacher_stages_resolved')
 
 
-def _check_distill_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """Refuse inconsistent model/teacher flags before anything is loaded; the config.json of a ``local-dir:``
-    teacher, None for others."""
-    if not is_model(args.model):
-        raise UsageError(f"Unknown model '{args.model}'; list the names with timm.list_models('*pattern*').")
+def _check_distill_args(args: argparse.Namespace) -> Tuple[ModelName, Optional[ModelName]]:
+    """Refuse inconsistent model/teacher flags before anything is loaded; what ``--model`` and ``--teacher`` (None
+    without a method) name."""
+    student = resolve_model_name(args.model, '--model', allow_download=args.pretrained, download_option='--pretrained')
+    if args.pretrained and not student.has_weights and ':' not in args.model:
+        check_pretrained_available(args.model, '--pretrained')
     if args.distill == 'none':
         if args.teacher or args.teacher_checkpoint:
             raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
-        return None
+        if args.save_attention_maps:
+            raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
+        return student, None
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
-    if os.path.isdir(args.teacher):
-        raise UsageError(f"--teacher '{args.teacher}' is a folder; name it as timm does: --teacher local-dir:{args.teacher}.")
-    if model_folder_of(args.teacher) is None and not is_model(args.teacher):
-        raise UsageError(f"Unknown teacher model '{args.teacher}'; list the names with timm.list_models('*pattern*').")
-    teacher_config = check_teacher_flags(args.teacher, args)
+    teacher = check_teacher_flags(args.teacher, args)
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:
@@ -84,7 +86,30 @@ def _check_distill_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
         from ..attention_maps import require_matplotlib
         require_matplotlib()  # before training, not after it
-    return teacher_config
+    return student, teacher
+
+
+def _create_student(args: argparse.Namespace, student: ModelName, in_chans: int, img_size) -> nn.Module:
+    """The student as timm's train.py builds it; a model folder (``--model local-dir:``) brings its weights and
+    preprocessing, and keeps its head when the class count is its own."""
+    if student.has_weights and student.num_classes not in (None, args.num_classes) and utils.is_primary(args):
+        _logger.info(f"--model {args.model}: its {student.num_classes}-class head is replaced by a new "
+                     f"{args.num_classes}-class one; the rest of its weights load.")
+    try:
+        model = create_model(  # a ViT student is built for the training size
+            student.load_name, pretrained=args.pretrained or student.has_weights, in_chans=in_chans,
+            num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
+            checkpoint_path=args.initial_checkpoint or None,
+            **input_size_kwargs(student.architecture, img_size), **args.model_kwargs,
+        )
+    except RuntimeError as e:
+        if not args.initial_checkpoint or 'state_dict' not in str(e):
+            raise
+        raise UsageError(f"--initial-checkpoint '{args.initial_checkpoint}' does not fit --model {args.model} with "
+                         f"{args.num_classes} classes; pass a checkpoint of that architecture and class count. "
+                         f"Details: {state_dict_mismatch(e)}") from None
+    return model
 
 
 def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: torch.device) -> nn.Module:
@@ -162,40 +187,47 @@ def train(args: argparse.Namespace, args_text: str, command: Optional[str] = Non
 
     ``command`` (the command line of the run) goes into the exported model card.
     """
-    teacher_config = _check_distill_args(args)
-    if args.num_classes is None and teacher_config is not None:  # a teacher folder knows the classes
-        args.num_classes = teacher_config.get('num_classes')
+    student, teacher = _check_distill_args(args)
+    check_train_flags(args)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.resume:
         check_resume_exists(args.resume)
-        check_checkpoint_readable(args.resume, '--resume checkpoint')
+        check_resume_checkpoint(args.resume)
         check_resume_matches(args.resume, read_checkpoint_args(args.resume), args)
+    if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
+        check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
     check_output_path(args.output or './output/train')
     check_device('--device', args.device)
     device = utils.init_distributed_device(args)
     try:
-        return _train_on_device(args, args_text, device, command)
+        return _train_on_device(args, args_text, device, command, student, teacher)
     finally:
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.device, command: Optional[str]) -> Dict[str, Any]:
+def _train_on_device(
+        args: argparse.Namespace,
+        args_text: str,
+        device: torch.device,
+        command: Optional[str],
+        student: ModelName,
+        teacher: Optional[ModelName],
+) -> Dict[str, Any]:
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     utils.random_seed(args.seed, args.rank)
 
-    if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
-        check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     img_size = tuple(args.input_size[-2:]) if args.input_size else check_img_size(args.img_size)
-    model = create_model(  # a ViT student is built for the training size
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
-        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
-        **input_size_kwargs(args.model, img_size), **args.model_kwargs,
-    )
+    # the data first: its class folders set the head, and every check of teacher against data runs before a model
+    dataset_train, dataset_eval = create_datasets(args, in_chans)
+    check_classes(args, dataset_train, student, teacher)
+    model = _create_student(args, student, in_chans, img_size)
+    check_input_size(model, img_size or default_img_size(model), option='--img-size', role=f'student {args.model}')
+    if args.batch_size == 1:
+        check_batch_of_one(model, img_size or default_img_size(model))
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -207,6 +239,7 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    check_normalisation(data_config, in_chans, args.model)
 
     # the run folder and its lock come before any heavy work (the teacher, its validation, a resumed checkpoint), so
     # that a second run into the same folder stops at once; a setup that fails after this removes the new folder
@@ -218,7 +251,8 @@ def _train_on_device(args: argparse.Namespace, args_text: str, device: torch.dev
         run = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
     try:
         with disk_full_is_usage_error(run.path, args.experiment) if run is not None else nullcontext():
-            return _train_in_folder(args, args_text, device, command, model, data_config, run)
+            return _train_in_folder(args, args_text, device, command, model, data_config, dataset_train, dataset_eval,
+                                    run)
     except KeyboardInterrupt:
         if run is None:
             raise
@@ -236,6 +270,8 @@ def _train_in_folder(
         command: Optional[str],
         model: nn.Module,
         data_config: Dict[str, Any],
+        dataset_train,
+        dataset_eval,
         run: Optional[RunFolder],
 ) -> Dict[str, Any]:
     """The run from its data to its last epoch; ``run`` is the run folder (None off rank 0)."""
@@ -247,8 +283,6 @@ def _train_in_folder(
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and amp_dtype == torch.float16 else None
 
-    dataset_train, dataset_eval = create_datasets(args, data_config)
-    _check_num_classes(args, dataset_train)
     loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
     train_loss = _create_train_loss(args, mixup_active, device)
     label_names = label_names_of(dataset_train, args.num_classes)
@@ -414,11 +448,3 @@ def _refresh_export(task, args, output_dir: str, data_config, label_names, comma
                    command)
     return True
 
-
-def _check_num_classes(args: argparse.Namespace, dataset) -> None:
-    """Refuse ``--num-classes`` below the class folders of the training split: labels past the head would fail (or,
-    on a GPU, corrupt memory) deep inside the loss."""
-    classes = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
-    if classes and len(classes) > args.num_classes:
-        raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
-                         f"'{os.path.join(args.data_dir, args.train_split)}'; pass --num-classes {len(classes)}.")

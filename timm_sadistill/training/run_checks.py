@@ -1,0 +1,226 @@
+"""The checks of a ``train`` run before its first step, each mistake one line that names the flag: the flags alone
+(`check_train_flags`, before anything is loaded: timm's train.py finds most of these only when it builds the
+optimizer, the scheduler or the loader, after the teacher's validation pass here), the classes of student, teacher
+and data (`check_classes`, before a model is built) and a batch BatchNorm cannot train on (`check_batch_of_one`)."""
+import argparse
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm import utils
+
+from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint
+from ..errors import UsageError
+from ..model_folder import ModelName
+
+__all__ = [
+    'check_train_flags', 'check_resume_checkpoint', 'check_classes', 'check_batch_of_one', 'check_normalisation',
+    'NON_FOLDER_DATASETS',
+]
+
+_logger = logging.getLogger('timm_sadistill.train')
+
+# timm's dataset types other than image folders and tars (timm.data.create_dataset): train does not implement them
+NON_FOLDER_DATASETS = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset and dataset.lower().startswith(NON_FOLDER_DATASETS):
+        raise UsageError(
+            f"--dataset {dataset}: timm-sadistill train reads image folders and tars only (--data-dir, no "
+            "--dataset); train on this dataset with your train.py through `timm-sadistill timm-train "
+            f"path/to/train.py ... --dataset {dataset} ... --distill METHOD`.")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Batch sizes, learning rates and the gradient clip: the signs timm takes without a word or fails on late."""
+    if args.batch_size < 1:
+        raise UsageError(f"-b/--batch-size {args.batch_size}: the batch size is a positive number of images, "
+                         "e.g. -b 32.")
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise UsageError(f"-vb/--validation-batch-size {args.validation_batch_size}: the batch size is a positive "
+                         "number of images; drop it to use -b.")
+    for flag, value in (('--lr', args.lr), ('--lr-base', args.lr_base), ('--min-lr', args.min_lr),
+                        ('--warmup-lr', args.warmup_lr)):
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} {value}: a learning rate is 0 or more (a negative one climbs the loss).")
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        raise UsageError(f"--clip-grad {args.clip_grad}: the clip bound is a positive number (at or below 0 it "
+                         "zeroes or flips the gradients); e.g. --clip-grad 1.0, or drop it.")
+
+
+def _check_optimizer(opt: str) -> None:
+    """timm's optimizer names, with its ``lookahead_`` prefix (timm.optim.create_optimizer_v2's parsing)."""
+    from timm.optim import get_optimizer_info
+    name = opt.lower().split('_')[-1]
+    try:
+        get_optimizer_info(name)
+    except ValueError:
+        raise UsageError(f"--opt {opt}: timm has no optimizer '{name}'; list them with "
+                         "python -c \"import timm.optim; print(timm.optim.list_optimizers())\".") from None
+
+
+def _check_scheduler(args: argparse.Namespace) -> None:
+    """Builds timm's scheduler from the flags for a stand-in optimizer: its checks of --sched and its settings."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
+    except (ValueError, AssertionError) as e:
+        reason = str(e).splitlines()[0].rstrip('.') if str(e) else 'timm refuses it'
+        raise UsageError(f"--sched {args.sched}: {reason} (timm.scheduler.create_scheduler_v2); e.g. --sched "
+                         "cosine.") from None
+
+
+def _check_auto_augment(aa: str) -> None:
+    """Builds timm's train transform with ``--aa``: its parsing of the policy string."""
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=aa)
+    except Exception as e:  # timm's policy parsers raise KeyError, ValueError, AssertionError, IndexError alike
+        raise UsageError(f"--aa {aa}: not an augmentation policy timm knows ({type(e).__name__}: {e}); e.g. "
+                         "--aa rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original.") from None
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends pass, but go unlisted
+        raise UsageError(f"--torchcompile {backend}: torch has no such compile backend; use one of "
+                         f"{', '.join(torch._dynamo.list_backends())} (e.g. --torchcompile inductor).")
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """``--resume`` takes a training checkpoint (last.pth.tar, checkpoint-N.pth.tar): model weights alone (a model
+    folder's model.safetensors) have no epoch, optimizer or connector state to continue from."""
+    check_checkpoint_readable(path, '--resume checkpoint')
+    checkpoint = None if path.endswith('.safetensors') else load_checkpoint(path)
+    if not (isinstance(checkpoint, dict) and 'state_dict' in checkpoint and 'epoch' in checkpoint):
+        raise UsageError(f"--resume '{path}' holds model weights, not a training checkpoint (no epoch or optimizer "
+                         "state); continue a run with its last.pth.tar, or start from these weights with "
+                         f"--initial-checkpoint {path}.")
+
+
+def check_train_flags(args: argparse.Namespace) -> None:
+    """Refuse flags timm would take without a word (a negative learning rate or clip) or refuse only after the
+    models, the data and the teacher's validation pass (an unknown optimizer, scheduler or augmentation policy, a
+    batch of no images, a dataset type this command does not read, a missing class map, a compile backend torch
+    does not have); each with one line that names the flag."""
+    _check_dataset(args.dataset)
+    _check_numbers(args)
+    _check_optimizer(args.opt)
+    _check_scheduler(args)
+    if args.aa:
+        _check_auto_augment(args.aa)
+    if args.class_map and not os.path.isfile(args.class_map):
+        raise UsageError(f"--class-map '{args.class_map}' does not exist; pass a file with one class folder name "
+                         "per line (or drop it to number the class folders in sorted order).")
+    if args.torchcompile:
+        _check_compile_backend(args.torchcompile)
+
+
+def _data_classes(dataset) -> Optional[List[str]]:
+    """The class names of a folder dataset in index order (its class folders, or its --class-map); None otherwise."""
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    return sorted(class_to_idx, key=class_to_idx.get) if class_to_idx else None
+
+
+def _preview(names: List[str], limit: int = 4) -> str:
+    return ', '.join(names[:limit]) + (f', ... ({len(names)})' if len(names) > limit else '')
+
+
+def _check_label_names(flag: str, model: ModelName, classes: List[str], root: str) -> None:
+    """The classes a model folder names (config.json label_names) are the data's, in the data's order."""
+    names = model.label_names
+    if names == classes:
+        return
+    if sorted(names) == sorted(classes):
+        k = next(i for i, (a, b) in enumerate(zip(names, classes)) if a != b)
+        raise UsageError(
+            f"{flag} {model.name} has the classes of '{root}' in another order (class {k} is '{names[k]}' for it, "
+            f"'{classes[k]}' in the data); pass --class-map FILE with its label_names, one per line in its order, "
+            "so that the indices agree.")
+    missing, extra = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+    fix = ('distil on data of its classes, or pass another teacher' if flag == '--teacher' else
+           f'train it on data of its classes, or start from its architecture: --model {model.architecture}')
+    raise UsageError(
+        f"{flag} {model.name} knows other classes than the class folders of '{root}' (only {flag}'s: "
+        f"{_preview(missing) or '-'}; only the data's: {_preview(extra) or '-'}); {fix}.")
+
+
+def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, teacher: Optional[ModelName]) -> None:
+    """Settle ``args.num_classes`` and refuse student, teacher and data that disagree on the classes, before any model
+    is built.
+
+    Without ``--num-classes`` the head has the data's class folders (else the teacher folder's or the student
+    folder's classes; else the model's default). ``--num-classes`` below the class folders is refused (labels past
+    the head fail deep in the loss, or corrupt memory on a GPU); so is a teacher of another class count, and a
+    model folder whose label names are not the class folders in their order. A teacher without label names can
+    only be trusted: one line says so.
+    """
+    classes = _data_classes(dataset_train)
+    root = getattr(getattr(dataset_train, 'reader', None), 'root', None) or args.data_dir
+    if args.num_classes is None:
+        known = len(classes) if classes else (teacher and teacher.num_classes) or student.num_classes
+        if known and classes and utils.is_primary(args):
+            _logger.info(f"--num-classes {known}: the class folders of '{root}' ({_preview(classes)}).")
+        args.num_classes = known
+    if classes and args.num_classes is not None and len(classes) > args.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
+                         f"'{root}'; pass --num-classes {len(classes)}.")
+    if teacher is not None and teacher.num_classes is not None and teacher.num_classes != args.num_classes:
+        data = f"the data '{root}' {len(classes)} class folders" if classes else f"--num-classes is {args.num_classes}"
+        raise UsageError(f"--teacher {teacher.name} has {teacher.num_classes} classes and {data}; distil on data "
+                         "of the teacher's classes, or train a teacher on these.")
+    checked = [('--model', student)] if student.num_classes == args.num_classes else []  # a new head: nothing to check
+    checked += [('--teacher', teacher)] if teacher is not None else []
+    for flag, model in checked:
+        if not classes or len(classes) != args.num_classes:
+            continue
+        if model.label_names:
+            _check_label_names(flag, model, classes, root)
+        elif flag == '--teacher' and utils.is_primary(args):
+            _logger.warning(f"--teacher {model.name} names no classes (no label_names in a config.json), so whether "
+                            f"its class k is the k-th class folder of '{root}' could not be checked.")
+
+
+def check_batch_of_one(model: nn.Module, img_size: Tuple[int, int]) -> None:
+    """Refuse ``-b 1`` for a model whose BatchNorm sees a 1x1 map: one value per channel, which it cannot normalise
+    in training (torch fails on the first step). One forward of a zero image in eval mode finds the sizes."""
+    seen = {}
+
+    def record(name: str):
+        def hook(_module, inputs, _output) -> None:
+            seen.setdefault(name, inputs[0].shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, int(getattr(model, 'in_chans', 3)), *img_size,
+                              device=param.device if param is not None else None))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    single = [name for name, shape in seen.items() if shape[2:].numel() == 1]
+    if single:
+        raise UsageError(f"-b 1: BatchNorm '{single[0]}' of {type(model).__name__} sees a 1x1 map at "
+                         f"{img_size[0]}x{img_size[1]}, one value per channel, which it cannot normalise in training; "
+                         "use -b 2 or more, or a larger --img-size.")
+
+
+def check_normalisation(data_config, in_chans: int, model_name: str) -> None:
+    """The mean and std the loader normalises with have one entry per input channel (a 1-channel model keeps the
+    3-entry ImageNet statistics of its pretrained_cfg, which the loader cannot apply)."""
+    for key in ('mean', 'std'):
+        if len(data_config[key]) != in_chans:
+            raise UsageError(
+                f"--in-chans {in_chans}: the {key} of {model_name} has {len(data_config[key])} entries "
+                f"({', '.join(f'{v:g}' for v in data_config[key])}); pass --mean and --std with {in_chans} value(s) "
+                f"each, e.g. --mean {' '.join(['0.5'] * in_chans)} --std {' '.join(['0.25'] * in_chans)}.")
