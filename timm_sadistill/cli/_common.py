@@ -72,24 +72,38 @@ _CALL = re.compile(r'[\w.]+\((?:[^()]|\([^()]*\))*\)')  # code in a message, e.g
 
 def in_flag_words(message: str) -> str:
     """``message`` with the library's parameter names as the command line's flags: ``img_size=64`` ->
-    ``--img-size 64``, ``student_stages`` -> ``--distill-stages``; code quoted in it stays as it is."""
+    ``--img-size 64``, ``student_stages`` -> ``--distill-stages``, ``head_weight`` -> ``--sa-head-weight``; code
+    quoted in it stays as it is. An SA option that is also an English word (``backend``, ``beta``) is a flag only
+    when a value is given to it (``tau=4``): "no such compile backend" is not about ``--sa-backend``."""
     from ..losses import loss_options
     from .distill_flags import loss_flag
-    words = {**PARAMETER_FLAGS, **{name: loss_flag('sa', name) for name in loss_options('sa').options}}
-    pattern = re.compile(r'(?<![\w\-\'])(' + '|'.join(sorted(words, key=len, reverse=True)) + r')(?:=([^\s,;)]+))?(?![\w\'])')
+    sa_words = {name: loss_flag('sa', name) for name in loss_options('sa').options}
+    words = {**PARAMETER_FLAGS, **{k: v for k, v in sa_words.items() if '_' in k}}
+    valued = {**words, **sa_words}
+
+    def pattern_of(names, value_required: bool) -> re.Pattern:
+        value = r'=([^\s,;)]+)' if value_required else r'(?:=([^\s,;)]+))?'
+        return re.compile(r'(?<![\w\-\'])(' + '|'.join(sorted(names, key=len, reverse=True)) + r')' + value + r'(?![\w\'])')
+
+    patterns = (pattern_of(valued, True), pattern_of(words, False))
 
     def flag(match: re.Match) -> str:
         value = match.group(2)
         if value is None:
-            return words[match.group(1)]
+            return valued[match.group(1)]
         core = value.rstrip('.')  # the full stop ends the sentence, not the value
-        return f"{words[match.group(1)]} {core}{value[len(core):]}"
+        return f"{valued[match.group(1)]} {core}{value[len(core):]}"
+
+    def translate(text: str) -> str:
+        for pattern in patterns:
+            text = pattern.sub(flag, text)
+        return text
 
     pieces, start = [], 0
     for call in _CALL.finditer(message):
-        pieces += [pattern.sub(flag, message[start:call.start()]), call.group(0)]
+        pieces += [translate(message[start:call.start()]), call.group(0)]
         start = call.end()
-    return ''.join(pieces + [pattern.sub(flag, message[start:])])
+    return ''.join(pieces + [translate(message[start:])])
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
