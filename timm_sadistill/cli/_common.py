@@ -73,8 +73,9 @@ _CALL = re.compile(r'[\w.]+\((?:[^()]|\([^()]*\))*\)')  # code in a message, e.g
 def in_flag_words(message: str) -> str:
     """``message`` with the library's parameter names as the command line's flags: ``img_size=64`` ->
     ``--img-size 64``, ``student_stages`` -> ``--distill-stages``, ``head_weight`` -> ``--sa-head-weight``; code
-    quoted in it stays as it is. An SA option that is also an English word (``backend``, ``beta``) is a flag only
-    when a value is given to it (``tau=4``): "no such compile backend" is not about ``--sa-backend``."""
+    quoted in it stays as it is. An SA option that is also an English word (``backend``, ``tau``) is a flag only in
+    a message that speaks in parameters (one given a value, ``tau=4``, or a snake_case one): "no such compile
+    backend" is not about ``--sa-backend``."""
     from ..losses import loss_options
     from .distill_flags import loss_flag
     sa_words = {name: loss_flag('sa', name) for name in loss_options('sa').options}
@@ -85,7 +86,8 @@ def in_flag_words(message: str) -> str:
         value = r'=([^\s,;)]+)' if value_required else r'(?:=([^\s,;)]+))?'
         return re.compile(r'(?<![\w\-\'])(' + '|'.join(sorted(names, key=len, reverse=True)) + r')' + value + r'(?![\w\'])')
 
-    patterns = (pattern_of(valued, True), pattern_of(words, False))
+    speaks_parameters = pattern_of(valued, True).search(message) or pattern_of(words, False).search(message)
+    patterns = (pattern_of(valued, True), pattern_of(valued if speaks_parameters else words, False))
 
     def flag(match: re.Match) -> str:
         value = match.group(2)
