@@ -3,26 +3,31 @@
 ``attention_maps(task, images)`` computes, for every distilled stage pair, the teacher's spatial attention map and
 the student's map *through its connector* (the space SA's loss compares), with the per-image SA stage loss.
 ``render_attention_maps`` draws them over the images into a PNG; ``save_attention_maps`` does both for a
-training run. Plotting needs matplotlib (``pip install timm-sadistill[viz]``), imported only when drawing.
+training run; ``load_images`` and ``load_student_checkpoint`` bring image files and a trained student to draw. Plotting needs matplotlib (``pip install timm-sadistill[viz]``), imported only when drawing.
 """
+import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from timm.models import clean_state_dict
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.model import unwrap_model
 
 from . import ops
+from ._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
 from .tasks.distill_task import DistillTask
 
 __all__ = ['StageMaps', 'attention_maps', 'render_attention_maps', 'save_attention_maps', 'picture_path',
-           'require_matplotlib']
+           'require_matplotlib', 'load_images', 'load_student_checkpoint']
+
+_logger = logging.getLogger(__name__)
 
 DEFAULT_FILENAME = 'attention_maps.png'
 
@@ -234,3 +239,61 @@ def save_attention_maps(
         images, maps, path, mean=task.student_mean.flatten().tolist(), std=task.student_std.flatten().tolist(),
         titles=titles,
     )
+
+
+def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int]) -> torch.Tensor:
+    """(N, C, H, W) images resized, center-cropped and normalised as the model's eval transform does (timm's)."""
+    from PIL import Image, UnidentifiedImageError
+
+    in_chans = int(getattr(model, 'in_chans', 3))
+    overrides = {'input_size': (in_chans, img_size, img_size)} if img_size else {}
+    transform = create_transform(**resolve_data_config(overrides, model=model), is_training=False)
+    tensors = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert('RGB' if in_chans == 3 else 'L')))
+        except UnidentifiedImageError:
+            raise UsageError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
+        except OSError as e:  # PIL decodes on first use: a truncated file fails here, not in open
+            raise UsageError(f"image '{path}' cannot be decoded ({e}); pass an intact image file") from None
+    return torch.stack(tensors)
+
+
+def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """(student state_dict, task_state or None) from a ``train`` checkpoint or a bare student file."""
+    check_checkpoint_readable(path, 'Student checkpoint')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path), None
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
+                         "last.pth.tar or model.safetensors")
+    if 'state_dict' in checkpoint:
+        return clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state')
+    return clean_state_dict(checkpoint), None  # a bare student state_dict saved with torch.save
+
+
+def load_student_checkpoint(task: DistillTask, path: str) -> None:
+    """Load the student and, when the checkpoint has them, the SA connectors into ``task``.
+
+    Without connector state (a bare ``model.safetensors``) the connectors stay freshly initialised, so the student
+    maps (drawn through them) do not show what training reached: a warning says so.
+    """
+    state_dict, task_state = _read_checkpoint(path)
+    if not (task_state or {}).get('distill_loss'):
+        _logger.warning(f"'{path}' has no connector state: the student maps go through fresh, untrained connectors. "
+                        "Pass the train run's last.pth.tar (it holds them) to see the trained ones.")
+    try:
+        if task_state:
+            task.load_checkpoint_state(state_dict, task_state)
+        else:
+            task.get_eval_model().load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UsageError(
+            f"checkpoint '{path}' does not fit this student/connectors ({state_dict_mismatch(e)}); pass the --model, "
+            "--num-classes, --img-size, stage and --sa-connector flags of the training run"
+        ) from None

@@ -10,34 +10,17 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
-from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages
+from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages, stage_map_sizes
 from ..errors import UsageError
 from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..model_folder import resolve_model_name
 from ._common import check_img_size, create_model, run_command
 
-__all__ = ['main', 'stage_map_sizes', 'connector_description']
+__all__ = ['main', 'connector_description']
 
 PROG = 'timm-sadistill stages'
-
-
-def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[int, Tuple[int, int]]:
-    """{stage index: (H, W)} of every ``feature_info`` stage, measured by one forward pass of a zero image.
-
-    Measured rather than computed as size // reduction, because padding and odd sizes round differently per model;
-    keyed by index, because stages may share a module name (CoaT's parallel_blocks is three stages).
-    """
-    stages = list_stages(model)
-    if not stages:
-        return {}
-    taps = FeatureTaps(model, [s.index for s in stages], img_size=img_size)
-    model.eval()
-    with torch.no_grad():
-        _, feats = taps(torch.zeros(1, int(getattr(model, 'in_chans', 3)), *img_size))
-    return {s.index: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
 
 
 def connector_description(method: str, student_channels: int, teacher_channels: int) -> str:

@@ -17,37 +17,20 @@ Supported timm versions: those whose train.py drives a ``timm.task`` task, i.e. 
 """
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import runpy
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence
 
-import torch.nn as nn
-
-from ..losses import loss_options
-from ..tasks import DistillTask, create_distill_task
+from ..tasks.timm_task_patch import PATCHED_TASK_NAMES, patched_timm_tasks, timm_task_factory
 from .distill_flags import add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values
 from ..errors import UsageError
 from ._parser import OneLineArgumentParser, check_finite_floats
 
-__all__ = ['main', 'patched_timm_tasks']
+__all__ = ['main']
 
 _logger = logging.getLogger('timm_sadistill.timm_train')
-
-# The task classes timm's train.py constructs, and the modules it may import them from (not all in every version).
-PATCHED_TASK_NAMES = ('LogitDistillationTask', 'FeatureDistillationTask', 'TokenDistillationTask')
-PATCHED_MODULE_NAMES = ('timm.task', 'timm.task.distillation', 'timm.task.token_distillation')
-
-
-def _task_modules() -> List[Any]:
-    modules = []
-    for name in PATCHED_MODULE_NAMES:
-        with contextlib.suppress(ImportError):
-            modules.append(importlib.import_module(name))
-    return modules
-
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
@@ -81,55 +64,6 @@ def _check_script(path: str) -> None:
         )
 
 
-def _make_task_factory(
-        method: str,
-        options: Dict[str, Any],
-        img_size: Optional[Union[int, Tuple[int, int]]],
-):
-    """A stand-in for timm's distillation task classes that builds our task for ``method``."""
-
-    def build_distill_task(
-            student_model: nn.Module,
-            teacher_model: Union[str, nn.Module],
-            criterion: Optional[nn.Module] = None,
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            temperature: Optional[float] = None,
-            device=None,
-            dtype=None,
-            verbose: bool = True,
-            **timm_task_options,
-    ) -> DistillTask:
-        # timm's own task options (loss_type, feature dims, token distill type) describe its methods, not ours
-        if timm_task_options and verbose:
-            _logger.info(f"timm-train: --distill {method} replaces timm's task; unused: {', '.join(timm_task_options)}")
-        kwargs = dict(options)
-        # train.py always passes its default temperature: it applies only to the methods that have one
-        if temperature is not None and 'temperature' in loss_options(method).defaults:
-            kwargs['temperature'] = temperature
-        return create_distill_task(
-            method, student_model, teacher_model, criterion=criterion, img_size=img_size,
-            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight,
-            device=device, dtype=dtype, verbose=verbose, **kwargs,
-        )
-
-    return build_distill_task
-
-
-@contextlib.contextmanager
-def patched_timm_tasks(factory) -> Iterator[None]:
-    """Replace timm's distillation task classes with ``factory`` in every module train.py may import them from."""
-    saved = [(module, name, getattr(module, name)) for module in _task_modules() for name in PATCHED_TASK_NAMES
-             if hasattr(module, name)]
-    for module, name, _ in saved:
-        setattr(module, name, factory)
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-
 @contextlib.contextmanager
 def _script_invocation(path: str, argv: List[str]) -> Iterator[None]:
     """sys.argv and sys.path as ``python path argv...`` would set them."""
@@ -160,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError("timm-train needs --kd-model-name TEACHER: train.py builds a distillation task only with it.")
     check_teacher_flags(peeked.kd_model_name, ours, flag='--kd-model-name')
     img_size = tuple(peeked.input_size[1:]) if peeked.input_size else peeked.img_size
-    factory = _make_task_factory(ours.distill, distill_task_kwargs(ours), img_size)
+    factory = timm_task_factory(ours.distill, distill_task_kwargs(ours), img_size)
     with patched_timm_tasks(factory), _script_invocation(script, train_py_argv):
         runpy.run_path(script, run_name='__main__')
     return 0

@@ -8,85 +8,24 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
-from timm.data import create_transform, resolve_data_config
-from timm.models import clean_state_dict
 
+from ..attention_maps import load_images, load_student_checkpoint
 from ..model_folder import resolve_model_name
-from ..tasks.distill_task import DistillTask, check_teacher_weights
+from ..tasks.distill_task import check_teacher_weights
 from ..tasks.factory import create_distill_task
-from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from ._common import check_device, check_img_size, create_model, run_command
-from ..errors import UsageError
 from ._parser import OneLineArgumentParser, check_finite_floats
 from ..training.run_folder import check_output_path
 from .distill_flags import add_loss_arguments, add_stage_arguments, join_stage_values, loss_flag_options
 
-__all__ = ['main', 'load_images', 'load_student_checkpoint']
+__all__ = ['main']
 
 PROG = 'timm-sadistill viz'
 
 _logger = logging.getLogger(__name__)
-
-
-def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int]) -> torch.Tensor:
-    """(N, C, H, W) images resized, center-cropped and normalised as the model's eval transform does (timm's)."""
-    from PIL import Image, UnidentifiedImageError
-
-    in_chans = int(getattr(model, 'in_chans', 3))
-    overrides = {'input_size': (in_chans, img_size, img_size)} if img_size else {}
-    transform = create_transform(**resolve_data_config(overrides, model=model), is_training=False)
-    tensors = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UsageError(f"image '{path}' does not exist; pass paths of image files (PNG, JPEG, ...)")
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert('RGB' if in_chans == 3 else 'L')))
-        except UnidentifiedImageError:
-            raise UsageError(f"'{path}' is not an image PIL can read; pass PNG or JPEG files") from None
-        except OSError as e:  # PIL decodes on first use: a truncated file fails here, not in open
-            raise UsageError(f"image '{path}' cannot be decoded ({e}); pass an intact image file") from None
-    return torch.stack(tensors)
-
-
-def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
-    """(student state_dict, task_state or None) from a ``train`` checkpoint or a bare student file."""
-    check_checkpoint_readable(path, 'Student checkpoint')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path), None
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
-                         "last.pth.tar or model.safetensors")
-    if 'state_dict' in checkpoint:
-        return clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state')
-    return clean_state_dict(checkpoint), None  # a bare student state_dict saved with torch.save
-
-
-def load_student_checkpoint(task: DistillTask, path: str) -> None:
-    """Load the student and, when the checkpoint has them, the SA connectors into ``task``.
-
-    Without connector state (a bare ``model.safetensors``) the connectors stay freshly initialised, so the student
-    maps (drawn through them) do not show what training reached: a warning says so.
-    """
-    state_dict, task_state = _read_checkpoint(path)
-    if not (task_state or {}).get('distill_loss'):
-        _logger.warning(f"'{path}' has no connector state: the student maps go through fresh, untrained connectors. "
-                        "Pass the train run's last.pth.tar (it holds them) to see the trained ones.")
-    try:
-        if task_state:
-            task.load_checkpoint_state(state_dict, task_state)
-        else:
-            task.get_eval_model().load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UsageError(
-            f"checkpoint '{path}' does not fit this student/connectors ({state_dict_mismatch(e)}); pass the --model, "
-            "--num-classes, --img-size, stage and --sa-connector flags of the training run"
-        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import UsageError
 from .input_size import resolve_img_size
 
-__all__ = ['StageInfo', 'StagesArg', 'FeatureTaps', 'list_stages', 'resolve_stages', 'valid_stages_message']
+__all__ = ['StageInfo', 'StagesArg', 'FeatureTaps', 'list_stages', 'resolve_stages', 'valid_stages_message',
+           'stage_map_sizes']
 
 StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
 
@@ -239,3 +240,19 @@ class FeatureTaps(nn.Module):
         final, intermediates = base.forward_intermediates(x, indices=indices, output_fmt='NCHW')
         by_index = dict(zip(indices, intermediates))
         return base.forward_head(final), [by_index[s.index] for s in self.stages]
+
+
+def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[int, Tuple[int, int]]:
+    """{stage index: (H, W)} of every ``feature_info`` stage, measured by one forward pass of a zero image.
+
+    Measured rather than computed as size // reduction, because padding and odd sizes round differently per model;
+    keyed by index, because stages may share a module name (CoaT's parallel_blocks is three stages).
+    """
+    stages = list_stages(model)
+    if not stages:
+        return {}
+    taps = FeatureTaps(model, [s.index for s in stages], img_size=img_size)
+    model.eval()
+    with torch.no_grad():
+        _, feats = taps(torch.zeros(1, int(getattr(model, 'in_chans', 3)), *img_size))
+    return {s.index: tuple(f.shape[-2:]) for s, f in zip(stages, feats)}
