@@ -93,3 +93,21 @@ def test_three_training_steps_through_the_task():
         out['loss'].backward()
         optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_sa_logit_term_can_be_dist_at_sa_temperature_weighted_by_kd_weight():
+    g = torch.Generator().manual_seed(2)
+    s_feat, t_feat = torch.randn(4, 8, 4, 4, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    common = dict(student_channels=[8], teacher_channels=[16], temperature=2.0, kd_weight=0.5)
+    torch.manual_seed(0)
+    with_kd = tsd.create_distill_loss('sa', **common)([s_feat], [t_feat], s, t)
+    torch.manual_seed(0)
+    with_dist = tsd.create_distill_loss('sa', logit_loss='dist', **common)([s_feat], [t_feat], s, t)
+    assert 'sa_kd' in with_kd and 'sa_dist_logits' not in with_kd
+    assert 'sa_dist_logits' in with_dist and 'sa_kd' not in with_dist
+    assert float(with_dist['sa_dist_logits']) == pytest.approx(0.5 * _reference(s, t, 2.0, 1.0, 1.0), rel=1e-5)
+    # the feature terms do not depend on the logit term's choice
+    assert torch.equal(with_kd['sa_dist'], with_dist['sa_dist']) and torch.equal(with_kd['sa_att'], with_dist['sa_att'])
+    with pytest.raises(tsd.UsageError, match="Unknown logit_loss 'kl'"):
+        tsd.create_distill_loss('sa', logit_loss='kl', **common)

@@ -25,9 +25,12 @@ from ..errors import UsageError
 from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, list_connectors
+from .dist import dist_relations
 from .kd import kd_divergence
 
 __all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
+
+LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter + intra relations (losses/dist.py)
 
 
 def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
@@ -80,9 +83,11 @@ SA_OPTIONS: Tuple[SAOption, ...] = (
     SAOption('p', 2.0, float, 'power of |x| in the attention map'),
     SAOption('alpha', 1.0, float, 'weight of the spatial distribution term'),
     SAOption('beta', 10.0, float, 'weight of the attention-map term'),
-    SAOption('kd_weight', 1.0, float, 'weight of the logit KD term (0: off)'),
+    SAOption('kd_weight', 1.0, float, 'weight of the logit term (0: off)'),
     # every method's logit temperature has one flag, --kd-temperature
-    SAOption('temperature', 4.0, float, 'temperature of the logit KD term', flag=False),
+    SAOption('temperature', 4.0, float, 'temperature of the logit term', flag=False),
+    SAOption('logit_loss', 'kd', str, "logit term: 'kd' (KL divergence) or 'dist' (DIST's correlations)",
+             choices=LOGIT_LOSSES),
     SAOption('connector', 'bottleneck', str, 'student->teacher connector', choices=tuple(list_connectors())),
     SAOption('backend', 'auto', str, "fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'", flag=False),
     SAOption('standardize', False, parse_bool, 'z-score each (b, c) map over its positions before the spatial softmax'),
@@ -122,7 +127,9 @@ class SADistillLoss(DistillLoss):
 
         L_dist,k = tau^2 / (B*Ct) * sum_{b,c} KL(softmax_i(T_bc / tau) || softmax_i(S'_bc / tau))
         L_att,k  = 1/B * sum_b || a(S')_b - a(T)_b ||_2^2,   a(X)_b = normalize_i(mean_c |X_{b,c,i}|^p)
-        SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * KD(logits, temperature))
+        SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * logit term(logits, temperature))
+
+    The logit term is KD (``logit_loss='kd'``) or DIST's L_inter + L_intra (``logit_loss='dist'``, beta = gamma = 1).
 
     Shapes: student features (B, Cs_k, Hs_k, Ws_k), teacher features (B, Ct_k, Ht_k, Wt_k), logits (B, K).
     Both terms of a stage come from one fused pass (``ops.spatial_kl_and_attention``: Triton on CUDA, PyTorch otherwise).
@@ -136,7 +143,8 @@ class SADistillLoss(DistillLoss):
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
-    Terms: ``{'sa_dist', 'sa_att'}`` and ``'sa_kd'`` when kd_weight > 0.
+    Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term).
     """
 
     def __init__(
@@ -149,6 +157,7 @@ class SADistillLoss(DistillLoss):
             beta: float = _DEFAULTS['beta'],
             kd_weight: float = _DEFAULTS['kd_weight'],
             temperature: float = _DEFAULTS['temperature'],
+            logit_loss: str = _DEFAULTS['logit_loss'],
             connector: str = _DEFAULTS['connector'],
             backend: str = _DEFAULTS['backend'],
             standardize: bool = _DEFAULTS['standardize'],
@@ -161,6 +170,8 @@ class SADistillLoss(DistillLoss):
             raise UsageError(f"tau and temperature must be positive, got tau={tau}, temperature={temperature}.")
         if p <= 0:
             raise UsageError(f"p must be positive, got {p}.")
+        if logit_loss not in LOGIT_LOSSES:
+            raise UsageError(f"Unknown logit_loss '{logit_loss}'; use one of {', '.join(LOGIT_LOSSES)}.")
         if backend not in ops.BACKENDS:
             raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
@@ -169,6 +180,7 @@ class SADistillLoss(DistillLoss):
         self.beta = beta
         self.kd_weight = kd_weight
         self.temperature = temperature
+        self.logit_loss = logit_loss
         self.backend = backend
         self.standardize = standardize
         if warmup_steps < 0:
@@ -281,5 +293,9 @@ class SADistillLoss(DistillLoss):
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
                                  "pass them, or kd_weight=0 to distil features only.")
-            terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
+            if self.logit_loss == 'dist':
+                inter, intra = dist_relations(student_logits, teacher_logits, self.temperature)
+                terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
+            else:
+                terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
         return terms
