@@ -111,3 +111,29 @@ def test_sa_logit_term_can_be_dist_at_sa_temperature_weighted_by_kd_weight():
     assert torch.equal(with_kd['sa_dist'], with_dist['sa_dist']) and torch.equal(with_kd['sa_att'], with_dist['sa_att'])
     with pytest.raises(tsd.UsageError, match="Unknown logit_loss 'kl'"):
         tsd.create_distill_loss('sa', logit_loss='kl', **common)
+
+
+@pytest.mark.parametrize('logit_loss', ['kd', 'dist'])
+def test_teacher_confidence_weights_each_samples_logit_term_by_the_teachers_probability_of_the_label(logit_loss):
+    g = torch.Generator().manual_seed(3)
+    s_feat, t_feat = torch.randn(4, 8, 4, 4, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+    s, t = torch.randn(4, 5, generator=g) * 2, torch.randn(4, 5, generator=g) * 2
+    y = torch.tensor([0, 3, 1, 4])
+    loss = tsd.create_distill_loss('sa', student_channels=[8], teacher_channels=[16], temperature=2.0,
+                                   logit_loss=logit_loss, logit_weighting='teacher_confidence')
+    got = loss([s_feat], [t_feat], s, t, y)
+    key = 'sa_kd' if logit_loss == 'kd' else 'sa_dist_logits'
+    w = _softmax(t.double().numpy())[np.arange(4), y.numpy()]
+    p_s, p_t = _softmax(s.double().numpy() / 2), _softmax(t.double().numpy() / 2)
+    if logit_loss == 'kd':
+        per_sample = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+        assert float(got[key]) == pytest.approx(4 * np.mean(w * per_sample), rel=1e-5)
+    else:
+        inter = np.mean([wb * (1 - np.corrcoef(a, b)[0, 1]) for wb, a, b in zip(w, p_s, p_t)])
+        expected = 4 * inter + _reference(s, t, 2.0, 0.0, 1.0)  # the intra term takes no weights
+        assert float(got[key]) == pytest.approx(expected, rel=1e-5)
+    # a soft target puts the expected probability of the label in place of the hard one
+    soft = torch.nn.functional.one_hot(y, 5).float()
+    assert torch.allclose(loss([s_feat], [t_feat], s, t, soft)[key], got[key])
+    with pytest.raises(tsd.UsageError, match='needs the labels'):
+        loss([s_feat], [t_feat], s, t)

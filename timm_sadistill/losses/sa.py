@@ -31,6 +31,7 @@ from .kd import kd_divergence
 __all__ = ['SADistillLoss', 'SAOption', 'SA_OPTIONS', 'document_sa_options']
 
 LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter + intra relations (losses/dist.py)
+LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
 
 
 def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
@@ -88,6 +89,8 @@ SA_OPTIONS: Tuple[SAOption, ...] = (
     SAOption('temperature', 4.0, float, 'temperature of the logit term', flag=False),
     SAOption('logit_loss', 'kd', str, "logit term: 'kd' (KL divergence) or 'dist' (DIST's correlations)",
              choices=LOGIT_LOSSES),
+    SAOption('logit_weighting', 'none', str, "per-sample weight of the logit term: 'none' or 'teacher_confidence' "
+             "(the teacher's probability of the label)", choices=LOGIT_WEIGHTINGS),
     SAOption('connector', 'bottleneck', str, 'student->teacher connector', choices=tuple(list_connectors())),
     SAOption('backend', 'auto', str, "fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'", flag=False),
     SAOption('standardize', False, parse_bool, 'z-score each (b, c) map over its positions before the spatial softmax'),
@@ -130,6 +133,11 @@ class SADistillLoss(DistillLoss):
         SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * logit term(logits, temperature))
 
     The logit term is KD (``logit_loss='kd'``) or DIST's L_inter + L_intra (``logit_loss='dist'``, beta = gamma = 1).
+    ``logit_weighting='teacher_confidence'`` weights sample b's KD divergence (DIST: its inter term; the intra term
+    spans the batch) by w_b = softmax(t_b)[y_b], the teacher's probability of the label at temperature 1 (for soft
+    targets, sum_k softmax(t_b)_k y_bk), so samples the teacher gets wrong teach less: the reliability weighting of
+    weighted soft labels (Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
+    Perspective", ICLR 2021) and confidence-aware KD, in its simplest form. It needs the labels.
 
     Shapes: student features (B, Cs_k, Hs_k, Ws_k), teacher features (B, Ct_k, Ht_k, Wt_k), logits (B, K).
     Both terms of a stage come from one fused pass (``ops.spatial_kl_and_attention``: Triton on CUDA, PyTorch otherwise).
@@ -158,6 +166,7 @@ class SADistillLoss(DistillLoss):
             kd_weight: float = _DEFAULTS['kd_weight'],
             temperature: float = _DEFAULTS['temperature'],
             logit_loss: str = _DEFAULTS['logit_loss'],
+            logit_weighting: str = _DEFAULTS['logit_weighting'],
             connector: str = _DEFAULTS['connector'],
             backend: str = _DEFAULTS['backend'],
             standardize: bool = _DEFAULTS['standardize'],
@@ -172,6 +181,8 @@ class SADistillLoss(DistillLoss):
             raise UsageError(f"p must be positive, got {p}.")
         if logit_loss not in LOGIT_LOSSES:
             raise UsageError(f"Unknown logit_loss '{logit_loss}'; use one of {', '.join(LOGIT_LOSSES)}.")
+        if logit_weighting not in LOGIT_WEIGHTINGS:
+            raise UsageError(f"Unknown logit_weighting '{logit_weighting}'; use one of {', '.join(LOGIT_WEIGHTINGS)}.")
         if backend not in ops.BACKENDS:
             raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
@@ -181,6 +192,7 @@ class SADistillLoss(DistillLoss):
         self.kd_weight = kd_weight
         self.temperature = temperature
         self.logit_loss = logit_loss
+        self.logit_weighting = logit_weighting
         self.backend = backend
         self.standardize = standardize
         if warmup_steps < 0:
@@ -293,9 +305,22 @@ class SADistillLoss(DistillLoss):
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
                                  "pass them, or kd_weight=0 to distil features only.")
+            weight = self.sample_weights(teacher_logits, target)
             if self.logit_loss == 'dist':
-                inter, intra = dist_relations(student_logits, teacher_logits, self.temperature)
+                inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
                 terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
             else:
-                terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
+                terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature, weight)
         return terms
+
+    def sample_weights(self, teacher_logits: torch.Tensor, target: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B,) weights of the logit term's samples, or None for uniform ones (``logit_weighting='none'``)."""
+        if self.logit_weighting == 'none':
+            return None
+        if target is None:
+            raise UsageError("logit_weighting='teacher_confidence' needs the labels: pass target (the task does), "
+                             "or logit_weighting='none'.")
+        p_t = teacher_logits.detach().float().softmax(dim=-1)
+        if target.dim() == 2:
+            return (p_t * target.float()).sum(-1)
+        return p_t.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
