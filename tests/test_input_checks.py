@@ -108,7 +108,7 @@ def test_bad_input_sizes_exit_2_with_one_line(argv, flag_and_fix, capsys):
 
 
 @pytest.mark.parametrize('method,options', [
-    ('kd', {}), ('dkd', {}), ('sa', {}), ('sa', {'kd_weight': 0.0, 'cam_weight': 1.0}),
+    ('kd', {}), ('dkd', {}), ('dist', {}), ('sa', {}), ('sa', {'kd_weight': 0.0, 'cam_weight': 1.0}),
 ])
 def test_logit_losses_refuse_models_of_different_class_counts(method, options):
     student = timm.create_model('test_resnet', num_classes=3)

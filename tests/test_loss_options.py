@@ -20,7 +20,8 @@ from timm_sadistill.cli.train import build_parser, parse_args
 from timm_sadistill.losses import _registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SA_FLAGS = ['--sa-tau', '--sa-p', '--sa-alpha', '--sa-beta', '--sa-kd-weight', '--sa-connector', '--sa-backend',
+SA_FLAGS = ['--sa-tau', '--sa-p', '--sa-alpha', '--sa-beta', '--sa-kd-weight', '--sa-logit-loss', '--sa-logit-weighting',
+            '--sa-connector', '--sa-backend',
             '--sa-standardize', '--sa-warmup-steps', '--sa-head-weight', '--sa-cam-weight']
 
 

@@ -6,7 +6,7 @@ import timm_sadistill as tsd
 
 
 def test_builtin_losses_are_registered():
-    assert tsd.list_distill_losses() == ['at', 'cwd', 'dkd', 'fitnet', 'kd', 'sa']
+    assert tsd.list_distill_losses() == ['at', 'cwd', 'dist', 'dkd', 'fitnet', 'kd', 'sa']
     assert tsd.get_distill_loss_class('sa') is tsd.SADistillLoss
     assert isinstance(tsd.create_distill_loss('sa', student_channels=[64, 128], teacher_channels=[256, 512], tau=4.0),
                       tsd.SADistillLoss)
@@ -35,7 +35,7 @@ def test_third_party_loss_registers_and_duplicates_are_refused():
 
 
 def test_unknown_names_and_bad_classes_are_clear_errors():
-    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'nope'; registered: at, cwd, dkd, fitnet, kd, sa"):
+    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'nope'; registered: at, cwd, dist, dkd, fitnet, kd, sa"):
         tsd.create_distill_loss('nope')
     with pytest.raises(tsd.UsageError, match='DistillLoss subclasses'):
         tsd.register_distill_loss('plain')(torch.nn.MSELoss)

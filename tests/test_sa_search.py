@@ -24,6 +24,40 @@ def test_shapes_dataset_is_seeded_balanced_and_the_class_lives_in_the_layout():
     assert all(spread(image) < 0 for image in images[labels == 1])
 
 
+def test_textures_dataset_is_seeded_balanced_and_the_class_lives_in_the_orientation_spectrum():
+    images, labels = sa_search.textures_arrays(n_per_class=4, noise=0.0, seed=3)
+    again, _ = sa_search.textures_arrays(n_per_class=4, noise=0.0, seed=3)
+    assert images.shape == (40, 32, 32) and np.array_equal(images, again)
+    assert np.bincount(labels).tolist() == [4] * 10
+    assert images.min() >= 0 and images.max() <= 1
+    # class 0's gratings run along x (vertical stripes: change along x), class 5's too but at a higher frequency;
+    # their spectra peak near (fy, fx) = (0, 4) and (0, 7)
+    for label, freq in ((0, 4), (5, 7)):
+        for image in images[labels == label]:
+            power = np.abs(np.fft.rfft2(image - image.mean()))
+            fy, fx = np.unravel_index(power.argmax(), power.shape)
+            assert min(fy, 32 - fy) <= 2 and abs(fx - freq) <= 1  # the orientation jitter tilts it a little
+
+
+def test_a_teacher_from_elsewhere_skips_the_students_images_and_a_label_bias_gives_the_next_class_r():
+    labels = np.repeat(np.arange(10), 20)
+    tr = np.arange(200)
+    setting = sa_search.Setting('t', 'textures', 'test_resnet', 'test_resnet', per_class=6,
+                                teacher_sees_student_images=False, teacher_per_class=10, teacher_label_bias=0.3)
+    student = sa_search.take_per_class(tr, labels, 6)
+    indices, taught, key = sa_search.teacher_train_set(setting, labels, tr)
+    assert not set(indices) & set(student) and np.bincount(labels[indices]).tolist() == [10] * 10
+    assert taught.shape == (100, 10) and torch.allclose(taught.sum(-1), torch.ones(100))
+    rows = torch.arange(100)
+    y = torch.from_numpy(labels[indices])
+    assert torch.allclose(taught[rows, y], torch.full((100,), 0.7))
+    assert torch.allclose(taught[rows, (y + 1) % 10], torch.full((100,), 0.3))
+    assert key == 'textures-test_resnet-n10-e15-without6-bias0.3'
+    plain = sa_search.teacher_train_set(sa_search.Setting('t', 'textures', 'test_resnet', 'test_resnet'), labels, tr)
+    assert set(student) <= set(plain[0]) and np.array_equal(plain[1].numpy(), labels[plain[0]])
+    assert plain[2] == 'textures-test_resnet-nall-e15'
+
+
 def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
     a = {0: 90.0, 1: 92.0, 2: 91.0, 3: 95.0}
     b = {0: 89.0, 1: 92.5, 2: 89.0, 5: 10.0}  # seed 5 has no partner and is left out

@@ -94,7 +94,7 @@ def test_train_mistakes_are_one_line_and_change_nothing(run, capsys, tmp_path):
             '--distill', 'kd', '--fitnet-weight', '3'],
         '--lr must be a finite number, got nan': ['--lr', 'nan'],
         "is a folder, not a checkpoint file": ['--distill', 'kd', '--teacher', 'resnet18', '--teacher-checkpoint', str(done)],
-        "invalid choice: 'nope' (choose from 'none', 'at', 'cwd', 'dkd', 'fitnet', 'kd', 'sa')": ['--distill', 'nope'],
+        "invalid choice: 'nope' (choose from 'none', 'at', 'cwd', 'dist', 'dkd', 'fitnet', 'kd', 'sa')": ['--distill', 'nope'],
         "--experiment 'done': ": ['--num-classes', '3', '--experiment', 'done'],
     }
     for expected, flags in cases.items():

@@ -11,12 +11,13 @@ from .at import ATLoss
 from .fitnet import FitNetLoss
 from .cwd import CWDLoss
 from .dkd import DKDLoss
+from .dist import DISTLoss, dist_relations
 from .sa import SADistillLoss
 
 __all__ = [
-    'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'SADistillLoss',
+    'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'DISTLoss', 'SADistillLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
     'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'HowNotWhat', 'REQUIRED',
     'check_loss_options', 'load_loss_plugins', 'parse_loss_spec',
-    'kd_divergence', 'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
+    'kd_divergence', 'dist_relations', 'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
 ]

@@ -10,11 +10,18 @@ from .base import DistillLoss
 __all__ = ['KDLoss', 'kd_divergence']
 
 
-def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), mean over the batch; logits (B, K), math in float32."""
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), mean over the batch; logits (B, K), math in float32.
+
+    ``sample_weight`` (B,) weights each sample's divergence in place of the mean's uniform 1 (it still divides by B).
+    """
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * temperature ** 2
+    if sample_weight is None:
+        return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * temperature ** 2
+    per_sample = F.kl_div(log_p_s, log_p_t, reduction='none', log_target=True).sum(-1)
+    return (per_sample * sample_weight.float()).mean() * temperature ** 2
 
 
 @register_distill_loss('kd')

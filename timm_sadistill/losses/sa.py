@@ -16,9 +16,13 @@ from ..errors import UsageError
 from ._registry import HowNotWhat, NonNegative, Positive, loss_options, register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
+from .dist import dist_relations
 from .kd import kd_divergence
 
 __all__ = ['SADistillLoss']
+
+LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter + intra relations (losses/dist.py)
+LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
 
 
 def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
@@ -61,7 +65,14 @@ class SADistillLoss(DistillLoss):
 
         L_dist,k = tau^2 / (B*Ct) * sum_{b,c} KL(softmax_i(T_bc / tau) || softmax_i(S'_bc / tau))
         L_att,k  = 1/B * sum_b || a(S')_b - a(T)_b ||_2^2,   a(X)_b = normalize_i(mean_c |X_{b,c,i}|^p)
-        SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * KD(logits, temperature))
+        SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * logit term(logits, temperature))
+
+    The logit term is KD (``logit_loss='kd'``) or DIST's L_inter + L_intra (``logit_loss='dist'``, beta = gamma = 1).
+    ``logit_weighting='teacher_confidence'`` weights sample b's KD divergence (DIST: its inter term; the intra term
+    spans the batch) by w_b = softmax(t_b)[y_b], the teacher's probability of the label at temperature 1 (for soft
+    targets, sum_k softmax(t_b)_k y_bk), so samples the teacher gets wrong teach less: the reliability weighting of
+    weighted soft labels (Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
+    Perspective", ICLR 2021) and confidence-aware KD, in its simplest form. It needs the labels.
 
     Shapes: student features (B, Cs_k, Hs_k, Ws_k), teacher features (B, Ct_k, Ht_k, Wt_k), logits (B, K).
     Both terms of a stage come from one fused pass (``ops.spatial_kl_and_attention``: Triton on CUDA, PyTorch otherwise).
@@ -72,8 +83,10 @@ class SADistillLoss(DistillLoss):
         p: power of |x| in the attention map.
         alpha: weight of the spatial distribution term.
         beta: weight of the attention-map term.
-        kd_weight: weight of the logit KD term (0: off).
-        temperature: temperature of the logit KD term.
+        kd_weight: weight of the logit term (0: off).
+        temperature: temperature of the logit term.
+        logit_loss: the logit term, 'kd' (KL divergence) or 'dist' (DIST's correlations; sensible at temperature 1).
+        logit_weighting: per-sample weight of the logit term: 'none', or 'teacher_confidence' (the teacher's p of the label).
         connector: student->teacher connector.
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
@@ -85,7 +98,8 @@ class SADistillLoss(DistillLoss):
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
-    Terms: ``{'sa_dist', 'sa_att'}`` and ``'sa_kd'`` when kd_weight > 0.
+    Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term).
     """
 
     def __init__(
@@ -98,6 +112,8 @@ class SADistillLoss(DistillLoss):
             beta: Annotated[float, NonNegative] = 10.0,
             kd_weight: Annotated[float, NonNegative] = 1.0,
             temperature: Annotated[float, Positive] = 4.0,
+            logit_loss: Literal[LOGIT_LOSSES] = 'kd',
+            logit_weighting: Literal[LOGIT_WEIGHTINGS] = 'none',
             connector: ConnectorName = 'bottleneck',
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
@@ -106,6 +122,10 @@ class SADistillLoss(DistillLoss):
             cam_weight: Annotated[float, NonNegative] = 0.0,
     ):
         super().__init__(student_channels, teacher_channels)
+        if logit_loss not in LOGIT_LOSSES:
+            raise UsageError(f"Unknown logit_loss '{logit_loss}'; use one of {', '.join(LOGIT_LOSSES)}.")
+        if logit_weighting not in LOGIT_WEIGHTINGS:
+            raise UsageError(f"Unknown logit_weighting '{logit_weighting}'; use one of {', '.join(LOGIT_WEIGHTINGS)}.")
         if backend not in ops.BACKENDS:
             raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
@@ -114,6 +134,8 @@ class SADistillLoss(DistillLoss):
         self.beta = beta
         self.kd_weight = kd_weight
         self.temperature = temperature
+        self.logit_loss = logit_loss
+        self.logit_weighting = logit_weighting
         self.backend = backend
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
@@ -225,5 +247,22 @@ class SADistillLoss(DistillLoss):
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
                                  "pass them, or kd_weight=0 to distil features only.")
-            terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature)
+            weight = self.sample_weights(teacher_logits, target)
+            if self.logit_loss == 'dist':
+                inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
+                terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
+            else:
+                terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature, weight)
         return terms
+
+    def sample_weights(self, teacher_logits: torch.Tensor, target: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B,) weights of the logit term's samples, or None for uniform ones (``logit_weighting='none'``)."""
+        if self.logit_weighting == 'none':
+            return None
+        if target is None:
+            raise UsageError("logit_weighting='teacher_confidence' needs the labels: pass target (the task does), "
+                             "or logit_weighting='none'.")
+        p_t = teacher_logits.detach().float().softmax(dim=-1)
+        if target.dim() == 2:
+            return (p_t * target.float()).sum(-1)
+        return p_t.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
