@@ -436,6 +436,25 @@ def summary(cache: str, settings: Sequence[Tuple[str, Sequence[int]]], specs: Se
     return '\n'.join(lines)
 
 
+def select_best(cache: str, settings: Sequence[str], specs: Sequence[str], seeds: Sequence[int], views: int) -> str:
+    """The spec of ``specs`` with the best mean over ``settings`` of its mean top-1 over ``seeds`` (how a tuned
+    baseline is chosen); a tie goes to the spec listed first, so list a grid from low to high temperature and weight.
+    Refuses a spec with a run missing: a selection on part of the seeds would not be the one the rule names."""
+    best, best_mean = None, -math.inf
+    for spec in specs:
+        means = []
+        for setting in settings:
+            runs = load_runs(cache, setting, spec, seeds, views, None)
+            if len(runs) < len(seeds):
+                raise SystemExit(f'{setting} {spec}: {len(runs)} of {len(seeds)} seeds have a run; run them first.')
+            means.append(np.mean([run['top1'] for run in runs.values()]))
+        mean = float(np.mean(means))
+        print(f'{spec:60s} {mean:6.2f}  ' + '  '.join(f'{m:6.2f}' for m in means))
+        if mean > best_mean:
+            best, best_mean = spec, mean
+    return best
+
+
 def write_results(args: argparse.Namespace, seeds: Sequence[int], tables: Sequence[str]) -> None:
     """The markdown tables with the command that made them, and every run behind them as csv rows."""
     command = 'python benchmarks/sa_search.py ' + ' '.join(
@@ -474,6 +493,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument('--title', default='', help='with --out: the heading of the markdown file')
     ap.add_argument('--summary', metavar='A-B;...', help="print one row per setting with the paired A - B of each "
                     "pair of specs (seeds per setting: --seeds, or 'setting:seeds' entries in --settings)")
+    ap.add_argument('--select', action='store_true', help="print the spec of --specs with the best mean over "
+                    "--settings of its mean top-1 over --seeds (how a tuned baseline is chosen), instead of running")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = parse_seeds(args.seeds)
@@ -487,6 +508,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             chosen.append((name, parse_seeds(own) if own else seeds))
         deltas = [tuple(d.split(' - ')) for d in args.summary.split(';')]
         print(summary(args.cache, chosen, args.specs.split(';'), deltas, args.views))
+        return
+    if args.select:
+        print('selected:', select_best(args.cache, args.settings.split(','), args.specs.split(';'), seeds, args.views))
         return
     if args.report:
         tables = [report(setting, args.specs.split(';'), seeds, args.cache, args.views, args.epochs, args.report)

@@ -1,5 +1,6 @@
 """benchmarks/sa_search.py: its data, its statistics, and a real (tiny) teacher + student run through it."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -66,6 +67,25 @@ def test_paired_stats_is_the_mean_and_standard_error_of_the_differences():
     assert n == 3 and wins == 2
     assert mean == pytest.approx(diffs.mean())
     assert se == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
+
+
+def test_select_best_pools_the_settings_means_breaks_ties_by_list_order_and_refuses_missing_runs(tmp_path, capsys):
+    import json
+    top1 = {('digits-homo', 'a'): [90, 92], ('digits-hetero', 'a'): [80, 80],   # pooled 85.5
+            ('digits-homo', 'b'): [95, 95], ('digits-hetero', 'b'): [70, 70],   # 82.5: best on one setting only
+            ('digits-homo', 'c'): [91, 91], ('digits-hetero', 'c'): [80, 80]}   # 85.5: ties a, listed later
+    for (setting, spec), values in top1.items():
+        for seed, value in zip((100, 101), values):
+            path = sa_search.run_path(str(tmp_path), sa_search.SETTINGS[setting], 30, sa_search.SETTINGS[setting].epochs,
+                                      spec, seed)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'w') as f:
+                json.dump({'top1': value}, f)
+    settings = ['digits-homo', 'digits-hetero']
+    assert sa_search.select_best(str(tmp_path), settings, ['a', 'b', 'c'], [100, 101], 30) == 'a'
+    assert sa_search.select_best(str(tmp_path), settings, ['c', 'b', 'a'], [100, 101], 30) == 'c'
+    with pytest.raises(SystemExit, match='1 of 2 seeds'):
+        sa_search.select_best(str(tmp_path), settings, ['a'], [100, 102], 30)
 
 
 @pytest.mark.slow
