@@ -104,7 +104,8 @@ def test_cam_term_compares_normalised_class_activation_maps():
     torch.testing.assert_close(out['sa_cam'], expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('student,teacher', [('mobilenetv3_small_050', 'convnext_atto'), ('test_convnext', 'test_resnet')])
+@pytest.mark.parametrize('student,teacher', [('mobilenetv3_small_050', 'convnext_atto'), ('test_convnext', 'test_resnet'),
+                                             ('test_efficientnet', 'test_mambaout')])  # forward_features' maps
 def test_head_terms_train_across_families(student, teacher):
     s, t = _models(student, teacher)
     task = tsd.create_distill_task('sa', s, t, img_size=64, head_weight=1.0, cam_weight=1.0, verbose=False)
@@ -123,9 +124,12 @@ def test_head_terms_train_across_families(student, teacher):
     assert all(torch.equal(teacher_before[k], v) for k, v in t.state_dict().items())
 
 
-def test_head_terms_refuse_a_token_head_with_a_clear_error():
+def test_head_weight_refuses_a_token_head_with_a_clear_error():
+    """SRRL is never on by default, so asking for it where it cannot apply is an error (the CAM term turns off
+    instead: test_sa_families)."""
     student, teacher = _models('test_resnet', 'test_vit')
-    with pytest.raises(ValueError, match="teacher's head .*VisionTransformer.* set them to 0"):
-        tsd.create_distill_task('sa', student, teacher, img_size=64, cam_weight=1.0, verbose=False)
-    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)  # without them it trains
+    with pytest.raises(ValueError, match=r"head_weight=1.0 runs each model's head on its final feature map, but the "
+                                         r"teacher's head \(VisionTransformer 'test_vit'\) takes no .* set head_weight=0"):
+        tsd.create_distill_task('sa', student, teacher, img_size=64, head_weight=1.0, cam_weight=1.0, verbose=False)
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)  # without it it trains
     assert task(torch.randn(2, 3, 64, 64), torch.zeros(2, dtype=torch.long))['loss'].isfinite()

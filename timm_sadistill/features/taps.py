@@ -4,7 +4,8 @@ A *stage* is an entry of the model's ``feature_info`` (``layer3``, ``stages.2``,
 module name or by index into ``feature_info`` (negative allowed; on a ResNet index 0 is ``act1``), or any
 submodule path (``layer3.1.conv2``), read through a forward hook. Features come back as NCHW tensors:
 token sequences of ViT-style models become (B, C, H, W) grids without their prefix tokens. Which stages ``auto``
-picks is `timm_sadistill.features.stage_pairing`'s rule.
+picks is `timm_sadistill.features.stage_pairing`'s rule. `head_map_stage` is the map a model's head takes, for the
+terms that run the head on maps.
 """
 import math
 from contextlib import ExitStack
@@ -21,9 +22,12 @@ from ..errors import UsageError
 from .input_size import resolve_img_size
 
 __all__ = ['StageInfo', 'StagesArg', 'FeatureTaps', 'list_stages', 'resolve_stages', 'valid_stages_message',
-           'stage_map_sizes']
+           'stage_map_sizes', 'HEAD_INPUT', 'head_layout', 'head_map_stage']
 
 StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
+
+# the name of the stage that is the head's input, what ``forward_features`` returns (no submodule outputs it)
+HEAD_INPUT = 'forward_features'
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,68 @@ def list_stages(model: nn.Module) -> List[StageInfo]:
         StageInfo(name=e['module'], index=i, channels=int(e['num_chs']), reduction=int(e['reduction']))
         for i, e in enumerate(_feature_info_entries(model))
     ]
+
+
+def head_layout(model: nn.Module) -> str:
+    """The layout of a timm model's maps and of its head's input: ``'NHWC'`` where it says so (``output_fmt``: Swin,
+    MambaOut), else ``'NCHW'``."""
+    return 'NHWC' if getattr(unwrap_model(model), 'output_fmt', 'NCHW') == 'NHWC' else 'NCHW'
+
+
+def _head_takes_maps(model: nn.Module, channels: int, layout: str) -> bool:
+    """Whether ``model.forward_head`` takes 1x1 maps of ``channels`` channels laid out as ``layout`` to (B, classes).
+
+    1x1, because the terms that need this evaluate the head at one position of a map at a time.
+    """
+    param = next(model.parameters(), None)
+    shape = (2, channels, 1, 1) if layout == 'NCHW' else (2, 1, 1, channels)
+    probe = torch.zeros(shape, device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None else None)
+    was_training = model.training
+    model.eval()  # the probe must not move BatchNorm statistics
+    try:
+        with torch.no_grad():
+            out = model.forward_head(probe)
+        return isinstance(out, torch.Tensor) and tuple(out.shape) == (2, model.num_classes)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+def head_map_stage(model: nn.Module, img_size: Tuple[int, int]) -> Optional[StageInfo]:
+    """The stage whose map a timm model's head takes, for the terms that run the head on maps (SA's class-activation
+    maps and teacher-head reuse), or None for a head that takes tokens (ViT, Twins, LeViT).
+
+    The last ``feature_info`` stage when its (B, C, H, W) map is what the head takes (a ResNet's ``layer4``, a
+    ConvNeXt's ``stages.3``), else the head's own input, `HEAD_INPUT`, when ``forward_features`` returns a map:
+    after a conv that follows the last stage (EfficientNet, GhostNet, RexNet, FastViT) or HRNet's final layer, or
+    the channels-last map of Swin and MambaOut (`head_layout`; the taps hand it over as NCHW like every stage). Its
+    channels and reduction are measured by one forward of a zero image of ``img_size`` (H, W).
+    """
+    base = unwrap_model(model)
+    layout = head_layout(base)
+    stages = list_stages(base)
+    # the taps give the last stage's map as NCHW: the head takes it as it is only in an NCHW model
+    if stages and layout == 'NCHW' and _head_takes_maps(base, stages[-1].channels, layout):
+        return stages[-1]
+    param = next(base.parameters(), None)
+    probe = torch.zeros(1, int(getattr(base, 'in_chans', 3)), *img_size,
+                        device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None else None)
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            out = base.forward_features(probe)
+    finally:
+        base.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return None
+    channels, height = (out.shape[1], out.shape[2]) if layout == 'NCHW' else (out.shape[3], out.shape[1])
+    if not _head_takes_maps(base, int(channels), layout):
+        return None
+    return StageInfo(name=HEAD_INPUT, index=None, channels=int(channels), reduction=max(1, round(img_size[0] / height)))
 
 
 def valid_stages_message(model: nn.Module) -> str:
@@ -125,10 +191,11 @@ class FeatureTaps(nn.Module):
     """A timm model that returns its logits and the features of chosen stages.
 
     ``logits, feats = taps(x)``: ``feats`` is a list of (B, C_k, H_k, W_k) tensors, one per stage, in the order
-    given. Stages from ``feature_info`` are read by one ``forward_intermediates`` call where the model has it; other
-    submodule paths (and models without ``forward_intermediates``, or wrapped in DDP, whose forward must run for
-    gradient sync) are read by forward hooks that live only for the duration of the call, so copies of the module
-    (EMA) never carry stale hooks.
+    given. Stages from ``feature_info`` are read by one ``forward_intermediates`` call where the model has it, and
+    the head's input (`HEAD_INPUT`, a stage `head_map_stage` gives) is that call's final output; other submodule
+    paths (and models without ``forward_intermediates``, or wrapped in DDP, whose forward must run for gradient
+    sync) are read by forward hooks that live only for the duration of the call, so copies of the module (EMA)
+    never carry stale hooks, and the head's input there by catching the argument of ``forward_head``.
 
     Args:
         model: a timm model, possibly wrapped by DDP, ``torch.compile`` or an EMA.
@@ -155,7 +222,9 @@ class FeatureTaps(nn.Module):
         self.use_hooks = (
             # a path outside feature_info, given as a string or as the StageInfo of one (index None, as a task
             # passes the stages pair_stages resolved) has no index for forward_intermediates
-            any(isinstance(s, str) or s.index is None for s in resolved)
+            any(isinstance(s, str) or (s.index is None and s.name != HEAD_INPUT) for s in resolved)
+            # nor does the head's input alone, and forward_intermediates takes no empty list of indices
+            or all(s.index is None for s in resolved)
             or not hasattr(base, 'forward_intermediates')
             or isinstance(model, DistributedDataParallel)
         )
@@ -204,14 +273,15 @@ class FeatureTaps(nn.Module):
         if x.dim() == 3:
             return _tokens_to_grid(x, base, input_hw)
         if x.dim() == 4:
-            return x.permute(0, 3, 1, 2) if getattr(base, 'output_fmt', 'NCHW') == 'NHWC' else x
+            return x.permute(0, 3, 1, 2) if head_layout(base) == 'NHWC' else x
         raise UsageError(
             f"Stage '{name}' of {type(base).__name__} outputs shape {tuple(x.shape)}, not a feature map or token "
             f"sequence; pick another stage ({valid_stages_message(self.model)})."
         )
 
     def _run_with_hooks(self, runner: nn.Module, x: torch.Tensor, paths: List[str]):
-        modules = dict(unwrap_model(self.model).named_modules())
+        base = unwrap_model(self.model)
+        modules = dict(base.named_modules())
         captured: Dict[str, torch.Tensor] = {}
 
         def hook_for(path):
@@ -221,7 +291,19 @@ class FeatureTaps(nn.Module):
 
         with ExitStack() as stack:
             for path in dict.fromkeys(paths):
-                stack.callback(modules[path].register_forward_hook(hook_for(path)).remove)
+                if path != HEAD_INPUT:
+                    stack.callback(modules[path].register_forward_hook(hook_for(path)).remove)
+            if HEAD_INPUT in paths:
+                # no module outputs the head's input, and only the runner's forward may run (DDP syncs gradients
+                # in it): an instance attribute shadows forward_head for this call and catches its argument
+                forward_head = base.forward_head
+
+                def catch_head_input(features, *args, **kwargs):
+                    captured[HEAD_INPUT] = features
+                    return forward_head(features, *args, **kwargs)
+
+                base.forward_head = catch_head_input
+                stack.callback(vars(base).pop, 'forward_head')
             logits = runner(x)
         missing = [p for p in paths if p not in captured]
         if missing:
@@ -236,10 +318,14 @@ class FeatureTaps(nn.Module):
         if self.use_hooks:
             return self._run_with_hooks(self.model, x, self.names)
         base = unwrap_model(self.model)
-        indices = sorted({s.index for s in self.stages})
+        indices = sorted({s.index for s in self.stages if s.index is not None})
         final, intermediates = base.forward_intermediates(x, indices=indices, output_fmt='NCHW')
         by_index = dict(zip(indices, intermediates))
-        return base.forward_head(final), [by_index[s.index] for s in self.stages]
+        # here only HEAD_INPUT has no index: the final output, forward_features' in the model's layout
+        return base.forward_head(final), [
+            by_index[s.index] if s.index is not None else self._to_nchw(final, (x.shape[-2], x.shape[-1]), s.name)
+            for s in self.stages
+        ]
 
 
 def stage_map_sizes(model: nn.Module, img_size: Tuple[int, int]) -> Dict[int, Tuple[int, int]]:

@@ -1,5 +1,5 @@
 """The `DistillLoss` base class every distillation loss derives from."""
-from typing import ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,8 +52,20 @@ class DistillLoss(nn.Module):
 
     @classmethod
     def uses_final_pair(cls, **options) -> bool:
-        """Whether a loss built with ``options`` wants the models' final feature maps as its last stage pair."""
+        """Whether a loss built with ``options`` wants the maps the models' heads take (the task's
+        `timm_sadistill.features.head_map_stage`) as its last stage pair."""
         return False
+
+    @classmethod
+    def without_final_pair(cls, why: str, **options) -> Tuple[Dict[str, Any], str]:
+        """For a pair whose heads take no map (``why`` says which, in a phrase): ``options`` with the terms that need
+        the final pair turned off, and a one-line notice saying so. The task calls it before it builds the loss,
+        when ``uses_final_pair(**options)``; a term that may not be turned off for the user raises UsageError.
+
+        The base loss turns nothing off: a loss that uses the final pair and does not override this is refused.
+        """
+        raise UsageError(f"{cls.__name__} distils the maps the models' heads take, but {why}; "
+                         "distil models whose heads take (B, C, H, W) feature maps.")
 
     @classmethod
     def compares_logits(cls, **options) -> bool:

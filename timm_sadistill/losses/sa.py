@@ -4,7 +4,7 @@ its spec (#the-sa-loss for the formulas, #defaults for where each default comes 
 SA's options are `SADistillLoss`'s constructor parameters, each typed, defaulted and documented in its ``Args:``;
 the loss registry reads them for the task's keywords, the ``--sa-*`` flags and the records of a run.
 """
-from typing import Annotated, Dict, Literal, Optional, Sequence
+from typing import Annotated, Any, Dict, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from einops import rearrange
 
 from .. import ops
 from ..errors import UsageError
+from ..features import head_layout
 from ._registry import HowNotWhat, NonNegative, Positive, loss_options, register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
@@ -25,26 +26,18 @@ LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter +
 LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
 
 
-def _check_map_head(model: nn.Module, channels: int, side: str) -> None:
-    """The head terms run ``model.forward_head`` on (B, C, H, W) maps; refuse a head that takes tokens instead."""
-    param = next(model.parameters(), None)
-    probe = torch.zeros(2, channels, 2, 2, device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
-    was_training = model.training
-    model.eval()  # the probe must not move BatchNorm statistics
-    try:
-        with torch.no_grad():
-            out = model.forward_head(probe)
-        fits = tuple(out.shape) == (2, model.num_classes)
-    except (RuntimeError, ValueError, TypeError, IndexError):
-        fits = False
-    finally:
-        model.train(was_training)
-    if not fits:
-        raise UsageError(
-            f"head_weight and cam_weight apply the {side}'s head ({type(model).__name__}) to its final (B, C, H, W) "
-            "feature map, and this head does not take one (a token head?); set them to 0 for this pair."
-        )
+def _head_input(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A (B, C, H, W) map laid out as a head of ``layout`` (`head_layout`) takes it."""
+    return x if layout == 'NCHW' else rearrange(x, 'b c h w -> b h w c')
+
+
+def _class_activation_maps(model: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """CAM(b, k, i) = head(X_{b,:,i}): ``model.forward_head`` at every position i of x (B, C, H, W), each position a
+    1x1 map in the head's ``layout``; -> (B, K, H, W)."""
+    b, _, h, w = x.shape
+    one_by_one = 'b c h w -> (b h w) c 1 1' if layout == 'NCHW' else 'b c h w -> (b h w) 1 1 c'
+    per_position = model.forward_head(rearrange(x, one_by_one))
+    return rearrange(per_position, '(b h w) k -> b k h w', b=b, h=h, w=w)
 
 
 def standardize_positions(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -92,14 +85,20 @@ class SADistillLoss(DistillLoss):
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
         warmup_steps: ramp the feature terms linearly from 0 over this many training steps.
         head_weight: weight of the SRRL term: student pre-logits through the teacher's classifier.
-        cam_weight: weight of the class-activation-map term (CAT-KD) on the final feature maps.
+        cam_weight: weight of the class-activation-map term (CAT-KD) on the maps the heads take (off for token heads).
 
     The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
     Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
-    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term).
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_head'`` and ``'sa_cam'`` when
+    head_weight and cam_weight > 0 (`head_terms`).
+
+    The head terms take an extra last stage pair, the maps each model's head takes (a task taps them:
+    `timm_sadistill.features.head_map_stage`, the last ``feature_info`` map or ``forward_features``' output); the
+    spatial terms take the other pairs. For a pair whose heads take tokens (ViT, Twins, LeViT) a task builds the loss
+    with cam_weight 0 (`without_final_pair`): no extra pair, every pair feeds the spatial terms.
     """
 
     def __init__(
@@ -141,33 +140,48 @@ class SADistillLoss(DistillLoss):
         self.warmup_steps = int(warmup_steps)
         self.head_weight = head_weight
         self.cam_weight = cam_weight
-        # the final pair (last feature_info stages) feeds the head terms only; the SA terms take the others
+        # the final pair (the maps the heads take) feeds the head terms only; the SA terms take the others
         spatial = len(self.student_channels) - (1 if self.uses_final_pair(head_weight=head_weight, cam_weight=cam_weight) else 0)
         self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
         self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
 
     @classmethod
     def uses_final_pair(cls, **options) -> bool:
-        return bool(options.get('head_weight') or options.get('cam_weight'))
+        """The head terms (head_weight, cam_weight; unset ones at their defaults) take the final pair."""
+        values = {**loss_options(cls.loss_name).defaults, **options}
+        return bool(values['head_weight'] or values['cam_weight'])
+
+    @classmethod
+    def without_final_pair(cls, why: str, **options) -> Tuple[Dict[str, Any], str]:
+        """For heads that take tokens: the options with cam_weight 0 and the notice that says so (the CAM term may be
+        on by default, and a default never fails a pair); an SRRL term (head_weight > 0, asked for) is refused."""
+        values = {**loss_options(cls.loss_name).defaults, **options}
+        if values['head_weight']:
+            raise UsageError(f"head_weight={values['head_weight']} runs each model's head on its final feature map, "
+                             f"but {why}; set head_weight=0 for this pair.")
+        notice = (f"SA: cam_weight={values['cam_weight']} is off for this pair: {why}, so there are no "
+                  "class-activation maps to compare; the other terms train as with cam_weight=0 (set cam_weight=0 "
+                  "to silence this notice).")
+        return {**options, 'cam_weight': 0.0}, notice
 
     @classmethod
     def compares_logits(cls, **options) -> bool:
         """The logit term (kd_weight, default on) and the class-activation maps (cam_weight) compare per class."""
-        kd_weight = options.get('kd_weight', loss_options(cls.loss_name).defaults['kd_weight'])
-        return bool(kd_weight or options.get('cam_weight'))
+        values = {**loss_options(cls.loss_name).defaults, **options}
+        return bool(values['kd_weight'] or values['cam_weight'])
 
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Keep the two models' heads for the head terms; the SRRL connector maps student to teacher pre-logits.
+        """Keep the two models' heads and the layout each takes its maps in (`head_layout`) for the head terms; the
+        SRRL connector maps student to teacher pre-logits.
 
-        The teacher is held outside the module tree: it is frozen and saved with its own checkpoint, not here.
+        The task has checked that both heads take the final pair's maps (`head_map_stage`). The teacher is held
+        outside the module tree: it is frozen and saved with its own checkpoint, not here.
         """
         if not self.uses_final_pair(head_weight=self.head_weight, cam_weight=self.cam_weight):
             return
-        for side, model, channels in (('student', student, self.student_channels[-1]),
-                                      ('teacher', teacher, self.teacher_channels[-1])):
-            _check_map_head(model, channels, side)
         object.__setattr__(self, '_teacher', teacher)
         object.__setattr__(self, '_student', student)
+        self.head_layouts = (head_layout(student), head_layout(teacher))
         if self.head_weight:
             ds = int(getattr(student, 'head_hidden_size', student.num_features))
             dt = int(getattr(teacher, 'head_hidden_size', teacher.num_features))
@@ -175,7 +189,8 @@ class SADistillLoss(DistillLoss):
             self.head_connector = nn.Sequential(nn.Linear(ds, dt, bias=False), nn.BatchNorm1d(dt), nn.ReLU(inplace=True))
 
     def head_terms(self, s_final: torch.Tensor, t_final: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """SRRL (teacher-classifier reuse) and CAT-KD (class-activation maps) on the final feature maps.
+        """SRRL (teacher-classifier reuse) and CAT-KD (class-activation maps) on the maps the two heads take, each
+        (B, C, H, W) as the taps give it (a channels-last head gets it back in its layout).
 
         SRRL (Yang et al., ICLR 2021): z_S = r(pre_logits_S), r = linear + BN + ReLU;
             L_head = MSE(z_S, pre_logits_T) + MSE(classifier_T(z_S), logits_T).
@@ -186,22 +201,19 @@ class SADistillLoss(DistillLoss):
         """
         terms = {}
         student, teacher = self._student, self._teacher
+        s_layout, t_layout = self.head_layouts
         if self.head_weight:
-            pre_s = student.forward_head(s_final, pre_logits=True)
+            pre_s = student.forward_head(_head_input(s_final, s_layout), pre_logits=True)
             with torch.no_grad():
-                pre_t = teacher.forward_head(t_final, pre_logits=True)
+                pre_t = teacher.forward_head(_head_input(t_final, t_layout), pre_logits=True)
                 logits_t = teacher.get_classifier()(pre_t)
             z = self.head_connector(pre_s)
             logits_sr = teacher.get_classifier()(z)
             terms['sa_head'] = self.head_weight * (F.mse_loss(z.float(), pre_t.float()) + F.mse_loss(logits_sr.float(), logits_t.float()))
         if self.cam_weight:
-            def cam(model, x):
-                b, _, h, w = x.shape
-                per_position = model.forward_head(rearrange(x, 'b c h w -> (b h w) c 1 1'))
-                return rearrange(per_position, '(b h w) k -> b k h w', b=b, h=h, w=w)
-            cam_s = cam(student, s_final)
+            cam_s = _class_activation_maps(student, s_final, s_layout)
             with torch.no_grad():
-                cam_t = cam(teacher, t_final)
+                cam_t = _class_activation_maps(teacher, t_final, t_layout)
             size = (min(cam_s.shape[-2], cam_t.shape[-2]), min(cam_s.shape[-1], cam_t.shape[-1]))
             cam_s = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_s.float(), size), 'b k h w -> b k (h w)'), dim=-1)
             cam_t = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_t.float(), size), 'b k h w -> b k (h w)'), dim=-1)

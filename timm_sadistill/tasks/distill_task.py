@@ -1,6 +1,6 @@
 """`DistillTask`: feature and logit distillation as a `timm.task.TrainingTask`."""
 import logging
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,8 @@ from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ..features import (
-    FeatureTaps, StagesArg, check_input_size, input_size_kwargs, list_stages, pair_stages, resolve_img_size,
+    FeatureTaps, StageInfo, StagesArg, check_input_size, head_map_stage, input_size_kwargs, pair_stages,
+    resolve_img_size,
 )
 from ..errors import UsageError
 from ..losses import DistillLoss, check_loss_options, create_distill_loss, get_distill_loss_class
@@ -202,6 +203,28 @@ def _check_input_channels(
     return s_chans
 
 
+def _model_label(model: nn.Module) -> str:
+    """A model's class and, where timm built it, its architecture: ``VisionTransformer 'test_vit'``."""
+    base = unwrap_model(model)
+    arch = (getattr(base, 'pretrained_cfg', None) or {}).get('architecture')
+    return f"{type(base).__name__} '{arch}'" if arch else type(base).__name__
+
+
+def _head_map_pair(
+        student: nn.Module,
+        teacher: nn.Module,
+        img_size: Tuple[int, int],
+) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], str]:
+    """(student stage, teacher stage) whose maps the two heads take (`head_map_stage`), or None and why not, as a
+    phrase naming the models whose heads take tokens."""
+    stages = {'student': head_map_stage(student, img_size), 'teacher': head_map_stage(teacher, img_size)}
+    tokens = {role: model for role, model in (('student', student), ('teacher', teacher)) if stages[role] is None}
+    if not tokens:
+        return (stages['student'], stages['teacher']), ''
+    named = ' and '.join(f"the {role}'s head ({_model_label(model)})" for role, model in tokens.items())
+    return None, f"{named} {'take' if len(tokens) > 1 else 'takes'} no (B, C, H, W) feature map (a token head)"
+
+
 def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
     """Refuse, for a loss that compares the two models' logits, models with different class counts."""
     s_classes = getattr(unwrap_model(student), 'num_classes', None)
@@ -226,6 +249,11 @@ class DistillTask(TrainingTask):
     too; under autocast the teacher runs in the autocast dtype, without gradients. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
     from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
+    A loss that uses the maps the heads take (SA's head terms) gets them as an extra last stage pair
+    (`timm_sadistill.features.head_map_stage`); where a head takes tokens, the task builds the loss with those terms
+    off (``loss.without_final_pair``) and keeps the one-line notice that says so in ``notices`` (the model card
+    lists them).
+
     Args:
         student_model: the timm model to train.
         teacher_model: a model name (weights from ``teacher_pretrained_path``), an nn.Module or a DistillationTeacher.
@@ -240,7 +268,7 @@ class DistillTask(TrainingTask):
         img_size: (H, W) or N, the training input size: ``'auto'`` pairs stages at it, and a teacher given by name
             is built for it. Default: the student's input size; a forward on another size is then refused when
             ``'auto'`` chose the stages (it would distil maps the rule keeps out), naming ``img_size``.
-        device, dtype, verbose: as in timm's tasks.
+        device, dtype, verbose: as in timm's tasks; ``verbose`` also logs the task's `notices`.
         **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``; ``tsd.loss_options(name)``
             lists them); None keeps the loss's default, as an unset command-line flag does.
     """
@@ -285,6 +313,22 @@ class DistillTask(TrainingTask):
         loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
         # a built loss of a registered class records its options; another one has only its attributes
         loss_options = loss_kwargs if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
+        # one-line notices of what the task changed for this pair (a term that cannot apply, turned off)
+        self.notices: List[str] = []
+        head_maps = None
+        if loss_class.uses_final_pair(**loss_options):
+            head_maps, why = _head_map_pair(student_model, self.teacher.model, hw)
+            if head_maps is None:  # decided before the loss is built: its connectors depend on the pairs
+                fitted, notice = loss_class.without_final_pair(why, **loss_options)
+                if not isinstance(loss, str):
+                    changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if loss_options.get(k) != v)
+                    raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
+                                     f"take, but {why}; build it with {changed}, or pass the loss by name for the "
+                                     "task to turn that off for this pair.")
+                loss_kwargs = loss_options = fitted
+                self.notices.append(notice)
+                if self.verbose:
+                    _logger.warning(notice)
         if loss_class.compares_logits(**loss_options):
             _check_class_counts(student_model, self.teacher.model, loss_class)
         policy = loss_class.stage_policy
@@ -295,10 +339,10 @@ class DistillTask(TrainingTask):
         # the input size 'auto' chose the stages at: a forward on another size is refused (see _check_input)
         self.auto_img_size: Optional[Tuple[int, int]] = hw if auto and s_stages else None
         self.img_size_given = img_size is not None
-        if loss_class.uses_final_pair(**loss_options):
-            # the final feature maps (the input of each model's head) ride as an extra last pair
-            s_stages = [*s_stages, list_stages(student_model)[-1]]
-            t_stages = [*t_stages, list_stages(self.teacher.model)[-1]]
+        if head_maps is not None:
+            # the maps each model's head takes ride as an extra last pair
+            s_stages = [*s_stages, head_maps[0]]
+            t_stages = [*t_stages, head_maps[1]]
         student_taps = FeatureTaps(student_model, s_stages, img_size=hw)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
         object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=hw))

@@ -72,14 +72,18 @@ def _teacher_details(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, Any]:
-    """Method, stages, loss weights and every option of the loss as it was built (defaults included)."""
+    """Method, stages, loss weights, every option of the loss as it was built (defaults included) and the task's
+    notices (a term turned off for this pair, which the options show at 0)."""
     pairs = [f'{s.name} -> {t.name}' for s, t in zip(task.student_stages, task.teacher_stages)]
-    return {
+    details = {
         'Method': f'`--distill {args.distill}` (`{type(task).__name__}`)',
         'Stages (student -> teacher)': pairs or 'logits only',
         'Loss weights': {'task_loss_weight': task.task_loss_weight, 'distill_loss_weight': task.distill_loss_weight},
         'Distillation options': dict(task.distill_loss.option_values),
     }
+    if task.notices:
+        details['Notices'] = list(task.notices)
+    return details
 
 
 def _model_card(
