@@ -242,7 +242,7 @@ def test_feature_losses_need_channels():
 SA_DEFAULTS = {'tau': 4.0, 'p': 2.0, 'alpha': 1.0, 'beta': 10.0, 'kd_weight': 1.0, 'temperature': 4.0, 'logit_loss': 'kd',
                'logit_weighting': 'none',
                'connector': 'bottleneck', 'backend': 'auto', 'standardize': False, 'warmup_steps': 0,
-               'head_weight': 0.0, 'cam_weight': 0.0}
+               'cam_weight': 0.0}
 
 
 def test_sa_options_are_declared_once_in_the_constructor():

@@ -72,7 +72,7 @@ _CALL = re.compile(r'[\w.]+\((?:[^()]|\([^()]*\))*\)')  # code in a message, e.g
 
 def in_flag_words(message: str) -> str:
     """``message`` with the library's parameter names as the command line's flags: ``img_size=64`` ->
-    ``--img-size 64``, ``student_stages`` -> ``--distill-stages``, ``head_weight`` -> ``--sa-head-weight``; code
+    ``--img-size 64``, ``student_stages`` -> ``--distill-stages``, ``cam_weight`` -> ``--sa-cam-weight``; code
     quoted in it stays as it is. An SA option that is also an English word (``backend``, ``tau``) is a flag only in
     a message that speaks in parameters (one given a value, ``tau=4``, or a snake_case one): "no such compile
     backend" is not about ``--sa-backend``."""

@@ -26,11 +26,6 @@ LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter +
 LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
 
 
-def _head_input(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """A (B, C, H, W) map laid out as a head of ``layout`` (`head_layout`) takes it."""
-    return x if layout == 'NCHW' else rearrange(x, 'b c h w -> b h w c')
-
-
 def _class_activation_maps(model: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
     """CAM(b, k, i) = head(X_{b,:,i}): ``model.forward_head`` at every position i of x (B, C, H, W), each position a
     1x1 map in the head's ``layout``; -> (B, K, H, W)."""
@@ -84,7 +79,6 @@ class SADistillLoss(DistillLoss):
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
         warmup_steps: ramp the feature terms linearly from 0 over this many training steps.
-        head_weight: weight of the SRRL term: student pre-logits through the teacher's classifier.
         cam_weight: weight of the class-activation-map term (CAT-KD) on the maps the heads take (off for token heads).
 
     The defaults are the measured ones: docs/method.md#defaults says where each comes from.
@@ -92,10 +86,10 @@ class SADistillLoss(DistillLoss):
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
     Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
-    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_head'`` and ``'sa_cam'`` when
-    head_weight and cam_weight > 0 (`head_terms`).
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_cam'`` when cam_weight > 0
+    (`cam_terms`).
 
-    The head terms take an extra last stage pair, the maps each model's head takes (a task taps them:
+    The CAM term takes an extra last stage pair, the maps each model's head takes (a task taps them:
     `timm_sadistill.features.head_map_stage`, the last ``feature_info`` map or ``forward_features``' output); the
     spatial terms take the other pairs. For a pair whose heads take tokens (ViT, Twins, LeViT) a task builds the loss
     with cam_weight 0 (`without_final_pair`): no extra pair, every pair feeds the spatial terms.
@@ -117,7 +111,6 @@ class SADistillLoss(DistillLoss):
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
             warmup_steps: Annotated[int, NonNegative] = 0,
-            head_weight: Annotated[float, NonNegative] = 0.0,
             cam_weight: Annotated[float, NonNegative] = 0.0,
     ):
         super().__init__(student_channels, teacher_channels)
@@ -138,27 +131,23 @@ class SADistillLoss(DistillLoss):
         self.backend = backend
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
-        self.head_weight = head_weight
         self.cam_weight = cam_weight
-        # the final pair (the maps the heads take) feeds the head terms only; the SA terms take the others
-        spatial = len(self.student_channels) - (1 if self.uses_final_pair(head_weight=head_weight, cam_weight=cam_weight) else 0)
+        # the final pair (the maps the heads take) feeds the CAM term only; the SA terms take the others
+        spatial = len(self.student_channels) - (1 if self.uses_final_pair(cam_weight=cam_weight) else 0)
         self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
         self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
 
     @classmethod
     def uses_final_pair(cls, **options) -> bool:
-        """The head terms (head_weight, cam_weight; unset ones at their defaults) take the final pair."""
+        """The CAM term (cam_weight; unset, at its default) takes the final pair."""
         values = {**loss_options(cls.loss_name).defaults, **options}
-        return bool(values['head_weight'] or values['cam_weight'])
+        return bool(values['cam_weight'])
 
     @classmethod
     def without_final_pair(cls, why: str, **options) -> Tuple[Dict[str, Any], str]:
         """For heads that take tokens: the options with cam_weight 0 and the notice that says so (the CAM term may be
-        on by default, and a default never fails a pair); an SRRL term (head_weight > 0, asked for) is refused."""
+        on by default, and a default never fails a pair)."""
         values = {**loss_options(cls.loss_name).defaults, **options}
-        if values['head_weight']:
-            raise UsageError(f"head_weight={values['head_weight']} runs each model's head on its final feature map, "
-                             f"but {why}; set head_weight=0 for this pair.")
         notice = (f"SA: cam_weight={values['cam_weight']} is off for this pair: {why}, so there are no "
                   "class-activation maps to compare; the other terms train as with cam_weight=0 (set cam_weight=0 "
                   "to silence this notice).")
@@ -171,29 +160,21 @@ class SADistillLoss(DistillLoss):
         return bool(values['kd_weight'] or values['cam_weight'])
 
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Keep the two models' heads and the layout each takes its maps in (`head_layout`) for the head terms; the
-        SRRL connector maps student to teacher pre-logits.
+        """Keep the two models' heads and the layout each takes its maps in (`head_layout`) for the CAM term.
 
         The task has checked that both heads take the final pair's maps (`head_map_stage`). The teacher is held
         outside the module tree: it is frozen and saved with its own checkpoint, not here.
         """
-        if not self.uses_final_pair(head_weight=self.head_weight, cam_weight=self.cam_weight):
+        if not self.uses_final_pair(cam_weight=self.cam_weight):
             return
         object.__setattr__(self, '_teacher', teacher)
         object.__setattr__(self, '_student', student)
         self.head_layouts = (head_layout(student), head_layout(teacher))
-        if self.head_weight:
-            ds = int(getattr(student, 'head_hidden_size', student.num_features))
-            dt = int(getattr(teacher, 'head_hidden_size', teacher.num_features))
-            # SRRL's transfer: 1x1 conv (a linear map on pooled features), BN, ReLU
-            self.head_connector = nn.Sequential(nn.Linear(ds, dt, bias=False), nn.BatchNorm1d(dt), nn.ReLU(inplace=True))
 
-    def head_terms(self, s_final: torch.Tensor, t_final: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """SRRL (teacher-classifier reuse) and CAT-KD (class-activation maps) on the maps the two heads take, each
-        (B, C, H, W) as the taps give it (a channels-last head gets it back in its layout).
+    def cam_terms(self, s_final: torch.Tensor, t_final: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """CAT-KD (class-activation maps) on the maps the two heads take, each (B, C, H, W) as the taps give it (a
+        channels-last head gets it back in its layout).
 
-        SRRL (Yang et al., ICLR 2021): z_S = r(pre_logits_S), r = linear + BN + ReLU;
-            L_head = MSE(z_S, pre_logits_T) + MSE(classifier_T(z_S), logits_T).
         CAT-KD (Guo et al., CVPR 2023): CAM_X(b, k, i) = head_X(X_{b,:,i}) evaluated at every position i (for a
             linear head after average pooling, sum_c W_kc X_{b,c,i} + bias, whose mean over i is the logit);
             both CAMs are pooled to the smaller grid and L2-normalised over positions;
@@ -202,14 +183,6 @@ class SADistillLoss(DistillLoss):
         terms = {}
         student, teacher = self._student, self._teacher
         s_layout, t_layout = self.head_layouts
-        if self.head_weight:
-            pre_s = student.forward_head(_head_input(s_final, s_layout), pre_logits=True)
-            with torch.no_grad():
-                pre_t = teacher.forward_head(_head_input(t_final, t_layout), pre_logits=True)
-                logits_t = teacher.get_classifier()(pre_t)
-            z = self.head_connector(pre_s)
-            logits_sr = teacher.get_classifier()(z)
-            terms['sa_head'] = self.head_weight * (F.mse_loss(z.float(), pre_t.float()) + F.mse_loss(logits_sr.float(), logits_t.float()))
         if self.cam_weight:
             cam_s = _class_activation_maps(student, s_final, s_layout)
             with torch.no_grad():
@@ -248,7 +221,7 @@ class SADistillLoss(DistillLoss):
             dist, att = self.stage_terms(student_feats, teacher_feats).mean(dim=0)
             terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
         if len(self.connectors) < len(student_feats):
-            terms.update(self.head_terms(student_feats[-1], teacher_feats[-1]))
+            terms.update(self.cam_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
             # a tensor, not a Python float: reading the step count back would sync the device every step
             ramp = (self.steps.float() / self.warmup_steps).clamp(max=1.0)

@@ -249,7 +249,7 @@ class DistillTask(TrainingTask):
     too; under autocast the teacher runs in the autocast dtype, without gradients. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
     from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
-    A loss that uses the maps the heads take (SA's head terms) gets them as an extra last stage pair
+    A loss that uses the maps the heads take (SA's CAM term) gets them as an extra last stage pair
     (`timm_sadistill.features.head_map_stage`); where a head takes tokens, the task builds the loss with those terms
     off (``loss.without_final_pair``) and keeps the one-line notice that says so in ``notices`` (the model card
     lists them).
