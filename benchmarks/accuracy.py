@@ -33,6 +33,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the checkout's benchmarks/ recipes (and the package, without an install)
 
+import timm_sadistill as tsd  # noqa: E402
 from benchmarks.data import CLASS_NAMES, write_image_folder  # noqa: E402
 from benchmarks.launch import (  # noqa: E402
     RECIPE, parse_seeds, read_summary, run_train, schedule_flags)
@@ -40,7 +41,7 @@ from benchmarks.launch import (  # noqa: E402
 IMG_SIZE = 64  # RECIPE's --img-size
 # teacher -> student; 'hetero' crosses families (ConvNeXt stages vs ResNet layers, LayerNorm vs BatchNorm)
 PAIRS = {'homo': ('resnet18', 'test_resnet'), 'hetero': ('convnext_atto', 'test_resnet')}
-METHODS = ('none', 'kd', 'at', 'fitnet', 'cwd', 'dkd', 'sa')
+METHODS = ('none', *tsd.list_distill_losses())  # every registered loss; 'none' trains the student alone
 # ablation variants: label -> (method, extra flags); 'sa' and 'kd' are the defaults
 SA_VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'sa': ('sa', []),

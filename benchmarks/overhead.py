@@ -58,7 +58,7 @@ from timm.task import ClassificationTask  # noqa: E402
 import timm_sadistill as tsd  # noqa: E402
 from timm_sadistill.losses.connectors import ConnectorList  # noqa: E402
 
-METHODS = ('none', 'kd', 'at', 'fitnet', 'cwd', 'dkd', 'sa')
+METHODS = ('none', *tsd.list_distill_losses())  # every registered loss; 'none' trains the student alone
 COMPILED = ' +compile'  # suffix of a compiled method's row label
 
 
