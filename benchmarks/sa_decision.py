@@ -171,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(text)
     if args.out:
         with open(args.out, 'w') as f:
-            f.write('# SA search v2: the decision\n\nMade by `python benchmarks/sa_decision.py --out '
+            what, flag = ('selection', '--select ') if args.select else ('decision', '')
+            f.write(f'# SA search v2: the {what}\n\nMade by `python benchmarks/sa_decision.py {flag}--out '
                     f'{os.path.relpath(args.out, ROOT)}` from the cached runs of `benchmarks/sa_search.py`; the rule is '
                     '[rule.md](rule.md).\n\n' + text + '\n')
 
