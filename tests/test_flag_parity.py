@@ -83,9 +83,9 @@ def test_common_timm_flags_reach_the_optimizer_loss_and_model(tmp_path, monkeypa
     seen = {}
     create_task = run._create_task
 
-    def spy(args, model, train_loss, device, img_size):
+    def spy(args, model, train_loss, device, data_config):
         seen.update(loss=train_loss, model=model)
-        return create_task(args, model, train_loss, device, img_size)
+        return create_task(args, model, train_loss, device, data_config)
 
     create_optimizer = run.create_optimizer_v2
 
@@ -107,6 +107,34 @@ def test_common_timm_flags_reach_the_optimizer_loss_and_model(tmp_path, monkeypa
     assert len(scales) > 2 and max(scales) == 1.0 and min(scales) < 0.5  # layer-wise decay
     assert model.blocks[0].attn.qkv.bias is None and model.grad_checkpointing and model.global_pool == 'avg'
     assert torch.all(model.get_classifier().bias != 0)  # moved from -3 by training, but not reset to 0
+
+
+def test_mean_and_std_flags_reach_the_teachers_renormalisation(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    import timm_sadistill.cli.train as train
+    import timm_sadistill.training.run as run
+    from test_user_errors import FLAGS, write_folder
+
+    write_folder(tmp_path / 'data')
+    save_file(timm.create_model('test_resnet', num_classes=3).state_dict(), str(tmp_path / 'teacher.safetensors'))
+    seen = {}
+    create = run.create_distill_task
+
+    def spy(*args, **kwargs):
+        seen['task'] = task = create(*args, **kwargs)
+        return task
+
+    monkeypatch.setattr(run, 'create_distill_task', spy)
+    assert train.main(['--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output', str(tmp_path),
+                       '--experiment', 'stats', '--distill', 'kd', '--teacher', 'test_resnet', '--teacher-checkpoint',
+                       str(tmp_path / 'teacher.safetensors'), '--mean', '0.2', '0.3', '0.4', '--std', '0.1', '0.2',
+                       '0.3'] + FLAGS) == 0
+    task = seen['task']
+    assert task.student_mean.flatten().tolist() == pytest.approx([0.2, 0.3, 0.4])
+    assert task.student_std.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert task.renormalize_teacher_input
 
 
 @pytest.mark.skipif(not os.environ.get('TSD_TIMM_TRAIN_PY'), reason='set TSD_TIMM_TRAIN_PY to a real timm train.py')

@@ -202,6 +202,22 @@ def test_teacher_input_is_renormalised_when_mean_std_differ():
     torch.testing.assert_close(seen['x'], (x * 0.5 + 0.5 - mean) / std)
 
 
+def test_teacher_input_is_renormalised_from_the_statistics_the_input_was_normalised_with():
+    """A loader with its own --mean/--std: the teacher's input is undone with those, not the student's cfg."""
+    student = timm.create_model('test_resnet', num_classes=4)
+    teacher = timm.create_model('resnet18', num_classes=4)
+    task = tsd.create_distill_task('kd', student, teacher, img_size=64, input_mean=(0.2, 0.3, 0.4),
+                                   input_std=(0.1, 0.2, 0.3), verbose=False)
+    x = torch.randn(2, 3, 64, 64)
+    mean = torch.tensor(teacher.pretrained_cfg['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.pretrained_cfg['std']).view(1, 3, 1, 1)
+    pixels = x * torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1) + torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
+    torch.testing.assert_close(task.teacher_input(x), (pixels - mean) / std)
+    same = tsd.create_distill_task('kd', student, teacher, img_size=64, input_mean=teacher.pretrained_cfg['mean'],
+                                   input_std=teacher.pretrained_cfg['std'], verbose=False)
+    assert same.teacher_input(x) is x  # the input already has the teacher's statistics: nothing to undo
+
+
 def test_teacher_by_name_loads_its_checkpoint_and_never_the_hub(tmp_path, monkeypatch):
     import timm.models._builder as builder
     monkeypatch.setattr(builder, 'load_state_dict_from_hf', lambda *a, **k: pytest.fail('contacted the hub'))

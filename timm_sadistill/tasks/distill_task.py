@@ -268,6 +268,9 @@ class DistillTask(TrainingTask):
         img_size: (H, W) or N, the training input size: ``'auto'`` pairs stages at it, and a teacher given by name
             is built for it. Default: the student's input size; a forward on another size is then refused when
             ``'auto'`` chose the stages (it would distil maps the rule keeps out), naming ``img_size``.
+        input_mean, input_std: the per-channel statistics the input batches are normalised with (a loader's
+            ``mean``/``std``, as ``--mean``/``--std`` set them); the teacher's input is renormalised from them to the
+            teacher's own. Default: the student's ``pretrained_cfg`` statistics, as timm's DistillationTask assumes.
         device, dtype, verbose: as in timm's tasks; ``verbose`` also logs the task's `notices`.
         **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``; ``tsd.loss_options(name)``
             lists them); None keeps the loss's default, as an unset command-line flag does.
@@ -289,6 +292,8 @@ class DistillTask(TrainingTask):
             student_stages: StagesArg = 'auto',
             teacher_stages: StagesArg = 'auto',
             img_size: Optional[Union[int, Sequence[int]]] = None,
+            input_mean: Optional[Sequence[float]] = None,
+            input_std: Optional[Sequence[float]] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -359,8 +364,8 @@ class DistillTask(TrainingTask):
 
         base = unwrap_model(student_model)
         cfg = getattr(base, 'pretrained_cfg', None) or {}
-        mean = cfg.get('mean', (0.485, 0.456, 0.406))
-        std = cfg.get('std', (0.229, 0.224, 0.225))
+        mean = input_mean if input_mean is not None else cfg.get('mean', (0.485, 0.456, 0.406))
+        std = input_std if input_std is not None else cfg.get('std', (0.229, 0.224, 0.225))
         self.register_buffer('student_mean', torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.in_chans = _check_input_channels(base, self.teacher, self.student_mean, self.student_std)

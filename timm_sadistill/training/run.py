@@ -131,11 +131,14 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
     return loss.to(device=device)
 
 
-def _create_task(args, model, train_loss, device, img_size) -> TrainingTask:
+def _create_task(args, model, train_loss, device, data_config) -> TrainingTask:
     if args.distill == 'none':
         return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
+    # the loader normalises with data_config's statistics (--mean/--std, else the model's): the teacher's input is
+    # renormalised from those, not from the student's pretrained_cfg
     return create_distill_task(
-        args.distill, model, args.teacher, criterion=train_loss, img_size=img_size,
+        args.distill, model, args.teacher, criterion=train_loss, img_size=tuple(data_config['input_size'][1:]),
+        input_mean=data_config['mean'], input_std=data_config['std'],
         distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
         device=device, verbose=utils.is_primary(args), **distill_task_kwargs(args),
     )
@@ -287,7 +290,7 @@ def _train_in_folder(
     train_loss = _create_train_loss(args, mixup_active, device)
     label_names = label_names_of(dataset_train, args.num_classes)
 
-    task = _create_task(args, model, train_loss, device, img_size=tuple(data_config['input_size'][1:]))
+    task = _create_task(args, model, train_loss, device, data_config)
     args_text += _record_distill_choices(args, task)
     if args.resume:
         check_resume_distill(args.resume, read_checkpoint_args(args.resume), args,
