@@ -30,8 +30,9 @@ from benchmarks import sa_search  # noqa: E402
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results', 'sa-search-v2')
 TUNING_SEEDS = {'digits-homo': range(100, 104), 'digits-hetero': range(100, 104), 'textures-biased': range(100, 106)}
 POOLED = ('digits-homo', 'digits-hetero')  # the selection of the settings without tuning runs
-HELD_OUT_SEEDS = {'digits-homo': range(20), 'digits-hetero': range(20), 'digits-mobile': range(10),
-                  'digits-weak': range(10), 'shapes-homo': range(10), 'textures-biased': range(10)}
+# 0-9 on every setting (Amendment 2 of rule.md: the issue's 0-19 on digits-homo and digits-hetero did not fit)
+HELD_OUT_SEEDS = {s: range(10) for s in ('digits-homo', 'digits-hetero', 'digits-mobile', 'digits-weak', 'shapes-homo',
+                                         'textures-biased')}
 MUST_NOT_HURT = ('textures-biased', 'digits-weak')  # (b): where KD hurts, and the weak teacher
 REFERENCE = 'sa'  # SA's defaults when the search began: the reference of (a)
 NAMED = 'sa[cam_weight=1,connector=conv1x1]'  # the pair the issue names; always held out
