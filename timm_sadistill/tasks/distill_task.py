@@ -347,8 +347,8 @@ class DistillTask(TrainingTask):
             if not isinstance(loss, str) and loss.head_maps:
                 changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if loss_options.get(k) != v)
                 raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
-                                 f"take, but {why}; build it with {changed}, or pass the loss by name for the "
-                                 "task to turn that off for this pair.")
+                                 f"take (head_maps=True), but {why}; build it with head_maps=False and {changed}, "
+                                 "or pass the loss by name for the task to turn that off for this pair.")
             if isinstance(loss, str):
                 loss_kwargs = fitted
             self.notices.append(notice)
