@@ -85,6 +85,10 @@ def test_stages_command_prints_the_auto_pairs_of_every_method(method, capsys):
         assert 'distils logits only' in out
     for name in pairs:
         assert any(line.startswith(f'{name} (') and f' {name} (' in line for line in out.splitlines()), out
+    # the pair a task distils last for the terms on the heads' maps (SA's CAM term), listed after the table
+    heads = [line for line in out.splitlines() if line.startswith('and last, the maps the heads take')]
+    assert len(heads) == tsd.get_distill_loss_class(method).uses_final_pair(), out
+    assert all(line.endswith(f'{HEAD_MAPS} (96) -> {HEAD_MAPS} (512)') for line in heads), heads
 
 
 @pytest.fixture(scope='module')

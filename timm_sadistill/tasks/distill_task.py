@@ -210,13 +210,13 @@ def _model_label(model: nn.Module) -> str:
     return f"{type(base).__name__} '{arch}'" if arch else type(base).__name__
 
 
-def _head_map_pair(
+def head_map_pair(
         student: nn.Module,
         teacher: nn.Module,
         img_size: Tuple[int, int],
 ) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], str]:
     """(student stage, teacher stage) whose maps the two heads take (`head_map_stage`), or None and why not, as a
-    phrase naming the models whose heads take tokens."""
+    phrase naming the models whose heads take tokens. The task and the ``stages`` command both ask it."""
     stages = {'student': head_map_stage(student, img_size), 'teacher': head_map_stage(teacher, img_size)}
     tokens = {role: model for role, model in (('student', student), ('teacher', teacher)) if stages[role] is None}
     if not tokens:
@@ -337,7 +337,7 @@ class DistillTask(TrainingTask):
                 '' if isinstance(loss, str) or loss.head_maps else
                 f"the {loss_class.__name__} passed in was built without the maps the heads take (head_maps=False)")
             if not why:
-                head_maps, why = _head_map_pair(student_model, self.teacher.model, hw)
+                head_maps, why = head_map_pair(student_model, self.teacher.model, hw)
             if head_maps is None:
                 fitted, notice = loss_class.without_final_pair(why, **loss_options)
         # the logit term still refuses other classes: only the terms on the heads' maps turn off for them
