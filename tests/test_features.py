@@ -59,7 +59,8 @@ def test_hooked_submodule_path_and_feature_info_stage_agree(resnet):
     # and through a task, which hands its taps the resolved stages (a path's StageInfo has no feature_info index)
     task = tsd.create_distill_task('sa', resnet, timm.create_model('resnet18', num_classes=5), img_size=64,
                                    student_stages=['layer3.0.conv2'], teacher_stages=['layer3.1.conv2'], verbose=False)
-    assert [s.name for s in task.student_stages] == ['layer3.0.conv2'] and task.student_stages[0].index is None
+    # the named stage, then the CAM term's pair: the maps the heads take
+    assert [s.name for s in task.student_stages] == ['layer3.0.conv2', 'layer4'] and task.student_stages[0].index is None
     out = task(x, torch.tensor([0, 4]))
     assert torch.isfinite(out['loss']) and out['sa_att'] > 0
 

@@ -27,11 +27,12 @@ def test_auto_refuses_an_input_of_another_size_than_it_paired_at():
     student = timm.create_model('test_resnet', num_classes=4)
     teacher = timm.create_model('resnet18', num_classes=4)
     guessed = tsd.create_distill_task('sa', student, teacher, verbose=False)  # pairs at the default 160 px
-    assert 'layer4' in [t.name for t in guessed.teacher_stages]  # 5x5 at 160 px, 2x2 at 64 px: the rule drops it
+    # the last pair is the CAM term's, the maps the heads take at any size; auto chose the ones before it
+    assert [t.name for t in guessed.teacher_stages][-2:] == ['layer4', 'layer4']  # 5x5 at 160 px, 2x2 at 64 px
     with pytest.raises(tsd.UsageError, match=r"160x160 \(the student's default.*input is 64x64: pass img_size=64"):
         guessed(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
     told = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False)
-    assert 'layer4' not in [t.name for t in told.teacher_stages]
+    assert [t.name for t in told.teacher_stages] == ['layer1', 'layer2', 'layer3', 'layer4']  # the rule drops layer4
     assert torch.isfinite(_step(told, 64)['loss'])
     with pytest.raises(tsd.UsageError, match='img_size=64x64, but the input is 96x96'):
         told(torch.randn(2, 3, 96, 96), torch.tensor([0, 1]))
@@ -108,7 +109,7 @@ def test_bad_input_sizes_exit_2_with_one_line(argv, flag_and_fix, capsys):
 
 
 @pytest.mark.parametrize('method,options', [
-    ('kd', {}), ('dkd', {}), ('dist', {}), ('sa', {}), ('sa', {'kd_weight': 0.0, 'cam_weight': 1.0}),
+    ('kd', {}), ('dkd', {}), ('dist', {}), ('sa', {}), ('sa', {'cam_weight': 0.0}),
 ])
 def test_logit_losses_refuse_models_of_different_class_counts(method, options):
     student = timm.create_model('test_resnet', num_classes=3)
@@ -123,6 +124,20 @@ def test_feature_losses_take_models_of_different_class_counts(method, options):
     teacher = timm.create_model('resnet18', num_classes=5)
     task = tsd.create_distill_task(method, student, teacher, img_size=64, verbose=False, **options)
     assert torch.isfinite(_step(task, 64, classes=3)['loss'])
+
+
+@pytest.mark.parametrize('options', [{}, {'cam_weight': 1.0}], ids=['default', 'explicit'])
+def test_feature_only_sa_turns_the_cam_term_off_for_models_of_different_class_counts(options):
+    student = timm.create_model('test_resnet', num_classes=3)
+    teacher = timm.create_model('resnet18', num_classes=5)
+    task = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False, kd_weight=0.0, **options)
+    assert len(task.notices) == 1 and 'cam_weight=1.0 is off' in task.notices[0], task.notices
+    assert 'the student has 3 classes and the teacher 5' in task.notices[0]
+    # the records say what trains: no CAM term, no head-map pair
+    assert task.distill_loss.option_values['cam_weight'] == 0.0 and not task.distill_loss.head_maps
+    assert [s.name for s in task.student_stages] == ['layer1', 'layer2', 'layer3']
+    out = _step(task, 64, classes=3)
+    assert 'sa_cam' not in out and torch.isfinite(out['loss'])
 
 
 @pytest.mark.parametrize('channels', [1, 4])

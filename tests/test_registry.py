@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import timm_sadistill as tsd
+from test_losses import SA_DEFAULTS
 
 
 def test_builtin_losses_are_registered():
@@ -52,7 +53,7 @@ def test_loss_options_list_each_option_with_its_default():
     assert options.defaults == {'student_channels': (), 'teacher_channels': (), 'tau': 4.0, 'weight': 3.0,
                                 'connector': 'conv1x1'}
     assert not options.takes_any
-    assert tsd.loss_options('sa').defaults['connector'] == 'bottleneck'
+    assert tsd.loss_options('sa').defaults['connector'] == SA_DEFAULTS['connector']
     assert 'temperature' in tsd.loss_options('kd').defaults and 'temperature' not in tsd.loss_options('at').defaults
 
 

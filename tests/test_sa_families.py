@@ -124,9 +124,10 @@ def test_a_plain_cnn_pair_computes_the_cam_on_its_last_feature_info_maps(resnet1
 
 def test_a_built_loss_with_the_cam_term_on_a_token_head_is_refused_with_the_fix():
     """A loss built beforehand has its connectors for the pairs it was given: the task cannot turn its CAM off."""
-    loss = tsd.create_distill_loss('sa', student_channels=[64, 64], teacher_channels=[48, 96], **CAM)
-    with pytest.raises(tsd.UsageError, match=r"was built to distil the maps the heads take, but the student's head "
-                                             r"\(VisionTransformer 'test_vit'\) .* build it with cam_weight=0.0, or pass"):
+    loss = tsd.create_distill_loss('sa', student_channels=[64, 64], teacher_channels=[48, 96], head_maps=True, **CAM)
+    with pytest.raises(tsd.UsageError, match=r"was built to distil the maps the heads take \(head_maps=True\), but the "
+                                             r"student's head \(VisionTransformer 'test_vit'\) .* build it with "
+                                             r"head_maps=False and cam_weight=0.0, or pass"):
         tsd.DistillTask(_model('test_vit'), _model('test_resnet'), loss=loss, img_size=IMG, verbose=False)
 
 

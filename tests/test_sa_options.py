@@ -100,3 +100,37 @@ def test_cam_term_trains_across_families(student, teacher):
     assert torch.isfinite(out['loss']) and torch.isfinite(out['sa_cam']) and out['sa_cam'] > 0
     assert any(not torch.equal(student_before[k], v) for k, v in s.state_dict().items())
     assert all(torch.equal(teacher_before[k], v) for k, v in t.state_dict().items())
+
+
+@pytest.mark.parametrize('options', [{}, {'cam_weight': 2.0}], ids=['default', 'explicit'])
+def test_a_loss_built_on_its_own_takes_every_pair_as_spatial_and_has_no_cam_term(options):
+    """No task taps the heads' maps for it: it has no heads to run, so the CAM term has no pair to take."""
+    for channels in ([8], [8, 16]):  # one pair: a pair reserved for the CAM would leave no spatial pair
+        loss = tsd.create_distill_loss('sa', student_channels=channels, teacher_channels=channels, **options)
+        assert not loss.head_maps and len(loss.connectors) == len(channels)
+        s = [torch.randn(2, c, 8, 8) for c in channels]
+        t = [torch.randn(2, c, 8, 8) for c in channels]
+        out = loss(s, t, torch.randn(2, 5), torch.randn(2, 5))
+        assert set(out) == {'sa_dist', 'sa_att', 'sa_kd'} and all(torch.isfinite(v) for v in out.values())
+        assert loss.option_values['cam_weight'] == options.get('cam_weight', 1.0)  # what was asked for
+
+
+def test_head_maps_needs_the_cam_term_and_the_bound_heads():
+    with pytest.raises(tsd.UsageError, match='head_maps=True reserves the last pair for the CAM term, but cam_weight=0'):
+        tsd.create_distill_loss('sa', student_channels=[8, 16], teacher_channels=[8, 16], cam_weight=0, head_maps=True)
+    loss = tsd.create_distill_loss('sa', student_channels=[8, 16], teacher_channels=[8, 16], head_maps=True)
+    assert len(loss.connectors) == 1 and 'head_maps' not in loss.option_values  # filled in, not an option
+    s = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    with pytest.raises(tsd.UsageError, match=r'call loss.bind\(student, teacher\) before the forward'):
+        loss(s, s, torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_a_task_given_a_loss_built_on_its_own_distils_its_pairs_and_says_the_cam_term_is_off():
+    student, teacher = _models()
+    loss = tsd.create_distill_loss('sa', student_channels=[192], teacher_channels=[256])
+    task = tsd.DistillTask(student, teacher, loss=loss, student_stages=['layer3'], teacher_stages=['layer3'],
+                           img_size=64, verbose=False)
+    assert [s.name for s in task.student_stages] == ['layer3']  # no head-map pair appended for it
+    assert len(task.notices) == 1 and 'built without the maps the heads take (head_maps=False)' in task.notices[0]
+    out = task(torch.randn(2, 3, 64, 64), torch.tensor([0, 4]))
+    assert 'sa_cam' not in out and torch.isfinite(out['loss'])

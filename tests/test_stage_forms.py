@@ -30,17 +30,20 @@ FORMS = {
 }
 # the auto pairs at 64 px (layer1..layer3 of both: layer4 is 2x2) as each stage policy picks them
 AUTO_PAIRS = {'all': ['layer1', 'layer2', 'layer3'], 'last': ['layer3'], 'middle': ['layer2'], 'none': []}
+# the maps both heads take: a method whose terms run the heads on them (SA's CAM term) distils them as a last pair
+HEAD_MAPS = 'layer4'
 
 
 def _expected(method, form):
     """(student stage names, teacher stage names) the form selects for the method; None when it must be refused."""
     student, teacher, _, _, names = FORMS[form]
-    policy = tsd.get_distill_loss_class(method).stage_policy
+    cls = tsd.get_distill_loss_class(method)
+    heads = [HEAD_MAPS] if cls.uses_final_pair() else []
     if form == 'auto':
-        return AUTO_PAIRS[policy], AUTO_PAIRS[policy]
-    if policy == 'none':
+        return AUTO_PAIRS[cls.stage_policy] + heads, AUTO_PAIRS[cls.stage_policy] + heads
+    if cls.stage_policy == 'none':
         return None
-    return (names, names) if names else (student, teacher)
+    return (names + heads, names + heads) if names else (student + heads, teacher + heads)
 
 
 @pytest.fixture(scope='module')
@@ -82,6 +85,10 @@ def test_stages_command_prints_the_auto_pairs_of_every_method(method, capsys):
         assert 'distils logits only' in out
     for name in pairs:
         assert any(line.startswith(f'{name} (') and f' {name} (' in line for line in out.splitlines()), out
+    # the pair a task distils last for the terms on the heads' maps (SA's CAM term), listed after the table
+    heads = [line for line in out.splitlines() if line.startswith('and last, the maps the heads take')]
+    assert len(heads) == tsd.get_distill_loss_class(method).uses_final_pair(), out
+    assert all(line.endswith(f'{HEAD_MAPS} (96) -> {HEAD_MAPS} (512)') for line in heads), heads
 
 
 @pytest.fixture(scope='module')

@@ -49,8 +49,8 @@ def test_result_holds_every_term_and_the_weighted_sum(pattern_data):
     teacher = timm.create_model('resnet18', num_classes=4)
     task = tsd.SADistillTask(student, teacher, img_size=64, distill_loss_weight=0.5, task_loss_weight=2.0, verbose=False)
     out = task(images[:4], labels[:4])
-    assert set(out) == {'loss', 'output', 'task_loss', 'kd_loss', 'sa_dist', 'sa_att', 'sa_kd'}
-    torch.testing.assert_close(out['kd_loss'], out['sa_dist'] + out['sa_att'] + out['sa_kd'])
+    assert set(out) == {'loss', 'output', 'task_loss', 'kd_loss', 'sa_dist', 'sa_att', 'sa_kd', 'sa_cam'}
+    torch.testing.assert_close(out['kd_loss'], out['sa_dist'] + out['sa_att'] + out['sa_kd'] + out['sa_cam'])
     torch.testing.assert_close(out['loss'], 2.0 * out['task_loss'] + 0.5 * out['kd_loss'])
     assert out['output'].shape == (4, 4)
 
@@ -69,7 +69,9 @@ def test_sa_task_options_reach_the_loss():
                              temperature=3.0, connector='conv1x1', student_stages=['layer3'], verbose=False)
     loss = task.distill_loss
     assert (loss.tau, loss.p, loss.alpha, loss.beta, loss.kd_weight, loss.temperature) == (2.0, 1.0, 0.5, 3.0, 0.0, 3.0)
-    assert [s.name for s in task.teacher_stages] == ['layer3']
+    # the stages asked for, then the CAM term's pair (the maps the heads take), which has no connector
+    assert [s.name for s in task.teacher_stages] == ['layer3', 'layer4'] and loss.head_maps
+    assert len(loss.connectors) == 1
     assert isinstance(loss.connectors[0][0], torch.nn.Conv2d) and len(loss.connectors[0]) == 2
     defaults = tsd.create_distill_task('sa', student, teacher, img_size=64, verbose=False).distill_loss
     assert (defaults.tau, defaults.beta, defaults.kd_weight) == (4.0, 10.0, 1.0)

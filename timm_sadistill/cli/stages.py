@@ -3,7 +3,9 @@
 Prints the selectable stages of a timm model (name, index into ``feature_info``, channels, reduction, the map size
 measured at the input size, and whether ``auto`` may pick it) and, with a teacher, the stage pairs ``auto`` chooses
 for the method, the connector each pair gets and, where the two maps differ in size (a patch-14 ViT against a CNN),
-the resize of the student's map to the teacher's. Models are built with random weights for the input size (a ViT
+the resize of the student's map to the teacher's; for a method whose terms run the heads on their maps (SA's CAM
+term), the pair of those maps, which a task distils last, or the notice that says the term is off for this pair.
+Models are built with random weights for the input size (a ViT
 takes only the size it is built for): nothing downloads.
 """
 import argparse
@@ -16,6 +18,7 @@ from ..features import FeatureTaps, StageInfo, check_input_size, default_img_siz
 from ..errors import UsageError
 from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..model_folder import resolve_model_name
+from ..tasks.distill_task import head_map_pair
 from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'connector_description']
@@ -105,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     if teacher is None:
         return 0
 
-    policy = get_distill_loss_class(args.distill).stage_policy
+    loss_class = get_distill_loss_class(args.distill)
+    policy = loss_class.stage_policy
     if policy == 'none':
         print(f"\n{args.distill} distils logits only: no stage pairs.")
         return 0
@@ -115,6 +119,14 @@ def _run(args: argparse.Namespace) -> int:
     print(_table(('student', 'teacher', 'reduction', 'map', 'connector', 'resized'), rows))
     if any(row[-1] for row in rows):
         print("resized: the student's map is resized to the teacher's after its connector (pooled down, bilinear up).")
+    if loss_class.uses_final_pair():
+        heads, why = head_map_pair(model, teacher, img_size)
+        if heads is None:
+            print(f"\n{loss_class.without_final_pair(why)[1]}")
+        else:
+            s, t = heads
+            print(f"\nand last, the maps the heads take, for the terms that run the heads on them (no connector): "
+                  f"{s.name} ({s.channels}) -> {t.name} ({t.channels})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Registry of distillation losses, in the manner of timm's model registry.
 
-A loss's options are declared once, in its constructor: every keyword parameter after ``student_channels`` and
-``teacher_channels`` is an option, with a type annotation, a default and a one-line help, its entry in the
+A loss's options are declared once, in its constructor: every keyword parameter but the ones a task fills in
+(`TASK_FILLED`: ``student_channels``, ``teacher_channels`` and, for a loss that takes the heads' maps, ``head_maps``)
+is an option, with a type annotation, a default and a one-line help, its entry in the
 Google-style ``Args:`` section of the ``__init__`` or class docstring::
 
     @register_distill_loss('sp')
@@ -59,7 +60,8 @@ _DECLARED: Dict[type, 'LossOptions'] = {}  # each registered class's options, re
 LossClass = TypeVar('LossClass', bound=Type[DistillLoss])
 
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
-CHANNELS = ('student_channels', 'teacher_channels')  # the task fills these in: they are not options
+# the task fills these in from its taps, so they are not options: no flag, not recorded, not compared on resume
+TASK_FILLED = ('student_channels', 'teacher_channels', 'head_maps')
 PLUGIN_GROUP = 'timm_sadistill.losses'
 _OPTION_TYPES = (float, int, bool, str)
 
@@ -132,9 +134,9 @@ class LossOption:
 class LossOptions:
     """The keyword parameters a registered loss's constructor takes.
 
-    defaults: parameter -> default, in the constructor's order, the channel counts (``student_channels``,
-        ``teacher_channels``) included.
-    options: the declared options (every parameter but the channel counts), name -> `LossOption`.
+    defaults: parameter -> default, in the constructor's order, the parameters a task fills in (`TASK_FILLED`)
+        included.
+    options: the declared options (every parameter but those a task fills in), name -> `LossOption`.
     takes_any: the constructor also takes ``**kwargs``, so options beyond ``defaults`` pass through to it.
     """
     defaults: Dict[str, Any]
@@ -204,7 +206,7 @@ def _read_options(cls: Type[DistillLoss]) -> LossOptions:
     where = f"{cls.__module__}.{cls.__qualname__}"
     options: Dict[str, LossOption] = {}
     for p in parameters:
-        if p.kind not in named or p.name in CHANNELS:
+        if p.kind not in named or p.name in TASK_FILLED:
             continue
         kind, choices, bound, changes_loss = _option_kind(hints.get(p.name, REQUIRED))
         if kind is None:

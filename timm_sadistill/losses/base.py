@@ -27,6 +27,8 @@ class DistillLoss(nn.Module):
         stage_policy: which stage pairs ``auto`` gives this loss: ``'all'``, ``'last'``, ``'middle'`` or
             ``'none'`` (logits only: no features are tapped at all).
         loss_name: the registry name, set by `register_distill_loss`.
+        head_maps: whether the last stage pair is the maps the heads take (False here; a loss that
+            `uses_final_pair` sets it per instance, True only when a task that taps them builds it).
 
     A loss's options are its constructor's keyword parameters after the channel counts, each typed, defaulted and
     documented in ``Args:`` (see `timm_sadistill.losses._registry`); a registered loss checks them when built and
@@ -34,6 +36,7 @@ class DistillLoss(nn.Module):
     """
     stage_policy: ClassVar[str] = 'all'
     loss_name: ClassVar[str] = ''
+    head_maps: bool = False
 
     def __init__(self, student_channels: Sequence[int] = (), teacher_channels: Sequence[int] = ()):
         super().__init__()
@@ -53,7 +56,8 @@ class DistillLoss(nn.Module):
     @classmethod
     def uses_final_pair(cls, **options) -> bool:
         """Whether a loss built with ``options`` wants the maps the models' heads take (the task's
-        `timm_sadistill.features.head_map_stage`) as its last stage pair."""
+        `timm_sadistill.features.head_map_stage`) as its last stage pair. A task that taps them builds the loss with
+        ``head_maps=True``; such a loss takes ``head_maps`` as a keyword (`_registry.TASK_FILLED`)."""
         return False
 
     @classmethod

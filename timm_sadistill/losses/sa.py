@@ -80,19 +80,24 @@ class SADistillLoss(DistillLoss):
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
         warmup_steps: ramp the feature terms linearly from 0 over this many training steps.
         cam_weight: weight of the class-activation-map term (CAT-KD) on the maps the heads take (off for token heads).
+        head_maps: the last channel pair is the maps the two heads take, for the CAM term (not an option: a task
+            that taps them sets it; a loss built on its own has no heads to run, so every pair is spatial).
 
     The defaults are the measured ones: docs/method.md#defaults says where each comes from.
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
     Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
-    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_cam'`` when cam_weight > 0
-    (`cam_terms`).
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_cam'`` when the loss has the heads'
+    maps (``head_maps``, which needs cam_weight > 0; `cam_terms`).
 
     The CAM term takes an extra last stage pair, the maps each model's head takes (a task taps them:
-    `timm_sadistill.features.head_map_stage`, the last ``feature_info`` map or ``forward_features``' output); the
-    spatial terms take the other pairs. For a pair whose heads take tokens (ViT, Twins, LeViT) a task builds the loss
-    with cam_weight 0 (`without_final_pair`): no extra pair, every pair feeds the spatial terms.
+    `timm_sadistill.features.head_map_stage`, the last ``feature_info`` map or ``forward_features``' output, and
+    builds the loss with ``head_maps=True``); the spatial terms take the other pairs. A loss built on its own
+    (``head_maps=False``, the default) has no heads to evaluate: every pair feeds the spatial terms and there is no
+    CAM term, whatever cam_weight says. For a pair whose heads take tokens (ViT, Twins, LeViT), or whose models
+    have different class counts (feature-only SA, kd_weight 0), a task builds the loss with cam_weight 0
+    (`without_final_pair`): no extra pair, every pair feeds the spatial terms.
     """
 
     def __init__(
@@ -107,11 +112,13 @@ class SADistillLoss(DistillLoss):
             temperature: Annotated[float, Positive] = 4.0,
             logit_loss: Literal[LOGIT_LOSSES] = 'kd',
             logit_weighting: Literal[LOGIT_WEIGHTINGS] = 'none',
-            connector: ConnectorName = 'bottleneck',
+            connector: ConnectorName = 'conv1x1',
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
             warmup_steps: Annotated[int, NonNegative] = 0,
-            cam_weight: Annotated[float, NonNegative] = 0.0,
+            cam_weight: Annotated[float, NonNegative] = 1.0,
+            *,
+            head_maps: bool = False,
     ):
         super().__init__(student_channels, teacher_channels)
         if logit_loss not in LOGIT_LOSSES:
@@ -132,8 +139,12 @@ class SADistillLoss(DistillLoss):
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
         self.cam_weight = cam_weight
+        if head_maps and not self.uses_final_pair(cam_weight=cam_weight):
+            raise UsageError("head_maps=True reserves the last pair for the CAM term, but cam_weight=0; build the "
+                             "loss with head_maps=False (every pair spatial) or with cam_weight > 0.")
+        self.head_maps = head_maps
         # the final pair (the maps the heads take) feeds the CAM term only; the SA terms take the others
-        spatial = len(self.student_channels) - (1 if self.uses_final_pair(cam_weight=cam_weight) else 0)
+        spatial = len(self.student_channels) - (1 if head_maps else 0)
         self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
         self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
 
@@ -145,8 +156,9 @@ class SADistillLoss(DistillLoss):
 
     @classmethod
     def without_final_pair(cls, why: str, **options) -> Tuple[Dict[str, Any], str]:
-        """For heads that take tokens: the options with cam_weight 0 and the notice that says so (the CAM term may be
-        on by default, and a default never fails a pair)."""
+        """For a pair the CAM term cannot apply to (heads that take tokens, models of different class counts, a loss
+        passed in without the heads' maps; ``why`` says which): the options with cam_weight 0 and the notice that
+        says so (the CAM term is on by default, and a default never fails a pair)."""
         values = {**loss_options(cls.loss_name).defaults, **options}
         notice = (f"SA: cam_weight={values['cam_weight']} is off for this pair: {why}, so there are no "
                   "class-activation maps to compare; the other terms train as with cam_weight=0 (set cam_weight=0 "
@@ -165,7 +177,7 @@ class SADistillLoss(DistillLoss):
         The task has checked that both heads take the final pair's maps (`head_map_stage`). The teacher is held
         outside the module tree: it is frozen and saved with its own checkpoint, not here.
         """
-        if not self.uses_final_pair(cam_weight=self.cam_weight):
+        if not self.head_maps:
             return
         object.__setattr__(self, '_teacher', teacher)
         object.__setattr__(self, '_student', student)
@@ -180,22 +192,22 @@ class SADistillLoss(DistillLoss):
             both CAMs are pooled to the smaller grid and L2-normalised over positions;
             L_cam = mean_{b,k} || cam_S - cam_T ||^2 * (number of positions).
         """
-        terms = {}
-        student, teacher = self._student, self._teacher
+        if not hasattr(self, '_student'):
+            raise UsageError("SA with head_maps=True runs both heads on the final pair: call "
+                             "loss.bind(student, teacher) before the forward (a DistillTask does), or build the loss "
+                             "with head_maps=False for spatial terms only.")
         s_layout, t_layout = self.head_layouts
-        if self.cam_weight:
-            cam_s = _class_activation_maps(student, s_final, s_layout)
-            with torch.no_grad():
-                cam_t = _class_activation_maps(teacher, t_final, t_layout)
-            size = (min(cam_s.shape[-2], cam_t.shape[-2]), min(cam_s.shape[-1], cam_t.shape[-1]))
-            cam_s = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_s.float(), size), 'b k h w -> b k (h w)'), dim=-1)
-            cam_t = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_t.float(), size), 'b k h w -> b k (h w)'), dim=-1)
-            terms['sa_cam'] = self.cam_weight * (cam_s - cam_t).pow(2).sum(-1).mean()
-        return terms
+        cam_s = _class_activation_maps(self._student, s_final, s_layout)
+        with torch.no_grad():
+            cam_t = _class_activation_maps(self._teacher, t_final, t_layout)
+        size = (min(cam_s.shape[-2], cam_t.shape[-2]), min(cam_s.shape[-1], cam_t.shape[-1]))
+        cam_s = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_s.float(), size), 'b k h w -> b k (h w)'), dim=-1)
+        cam_t = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_t.float(), size), 'b k h w -> b k (h w)'), dim=-1)
+        return {'sa_cam': self.cam_weight * (cam_s - cam_t).pow(2).sum(-1).mean()}
 
     def spatial_pairs(self, student_feats, teacher_feats):
-        """[(projected student, teacher)] of the pairs SA's spatial terms take: all but the final pair of the head
-        terms. Each pair is (B, Ct_k, Ht_k, Wt_k)."""
+        """[(projected student, teacher)] of the pairs SA's spatial terms take: all but the final pair when it is
+        the heads' maps (``head_maps``). Each pair is (B, Ct_k, Ht_k, Wt_k)."""
         self.check_features(student_feats, teacher_feats)
         k = len(self.connectors)
         return self.connectors.pairs(student_feats[:k], teacher_feats[:k])
@@ -220,7 +232,7 @@ class SADistillLoss(DistillLoss):
         if len(self.connectors):
             dist, att = self.stage_terms(student_feats, teacher_feats).mean(dim=0)
             terms = {'sa_dist': self.alpha * dist, 'sa_att': self.beta * att}
-        if len(self.connectors) < len(student_feats):
+        if self.head_maps:
             terms.update(self.cam_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
             # a tensor, not a Python float: reading the step count back would sync the device every step

@@ -210,13 +210,13 @@ def _model_label(model: nn.Module) -> str:
     return f"{type(base).__name__} '{arch}'" if arch else type(base).__name__
 
 
-def _head_map_pair(
+def head_map_pair(
         student: nn.Module,
         teacher: nn.Module,
         img_size: Tuple[int, int],
 ) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], str]:
     """(student stage, teacher stage) whose maps the two heads take (`head_map_stage`), or None and why not, as a
-    phrase naming the models whose heads take tokens."""
+    phrase naming the models whose heads take tokens. The task and the ``stages`` command both ask it."""
     stages = {'student': head_map_stage(student, img_size), 'teacher': head_map_stage(teacher, img_size)}
     tokens = {role: model for role, model in (('student', student), ('teacher', teacher)) if stages[role] is None}
     if not tokens:
@@ -225,15 +225,22 @@ def _head_map_pair(
     return None, f"{named} {'take' if len(tokens) > 1 else 'takes'} no (B, C, H, W) feature map (a token head)"
 
 
-def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
-    """Refuse, for a loss that compares the two models' logits, models with different class counts."""
+def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
+    """'the student has 10 classes and the teacher 100' when the two models' class counts differ, else ''."""
     s_classes = getattr(unwrap_model(student), 'num_classes', None)
     t_classes = getattr(unwrap_model(teacher), 'num_classes', None)
     if s_classes is not None and t_classes is not None and s_classes != t_classes:
+        return f"the student has {s_classes} classes and the teacher {t_classes}"
+    return ''
+
+
+def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
+    """Refuse, for a loss that compares the two models' logits, models with different class counts."""
+    differ = _class_count_difference(student, teacher)
+    if differ:
         raise UsageError(
-            f"{loss_class.__name__} compares the student's and the teacher's logits, but the student has "
-            f"{s_classes} classes and the teacher {t_classes}; build both with the same num_classes (or use a "
-            f"feature-only method: at, fitnet, cwd, or sa with kd_weight=0)."
+            f"{loss_class.__name__} compares the student's and the teacher's logits, but {differ}; build both with "
+            f"the same num_classes (or use a feature-only method: at, fitnet, cwd, or sa with kd_weight=0)."
         )
 
 
@@ -250,9 +257,11 @@ class DistillTask(TrainingTask):
     from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
     A loss that uses the maps the heads take (SA's CAM term) gets them as an extra last stage pair
-    (`timm_sadistill.features.head_map_stage`); where a head takes tokens, the task builds the loss with those terms
-    off (``loss.without_final_pair``) and keeps the one-line notice that says so in ``notices`` (the model card
-    lists them).
+    (`timm_sadistill.features.head_map_stage`, built with ``head_maps=True``); ``student_stages`` and
+    ``teacher_stages`` list it last, after the stages asked for, since it is distilled too. Where the term cannot
+    apply (a head takes tokens, the models have different class counts, a loss passed in was built without the
+    heads' maps), the task builds the loss with those terms off (``loss.without_final_pair``) and keeps the one-line
+    notice that says so in ``notices`` (the model card lists them).
 
     Args:
         student_model: the timm model to train.
@@ -320,22 +329,31 @@ class DistillTask(TrainingTask):
         loss_options = loss_kwargs if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
         # one-line notices of what the task changed for this pair (a term that cannot apply, turned off)
         self.notices: List[str] = []
-        head_maps = None
+        head_maps, notice, fitted = None, '', loss_options
+        # decided before the loss is built: its connectors depend on the pairs
         if loss_class.uses_final_pair(**loss_options):
-            head_maps, why = _head_map_pair(student_model, self.teacher.model, hw)
-            if head_maps is None:  # decided before the loss is built: its connectors depend on the pairs
+            # the terms on the heads' maps compare class by class, and a loss built on its own has no such pair
+            why = _class_count_difference(student_model, self.teacher.model) or (
+                '' if isinstance(loss, str) or loss.head_maps else
+                f"the {loss_class.__name__} passed in was built without the maps the heads take (head_maps=False)")
+            if not why:
+                head_maps, why = head_map_pair(student_model, self.teacher.model, hw)
+            if head_maps is None:
                 fitted, notice = loss_class.without_final_pair(why, **loss_options)
-                if not isinstance(loss, str):
-                    changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if loss_options.get(k) != v)
-                    raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
-                                     f"take, but {why}; build it with {changed}, or pass the loss by name for the "
-                                     "task to turn that off for this pair.")
-                loss_kwargs = loss_options = fitted
-                self.notices.append(notice)
-                if self.verbose:
-                    _logger.warning(notice)
-        if loss_class.compares_logits(**loss_options):
+        # the logit term still refuses other classes: only the terms on the heads' maps turn off for them
+        if loss_class.compares_logits(**fitted):
             _check_class_counts(student_model, self.teacher.model, loss_class)
+        if notice:
+            if not isinstance(loss, str) and loss.head_maps:
+                changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if loss_options.get(k) != v)
+                raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
+                                 f"take (head_maps=True), but {why}; build it with head_maps=False and {changed}, "
+                                 "or pass the loss by name for the task to turn that off for this pair.")
+            if isinstance(loss, str):
+                loss_kwargs = fitted
+            self.notices.append(notice)
+            if self.verbose:
+                _logger.warning(notice)
         policy = loss_class.stage_policy
         s_stages, t_stages = pair_stages(
             student_model, self.teacher.model, student_stages, teacher_stages, img_size=hw, policy=policy,
@@ -355,7 +373,8 @@ class DistillTask(TrainingTask):
             if temperature is not None:
                 loss_kwargs['temperature'] = temperature
             loss = create_distill_loss(
-                loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels, **loss_kwargs,
+                loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels,
+                **loss_kwargs, **({'head_maps': True} if head_maps is not None else {}),
             )
         elif loss_kwargs or temperature is not None:
             raise UsageError("Loss options go to create_distill_loss; a built loss takes none here.")
