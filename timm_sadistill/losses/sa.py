@@ -109,7 +109,7 @@ class SADistillLoss(DistillLoss):
             alpha: Annotated[float, NonNegative] = 1.0,
             beta: Annotated[float, NonNegative] = 10.0,
             kd_weight: Annotated[float, NonNegative] = 1.0,
-            temperature: Annotated[float, Positive] = 4.0,
+            temperature: Annotated[float, Positive] = 16.0,
             logit_loss: Literal[LOGIT_LOSSES] = 'kd',
             logit_weighting: Literal[LOGIT_WEIGHTINGS] = 'none',
             connector: ConnectorName = 'conv1x1',
