@@ -303,9 +303,9 @@ def test_resume_compares_the_loss_options_and_stages_the_run_used(tmp_path, caps
     line = run_main(resume + ['--distill-stages', stages[0]], capsys)
     assert f"is a run with --distill-stages {','.join(stages)}, this command has --distill-stages {stages[0]}" in line
     # the defaults spelled out, and the stages auto chose named: the same loss, so the run continues
-    assert main(resume + ['--sa-connector', 'bottleneck', '--kd-temperature', '4',
+    assert main(resume + ['--sa-connector', 'conv1x1', '--kd-temperature', '16',
                           '--distill-stages', ','.join(stages), '--teacher-stages', ','.join(stages)]) == 0
-    assert yaml.safe_load((folder / 'args.yaml').read_text())['sa_connector'] == 'bottleneck'
+    assert yaml.safe_load((folder / 'args.yaml').read_text())['sa_connector'] == 'conv1x1'
 
 
 def test_resume_compares_what_the_loss_computes_not_how():

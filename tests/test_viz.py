@@ -74,7 +74,7 @@ def test_stages_shows_sa_pairing_and_connectors():
     for s, t in zip(s_stages, t_stages):
         row = next(line for line in pair_lines if line.startswith(f'{s.name} ({s.channels})'))
         assert f'{t.name} ({t.channels})' in row
-        assert f'bottleneck {s.channels}->{t.channels}' in row
+        assert f'conv1x1 {s.channels}->{t.channels}' in row
 
 
 def test_stages_follows_the_method_policy():
@@ -98,8 +98,9 @@ def test_attention_maps_are_what_the_loss_compares(teacher, pattern_data):
     task = sa_task(teacher)
     images = pattern_data[0][:6]
     maps = attention_maps(task, images)
-    assert [(m.student_stage, m.teacher_stage) for m in maps] == [(s.name, t.name) for s, t in
-                                                                  zip(task.student_stages, task.teacher_stages)]
+    spatial = len(task.distill_loss.connectors)  # the pairs SA's spatial terms take; the CAM's pair comes last
+    pairs = zip(task.student_stages[:spatial], task.teacher_stages[:spatial])
+    assert [(m.student_stage, m.teacher_stage) for m in maps] == [(s.name, t.name) for s, t in pairs]
     assert task.training  # restored
     task.eval()
     with torch.no_grad():

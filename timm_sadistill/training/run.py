@@ -149,10 +149,13 @@ def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str
     option of the loss as it was built (defaults spelled out) and the stage names ``auto`` resolved to."""
     if args.distill == 'none':
         return ''
+    # the stages the stage flags name: the pair of the maps the heads take, last when the loss takes it, follows
+    # from the loss's options, so that --distill-stages given the recorded names builds the same task
+    named = len(task.student_stages) - (1 if getattr(task.distill_loss, 'head_maps', False) else 0)
     recorded = dict(
         distill_options=dict(task.distill_loss.option_values),
-        distill_stages_resolved=[s.name for s in task.student_stages],
-        teacher_stages_resolved=[t.name for t in task.teacher_stages],
+        distill_stages_resolved=[s.name for s in task.student_stages[:named]],
+        teacher_stages_resolved=[t.name for t in task.teacher_stages[:named]],
     )
     vars(args).update(recorded)
     return yaml.safe_dump(recorded, default_flow_style=False)
