@@ -5,10 +5,23 @@ import os
 os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def timm_script(variable: str, name: str) -> str:
+    """timm's own, unmodified ``name`` (train.py, validate.py: not in timm's wheel): the path in ``variable``, else
+    the copy in ``../shared/timm/`` beside the checkout, which CI always has; '' when neither exists."""
+    shared = Path(__file__).resolve().parents[2] / 'shared' / 'timm' / name
+    return os.environ.get(variable) or (str(shared) if shared.is_file() else '')
+
+
+TIMM_TRAIN_PY = timm_script('TSD_TIMM_TRAIN_PY', 'train.py')
+TIMM_VALIDATE_PY = timm_script('TSD_TIMM_VALIDATE_PY', 'validate.py')
 
 
 def make_pattern_images(num_classes: int = 4, per_class: int = 8, size: int = 64, seed: int = 0):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import TIMM_TRAIN_PY
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess (make test-fast leaves them out)
 
@@ -317,9 +318,9 @@ def test_timm_train_refuses_a_script_that_is_not_timms_train_py(workdir, tmp_pat
     assert "does not look like timm's train.py" in result.stderr
 
 
-@pytest.mark.skipif(not os.environ.get('TSD_TIMM_TRAIN_PY'), reason='set TSD_TIMM_TRAIN_PY to a real timm train.py')
+@pytest.mark.skipif(not TIMM_TRAIN_PY, reason='no ../shared/timm/ copy; set TSD_TIMM_TRAIN_PY to a real timm train.py')
 def test_timm_train_runs_the_real_timm_train_py(workdir, teacher_run, tmp_path):
-    result = run_cli(['timm-train', os.environ['TSD_TIMM_TRAIN_PY'], '--data-dir', str(workdir / 'data'),
+    result = run_cli(['timm-train', TIMM_TRAIN_PY, '--data-dir', str(workdir / 'data'),
                       '--model', STUDENT, '--epochs', '1', '--device', 'cpu', '--output', str(tmp_path),
                       '--experiment', 'real', '--kd-model-name', TEACHER, '--distill', 'sa',
                       '--teacher-checkpoint', str(teacher_run / 'model.safetensors')] + COMMON_FLAGS, workdir)

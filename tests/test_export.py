@@ -16,6 +16,7 @@ import torch
 import yaml
 from test_cli import COMMON_FLAGS, FIXTURES, NUM_CLASSES, STUDENT, TEACHER, check_ok, cli_env, read_summary, run_cli
 from test_cli import workdir  # noqa: F401  (the generated ImageFolder, one per module)
+from conftest import TIMM_VALIDATE_PY
 
 # trained preprocessing that differs from every default, so the folder must carry it
 PREPROCESSING = ['--mean', '0.4', '0.5', '0.6', '--std', '0.2', '0.25', '0.3', '--crop-pct', '0.8',
@@ -106,9 +107,9 @@ def test_validate_py_reproduces_the_runs_validation_accuracy(workdir, student, t
     assert results['top1'] == pytest.approx(float(best_row(student)['eval_top1']), abs=1e-3)
 
 
-@pytest.mark.skipif(not os.environ.get('TSD_TIMM_VALIDATE_PY'), reason='set TSD_TIMM_VALIDATE_PY to a real timm validate.py')
+@pytest.mark.skipif(not TIMM_VALIDATE_PY, reason='no ../shared/timm/ copy; set TSD_TIMM_VALIDATE_PY to a real timm validate.py')
 def test_real_timm_validate_py_reproduces_the_runs_validation_accuracy(workdir, student, tmp_path):
-    results = _validate(os.environ['TSD_TIMM_VALIDATE_PY'], student, workdir, tmp_path)
+    results = _validate(TIMM_VALIDATE_PY, student, workdir, tmp_path)
     assert results['img_size'] == 64 and results['crop_pct'] == 0.8 and results['interpolation'] == 'bicubic'
     assert results['top1'] == pytest.approx(float(best_row(student)['eval_top1']), abs=1e-3)
 

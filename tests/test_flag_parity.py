@@ -19,6 +19,7 @@ from timm.loss import BinaryCrossEntropy
 
 from timm_sadistill.cli.timm_flags import NEEDS_TIMM_TRAIN
 from timm_sadistill.cli.train import build_parser, parse_args
+from conftest import TIMM_TRAIN_PY
 
 FLAGS_FILE = Path(__file__).resolve().parent / 'data' / 'timm_train_py_flags.json'
 
@@ -137,10 +138,10 @@ def test_mean_and_std_flags_reach_the_teachers_renormalisation(tmp_path, monkeyp
     assert task.renormalize_teacher_input
 
 
-@pytest.mark.skipif(not os.environ.get('TSD_TIMM_TRAIN_PY'), reason='set TSD_TIMM_TRAIN_PY to a real timm train.py')
+@pytest.mark.skipif(not TIMM_TRAIN_PY, reason='no ../shared/timm/ copy; set TSD_TIMM_TRAIN_PY to a real timm train.py')
 def test_the_flag_list_matches_a_real_timm_train_py(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['train.py'])
-    module = runpy.run_path(os.environ['TSD_TIMM_TRAIN_PY'], run_name='timm_train_py')  # builds the parser only
+    module = runpy.run_path(TIMM_TRAIN_PY, run_name='timm_train_py')  # builds the parser only
     real = [{'dest': a.dest, 'options': a.option_strings} for a in module['parser']._actions
             if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert real == timm_flags(), 'timm train.py flags changed: update tests/data/timm_train_py_flags.json and ours'

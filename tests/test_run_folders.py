@@ -292,8 +292,11 @@ def test_a_busy_folder_refuses_a_second_run_and_a_kill_or_ctrl_c_leaves_a_folder
     folder = tmp_path / 'out' / 'run'
 
     def paused_in_a_save(argv: list) -> subprocess.Popen:
+        # a shell runs a background job (`make test &`, a CI script) with SIGINT ignored, and a child inherits
+        # that, so the Ctrl-C below would be lost: the run starts with the default disposition, as from a terminal
         process = subprocess.Popen(argv, env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while not (folder / 'tmp.pth.tar').exists():  # timm's temp checkpoint: the save pauses before its rename
             assert process.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
