@@ -118,8 +118,12 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except USER_ERRORS as e:
-        message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"{prog}: error: {in_flag_words(message)}\n")
+        if isinstance(e, UsageError) and e.option is not None:
+            from .distill_flags import option_flag
+            message = e.worded(option_flag(e.option, e.loss), ' ').splitlines()[0]
+        else:
+            message = in_flag_words(str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
+        sys.stderr.write(f"{prog}: error: {message}\n")
         return 2
     except KeyboardInterrupt as e:
         sys.stderr.write(f"{prog}: interrupted" + (f": {str(e).splitlines()[0]}" if str(e).strip() else '.') + '\n')

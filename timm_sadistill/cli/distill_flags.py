@@ -105,6 +105,22 @@ def loss_flag(method: str, option: str) -> str:
     return f'--{method}-{option}'.replace('_', '-')
 
 
+# the task's keyword arguments that are flags of the command line (the loss options' flags come from `loss_flag`)
+TASK_FLAGS = {
+    'student_stages': '--distill-stages', 'teacher_stages': '--teacher-stages', 'img_size': '--img-size',
+    'num_classes': '--num-classes', 'in_chans': '--in-chans', 'teacher_pretrained_path': '--teacher-checkpoint',
+    'teacher_pretrained': '--teacher-pretrained', 'temperature': '--kd-temperature',
+}
+
+
+def option_flag(option: str, loss: Optional[str] = None) -> str:
+    """The flag of the option a `UsageError` names: a loss's option by `loss_flag`, a task's from `TASK_FLAGS`; an
+    option with no flag keeps its Python name."""
+    if loss is not None:
+        return loss_flag(loss, option)
+    return TASK_FLAGS.get(option, option)
+
+
 _METAVARS = {float: 'X', int: 'N', bool: 'BOOL', str: 'TEXT'}
 
 
