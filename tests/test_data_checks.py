@@ -11,6 +11,7 @@ from PIL import Image
 
 from test_cli import COMMON_FLAGS, STUDENT, check_ok, run_cli
 from timm_sadistill.training import data_loading as data_module
+from timm_sadistill.errors import UsageError
 from timm_sadistill.training.image_decode import UnreadableImageError
 from timm_sadistill.cli.train import parse_args
 
@@ -180,3 +181,77 @@ def test_data_path_names_an_undecodable_file_and_keeps_other_errors(tmp_path):
     with pytest.raises(RuntimeError, match='a bug in a transform') as info:
         train[0]
     assert not isinstance(info.value, UnreadableImageError)
+
+
+def test_hidden_folders_are_skipped_with_one_line_not_made_classes(tmp_path, caplog):
+    data = write_tiny_folder(tmp_path / 'data')
+    for split in ('train', 'validation'):  # what Jupyter leaves, in the split folder and in a class folder
+        for hidden in (data / split / '.ipynb_checkpoints', data / split / 'class1' / '.ipynb_checkpoints'):
+            hidden.mkdir()
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(hidden / 'copy.png')
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(data / split / 'class0' / '._0.png')
+    with caplog.at_level('WARNING'):
+        train, val = _datasets(data)
+    for dataset, per_class in ((train, 3), (val, 1)):
+        assert dataset.reader.class_to_idx == {name: i for i, name in enumerate(CLASSES)}
+        assert sorted(target for _, target in dataset.reader.samples) == sorted(list(range(3)) * per_class)
+        assert not [path for path, _ in dataset.reader.samples if '/.' in path]
+    skipped = [r.message for r in caplog.records if 'hidden' in r.message]
+    assert skipped == [f"Skipping what is hidden in '{data / split}' (a name starting with a dot is not data): "
+                       ".ipynb_checkpoints, class0/._0.png, class1/.ipynb_checkpoints."
+                       for split in ('train', 'validation')], skipped
+
+
+def _save_png16(path: Path, value: int) -> None:
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(path)  # Pillow reads it back as mode I;16
+
+
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    data = write_tiny_folder(tmp_path / 'data')
+    _save_png16(data / 'train' / 'class0' / '0.png', 32896)  # 128 * 257: mid grey
+    assert Image.open(data / 'train' / 'class0' / '0.png').mode == 'I;16'
+    train, _ = _datasets(data, '--check-images', 'all')
+    train.transform = None
+    image, target = train[0]
+    assert target == 0 and image.mode == 'RGB' and np.asarray(image).min() == np.asarray(image).max() == 128
+
+
+def test_an_image_of_32_bit_pixels_is_refused_with_its_path(tmp_path):
+    data = write_tiny_folder(tmp_path / 'data')
+    path = data / 'train' / 'class2' / '0.png'  # Pillow reads a file by its content: a float TIFF named .png
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(path, format='TIFF')
+    with pytest.raises(UnreadableImageError, match=rf"Image '{path}' has 32-bit float pixels \(Pillow mode F\), "
+                                                   "which have no one scale"):
+        _datasets(data, '--check-images', 'all')
+
+
+@pytest.mark.parametrize('lines, expected', [
+    (['class0', 'class1', 'class0', 'class2'], "line 3 names 'class0' again (first on line 1); name each class once."),
+    (['class0', '', 'class1', 'class2'], 'line 2 is blank;'),
+    (['class0', 'class2'], "Class folder '{data}/train/class1' is not in --class-map '{map}'; add its name"),
+])
+def test_a_class_map_with_a_duplicate_a_blank_line_or_a_missing_folder_is_refused(lines, expected, tmp_path):
+    data = write_tiny_folder(tmp_path / 'data')
+    class_map = tmp_path / 'classes.txt'
+    class_map.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(UsageError) as info:
+        _datasets(data, '--class-map', str(class_map))
+    assert expected.format(data=data, map=class_map) in str(info.value)
+
+
+def test_a_class_map_in_another_order_numbers_the_classes_by_its_lines(tmp_path):
+    data = write_tiny_folder(tmp_path / 'data')
+    class_map = tmp_path / 'classes.txt'
+    class_map.write_text('class2\nclass0\nclass1\n')
+    train, _ = _datasets(data, '--class-map', str(class_map))
+    assert train.reader.class_to_idx == {'class2': 0, 'class0': 1, 'class1': 2}
+
+
+def test_a_refused_class_map_leaves_nothing_behind(tmp_path):
+    data = write_tiny_folder(tmp_path / 'data')
+    (tmp_path / 'classes.txt').write_text('class0\nclass1\nclass2\nclass1\n')
+    result = run_cli(['train', '--data-dir', str(data), '--model', STUDENT, '--class-map', str(tmp_path / 'classes.txt'),
+                      '--output', str(tmp_path / 'out')] + COMMON_FLAGS, tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert "line 4 names 'class1' again" in error_lines(result.stderr)[0]
+    assert not (tmp_path / 'out').exists()

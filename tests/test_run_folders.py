@@ -344,3 +344,37 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         run = create_run_folder(str(tmp_path), 'exp', 'stamp', '')
     run.release()
     assert f"The file system of '{tmp_path / 'exp'}' cannot lock files (No locks available)" in caplog.text
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_as_ctrl_c_a_resumable_folder_the_resume_command_and_exit_143(tmp_path):
+    """What SLURM, Kubernetes and torchrun send before a kill: the save it lands in is undone, the folder resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import cli_env
+
+    write_folder(tmp_path / 'data')
+    command = [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', str(tmp_path / 'data'), '--num-classes',
+               '3', '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS
+    folder = tmp_path / 'out' / 'run'
+    assert subprocess.run(command, env=cli_env(), capture_output=True, timeout=300).returncode == 0
+    resumed = subprocess.Popen(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')],
+                               env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (folder / 'tmp.pth.tar').exists():  # epoch 1's checkpoint: the save pauses before its rename
+        assert resumed.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
+        time.sleep(0.1)
+    resumed.send_signal(signal.SIGTERM)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 143 and 'Traceback' not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"timm-sadistill train: terminated (SIGTERM): '{folder}': continue with "
+                                            f"--resume {folder / 'last.pth.tar'}.")
+    assert not (folder / 'tmp.pth.tar').exists() and epochs(folder) == ['0', '1']
+    result = subprocess.run(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')], env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert epochs(folder) == ['0', '1', '2']

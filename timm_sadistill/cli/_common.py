@@ -4,7 +4,8 @@
 (and `MissingExtraError`, a subclass) where it detects a mistake, with a message that names the flag or file and the
 fix; a non-finite loss is a problem of the run's settings and says which term. Any other exception is a bug and keeps
 its traceback (exit status 1). Ctrl-C is one line too, with how to continue when the run says it, and exit status 130
-(128 + SIGINT, what a shell reports for a process stopped by Ctrl-C).
+(128 + SIGINT, what a shell reports for a process stopped by Ctrl-C); SIGTERM, what a cluster or torchrun sends
+before a kill, is handled the same way, with exit status 143 (128 + SIGTERM).
 """
 import re
 import sys
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..features import input_size_kwargs
+from .._termination import TERMINATED_STATUS, Terminated, sigterm_interrupts
 from ..errors import UsageError
 from ..model_folder import resolve_model_name
 from ..tasks.nonfinite import NonFiniteLossError
@@ -111,12 +113,14 @@ def in_flag_words(message: str) -> str:
 def run_command(prog: str, body: Callable[[], int]) -> int:
     """Run ``body``; a user error (`USER_ERRORS`) becomes one ``<prog>: error: ...`` line on stderr and exit status 2,
     in the command line's words (`in_flag_words`); Ctrl-C one ``<prog>: interrupted...`` line (with what the
-    KeyboardInterrupt says, e.g. how to continue the run) and `INTERRUPTED_STATUS`.
+    KeyboardInterrupt says, e.g. how to continue the run) and `INTERRUPTED_STATUS`; SIGTERM is handled as Ctrl-C is
+    (`timm_sadistill._termination`), its line ``<prog>: terminated (SIGTERM)...`` and its status `TERMINATED_STATUS`.
 
     Any other exception propagates: it is a bug, and its traceback is what a report needs.
     """
     try:
-        return body()
+        with sigterm_interrupts() as terminated:
+            return body()
     except USER_ERRORS as e:
         if isinstance(e, UsageError) and e.option is not None:
             from .distill_flags import option_flag
@@ -125,6 +129,8 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
             message = in_flag_words(str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
         sys.stderr.write(f"{prog}: error: {message}\n")
         return 2
-    except KeyboardInterrupt as e:
-        sys.stderr.write(f"{prog}: interrupted" + (f": {str(e).splitlines()[0]}" if str(e).strip() else '.') + '\n')
-        return INTERRUPTED_STATUS
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`timm_sadistill._termination`): the same clean-up
+        how = 'terminated (SIGTERM)' if terminated else 'interrupted'
+        said = str(e).splitlines()[0] if str(e).strip() and not isinstance(e, Terminated) else ''
+        sys.stderr.write(f"{prog}: {how}" + (f": {said}" if said else '.') + '\n')
+        return TERMINATED_STATUS if terminated else INTERRUPTED_STATUS

@@ -4,12 +4,15 @@ folder that stop with the path to fix, before anything is written.
 The checks read the listing timm's folder reader makes anyway (plus the top level of each split folder), so they add
 no walk of the tree: a missing validation folder (timm would evaluate on the training images) or train folder
 (timm would train on the validation images too), class folders that differ between the splits or hold subfolders
-(the class indices would shift), an empty class folder, a stray file in a split folder, no images at all, fewer
-train images than one batch. ``--check-images`` decodes a few images per class before anything is written
+(the class indices would shift), an empty class folder, a class folder a ``--class-map`` leaves out (timm would
+drop its images), a class map naming a class twice or holding a blank line, a stray file in a split folder, no
+images at all, fewer train images than one batch. What is hidden (a name starting with a dot: ``.ipynb_checkpoints/``)
+is skipped with one line, not made a class. ``--check-images`` decodes a few images per class before anything is written
 (``all``: every image); every image is decoded when it is read, and an undecodable one stops the run with its path
 (timm's dataset would skip it).
 """
 import argparse
+import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -17,12 +20,15 @@ import torch
 from timm.data import FastCollateMixup, ImageDataset, Mixup, create_dataset, create_loader
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
 from .image_decode import check_decodes, fail_on_unreadable
 
 __all__ = ['create_datasets', 'create_loaders']
+
+_logger = logging.getLogger(__name__)
 
 
 def _create_dataset(args: argparse.Namespace, split: str, **kwargs) -> Dataset:
@@ -41,6 +47,53 @@ def _create_dataset(args: argparse.Namespace, split: str, **kwargs) -> Dataset:
         expected = os.path.join(args.data_dir, split, '<class>', '<image>')
         raise UsageError(f"No images found under '{root}'; expected {expected} files "
                          f"({', '.join(sorted(image_exts))}).") from None
+
+
+def _skip_hidden(reader: ReaderImageFolder, class_map: str) -> None:
+    """Drop from timm's listing (in place) the images under a folder or file whose name starts with a dot
+    (``.ipynb_checkpoints/``, ``.git/``, macOS's ``._x.jpg``), which timm's reader would make classes of, and
+    number the remaining classes again as timm does; one line names what was skipped.
+
+    With a class map the map numbers the classes, so only the images go.
+    """
+    prefix = len(os.path.join(reader.root, ''))
+
+    def hidden(path: str) -> str:
+        """The part of ``path`` below the root up to its first hidden name, or ''."""
+        parts = path[prefix:].split(os.sep)
+        first = next((i for i, part in enumerate(parts) if part.startswith('.')), None)
+        return '' if first is None else '/'.join(parts[:first + 1])
+
+    skipped = sorted({hidden(path) for path, _ in reader.samples} - {''})
+    if not skipped:
+        return
+    index_to_class = {index: name for name, index in reader.class_to_idx.items()}
+    samples = [(path, index_to_class[target]) for path, target in reader.samples if not hidden(path)]
+    if not class_map:  # timm's own numbering: the sorted names of the folders that hold images
+        names = sorted({name for _, name in samples}, key=natural_key)
+        reader.class_to_idx = {name: index for index, name in enumerate(names)}
+    reader.samples = [(path, reader.class_to_idx[name]) for path, name in samples]
+    _logger.warning(f"Skipping what is hidden in '{reader.root}' (a name starting with a dot is not data): "
+                    f"{', '.join(skipped)}.")
+
+
+def _check_class_map(class_map: str, data_dir: str) -> None:
+    """A ``--class-map`` text file names each class once, one a line, none blank: timm's reader would number a
+    duplicate twice (leaving an index no folder has) and make a class of a blank line."""
+    path = class_map if os.path.exists(class_map) else os.path.join(data_dir, class_map)
+    if not class_map.lower().endswith('.txt') or not os.path.isfile(path):
+        return  # a missing file and timm's other formats are refused by the checks of the flags
+    seen: Dict[str, int] = {}
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            name = line.strip()
+            if not name:
+                raise UsageError(f"--class-map '{class_map}': line {number} is blank; write one class folder name a "
+                                 "line, with no blank lines.")
+            if name in seen:
+                raise UsageError(f"--class-map '{class_map}': line {number} names '{name}' again (first on line "
+                                 f"{seen[name]}); name each class once.")
+            seen[name] = number
 
 
 def _check_split_folder(reader: ReaderImageFolder, class_map: str) -> None:
@@ -65,8 +118,11 @@ def _check_split_folder(reader: ReaderImageFolder, class_map: str) -> None:
             raise UsageError(f"'{path}' lies in a subfolder of class folder '{os.path.join(root, class_name)}', which "
                              "timm would make a class of its own; move the images up into the class folder.")
         classes.add(class_name)
-    for entry in entries:  # with --class-map, folders the map leaves out are the user's choice
-        if entry.name not in classes and (not class_map or entry.name in reader.class_to_idx):
+    for entry in entries:
+        if class_map and entry.name not in reader.class_to_idx:  # timm would drop its images without a word
+            raise UsageError(f"Class folder '{entry.path}' is not in --class-map '{class_map}'; add its name to the "
+                             "map, or move the folder out of the data folder.")
+        if entry.name not in classes:
             raise UsageError(f"Class folder '{entry.path}' has no images ({', '.join(sorted(get_img_extensions()))}); "
                              "add images or remove the folder.")
 
@@ -107,6 +163,8 @@ def create_datasets(args: argparse.Namespace, in_chans: int = 3) -> Tuple[Datase
             raise UsageError("No data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders).")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
+    if args.class_map:
+        _check_class_map(args.class_map, args.data_dir or '')
     input_img_mode = 'RGB' if in_chans == 3 else 'L'
     common = dict(class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
     dataset_eval = None
@@ -127,6 +185,7 @@ def create_datasets(args: argparse.Namespace, in_chans: int = 3) -> Tuple[Datase
             f"it), so timm would train on every image under '{args.data_dir}', the validation images included; add it "
             "or name yours with --train-split NAME.")
     for reader in folders:
+        _skip_hidden(reader, args.class_map)
         _check_split_folder(reader, args.class_map)
     if len(folders) == 2:
         _check_same_classes(*folders)
