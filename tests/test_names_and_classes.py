@@ -240,3 +240,33 @@ def test_command_line_errors_name_the_flags_not_the_parameters():
         'pass a larger --img-size, or explicit --distill-stages and --teacher-stages.'
     code = 'build it: timm.create_model(name, img_size=64), then num_classes=3.'
     assert in_flag_words(code) == 'build it: timm.create_model(name, img_size=64), then --num-classes 3.'
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('label_names', [0, 1, 2], "key 'label_names' must be a list of strings (one class name each), got [0, 1, 2]"),
+    ('label_names', ['c0', None, 'c2'], "key 'label_names' must be a list of strings"),
+    ('label_names', 'c0', "key 'label_names' must be a list of strings (one class name each), got c0"),
+    ('label_names', ['c0', 'c1'], "key 'label_names' has 2 names, but 'num_classes' is 3"),
+    ('num_classes', '3', "key 'num_classes' must be a count of classes, got '3'"),
+    ('num_classes', True, "key 'num_classes' must be a count of classes, got True"),
+    ('pretrained_cfg', [], "key 'pretrained_cfg' must be an object, got list"),
+    ('input_size', [3, 0, 32], "key 'pretrained_cfg.input_size' must be [channels, height, width] of positive integers"),
+    ('nesting', None, "cannot be read (RecursionError"),
+])
+def test_a_model_folder_config_of_the_wrong_types_is_one_line_naming_the_file_and_key(
+        run, model_folder, capsys, tmp_path, key, value, expected):
+    folder = _copy_with_labels(model_folder, tmp_path / 'folder', ['c0', 'c1', 'c2'])
+    config = json.loads((folder / 'config.json').read_text())
+    if key == 'input_size':
+        config['pretrained_cfg']['input_size'] = value
+    elif key != 'nesting':
+        config[key] = value
+    text = json.dumps(config) if key != 'nesting' else '[' * 100000 + ']' * 100000
+    (folder / 'config.json').write_text(text)
+    for argv in (['train', '--data-dir', str(run / 'data'), '--output', str(tmp_path / 'out')] + FLAGS +
+                 ['--distill', 'kd', '--teacher', f'local-dir:{folder}'],
+                 ['train', '--data-dir', str(run / 'data'), '--output', str(tmp_path / 'out')] + FLAGS +
+                 ['--model', f'local-dir:{folder}']):
+        line = run_main(argv, capsys)
+        assert f"'{folder / 'config.json'}'" in line and expected in line, line
+    assert not (tmp_path / 'out').exists()

@@ -184,3 +184,46 @@ def test_the_command_line_exits_2_with_one_line_and_no_traceback(tmp_path):
                             env={'PYTHONPATH': str(REPO_ROOT), 'HF_HUB_OFFLINE': '1', 'PATH': '/usr/bin:/bin'})
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines() == ['timm-sadistill train: error: --epochs must be at least 1, got 0.']
+
+
+class _RunsCode:
+    """A pickle payload: loading it unpickled would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_a_checkpoint_that_could_run_code_is_refused_on_every_path_with_one_line(run, capsys, tmp_path):
+    import json
+    import shutil
+
+    done = run / 'out' / 'done'
+    before = digests(run / 'out')
+    marker = tmp_path / 'ran'
+    payload = {'state_dict': {}, 'extra': _RunsCode(marker)}
+    evil, legacy = tmp_path / 'evil.pth.tar', tmp_path / 'legacy.pth.tar'
+    torch.save(payload, evil)
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)
+    folder = tmp_path / 'folder'  # a model folder whose weights are such a pickle
+    folder.mkdir()
+    shutil.copy(done / 'model' / 'config.json', folder / 'config.json')
+    shutil.copy(evil, folder / 'pytorch_model.bin')
+    common = ['train', '--data-dir', str(run / 'data'), '--num-classes', '3', '--output', str(tmp_path / 'out')] + FLAGS
+    cases = [
+        (evil, common + ['--resume', str(evil)]),
+        (legacy, common + ['--initial-checkpoint', str(legacy)]),
+        (evil, common + ['--distill', 'kd', '--teacher', 'resnet18', '--teacher-checkpoint', str(evil)]),
+        (folder / 'pytorch_model.bin', common + ['--model', f'local-dir:{folder}']),
+    ]
+    lines = [(path, run_main(argv, capsys)) for path, argv in cases]
+    lines.append((evil, run_main(['viz', '--model', STUDENT, '--teacher', 'resnet18', '--num-classes', '3',
+                                  '--img-size', '32', '--checkpoint', str(evil), str(evil), '-o',
+                                  str(tmp_path / 'maps.png')], capsys)))
+    for path, line in lines:
+        assert f"'{path}' was not loaded: it holds more than weights (a pickled posix.system), and loading it could " \
+               "run code. Pass a safetensors file or plain weights" in line, line
+    assert not marker.exists() and not (tmp_path / 'out').exists() and digests(run / 'out') == before

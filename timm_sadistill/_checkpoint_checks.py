@@ -5,6 +5,8 @@ architecture or class count), and load_state_dict errors alone do not say which 
 """
 import argparse
 import os
+import pickle
+import re
 import zipfile
 from typing import Any, Optional
 
@@ -24,8 +26,9 @@ class CheckpointReadError(UsageError):
 def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
     """Raise `CheckpointReadError` unless ``path`` is a complete safetensors file or torch zip archive.
 
-    Reads only headers (the safetensors metadata or the zip central directory), never the tensors. Legacy
-    (non-zip) torch pickles cannot be checked without loading them and pass.
+    Reads only headers (the safetensors metadata, the zip central directory and the pickled structure, which must
+    be weights only: a pickle that could run code is refused), never the tensors; a legacy (non-zip) torch pickle
+    cannot be memory-mapped, and is loaded whole (weights only) to be checked.
     """
     if os.path.isdir(path):
         raise CheckpointReadError(f"{what} '{path}' is a folder, not a checkpoint file; pass a file in it, "
@@ -48,16 +51,37 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
             f"{str(e).splitlines()[0][:160]}). Pass another file, e.g. model_best.pth.tar or an earlier "
             "checkpoint-N.pth.tar from the same folder."
         ) from e
+    if not path.endswith('.safetensors'):  # timm and torch.load would refuse a pickle with code in it as a traceback
+        load_checkpoint(path, what)
 
 
-def load_checkpoint(path: str) -> Any:
-    """``torch.load`` of a timm checkpoint, memory-mapped, weights only.
+def _is_zip(path: str) -> bool:
+    """Whether ``path`` is in torch.save's zip format (the legacy pickle format cannot be memory-mapped)."""
+    with open(path, 'rb') as f:
+        return f.read(4) == _ZIP_MAGIC
 
-    weights_only refuses arbitrary objects; train checkpoints also hold the run's argparse.Namespace ('args'),
-    which timm's own loader allow-lists the same way.
+
+def _holds_code(what: str, path: str, error: pickle.UnpicklingError) -> str:
+    """The one line for a checkpoint that torch's weights-only loader refused: what it holds, and what to do."""
+    found = re.search(r'GLOBAL ([\w.]+)', str(error))
+    held = f'a pickled {found.group(1)}' if found else 'pickled objects'
+    return (f"{what} '{path}' was not loaded: it holds more than weights ({held}), and loading it could run code. "
+            "Pass a safetensors file or plain weights; if you trust the file, re-save its weights, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth').")
+
+
+def load_checkpoint(path: str, what: str = 'Checkpoint') -> Any:
+    """``torch.load`` of a timm checkpoint, memory-mapped (only its structure is read until a tensor is used),
+    weights only.
+
+    weights_only refuses arbitrary objects, here as `CheckpointReadError` naming what the file holds; train
+    checkpoints also hold the run's argparse.Namespace ('args'), which timm's own loader allow-lists the same way.
     """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointReadError(_holds_code(what, path, e)) from None
 
 
 def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:

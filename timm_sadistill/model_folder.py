@@ -182,6 +182,10 @@ def save_model_folder(
     return folder
 
 
+# a config.json holds names and settings, a few MB for 22k class names at most; past this it is not one
+_CONFIG_MAX_BYTES = 64 * 2 ** 20
+
+
 def model_folder_of(name: str) -> Optional[str]:
     """The folder of a ``local-dir:<folder>`` model name (timm's source prefix, any case); None for other names."""
     source, sep, path = name.partition(':')
@@ -192,6 +196,35 @@ def model_folder_weights(folder: str) -> Optional[str]:
     """The weights file timm loads from ``folder`` (its preferred names, model.safetensors first); None if none."""
     return next((os.path.join(folder, name) for name in _PREFERRED_FILES if os.path.isfile(os.path.join(folder, name))),
                 None)
+
+
+def _check_config_values(config: Any, path: str) -> None:
+    """The keys of a model folder's config.json that this package reads have the types timm writes: the file is an
+    object, ``num_classes`` a count, ``label_names`` (top level or in ``pretrained_cfg``) one string per class, and
+    ``pretrained_cfg.input_size`` (C, H, W) counts; UsageError naming the file and the key."""
+    def refuse(key: str, wrong: str) -> None:
+        raise UsageError(f"'{path}': key '{key}' {wrong}; correct it, or export the model folder again.")
+
+    if not isinstance(config, dict):
+        raise UsageError(f"'{path}' holds a JSON {type(config).__name__}, not an object; export the model folder again.")
+    num_classes = config.get('num_classes')
+    if num_classes is not None and (type(num_classes) is not int or num_classes < 0):
+        refuse('num_classes', f'must be a count of classes, got {num_classes!r}')
+    pretrained_cfg = config.get('pretrained_cfg', {})
+    if not isinstance(pretrained_cfg, dict):
+        refuse('pretrained_cfg', f'must be an object, got {type(pretrained_cfg).__name__}')
+    for key, names in (('label_names', config.get('label_names')),
+                       ('pretrained_cfg.label_names', pretrained_cfg.get('label_names'))):
+        if names is None:
+            continue
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            refuse(key, f'must be a list of strings (one class name each), got {str(names)[:80]}')
+        if num_classes is not None and len(names) != num_classes:
+            refuse(key, f"has {len(names)} names, but 'num_classes' is {num_classes}")
+    size = pretrained_cfg.get('input_size')
+    if size is not None and not (isinstance(size, list) and len(size) == 3
+                                 and all(type(n) is int and n > 0 for n in size)):
+        refuse('pretrained_cfg.input_size', f'must be [channels, height, width] of positive integers, got {size!r}')
 
 
 def check_model_folder(folder: str) -> Dict[str, Any]:
@@ -209,12 +242,16 @@ def check_model_folder(folder: str) -> Dict[str, Any]:
         raise UsageError(f"Model folder '{folder}' has no {CONFIG_FILE}; {hint}, or write one with "
                          "timm.models.save_for_hf.")
     try:
+        if os.path.getsize(config_path) > _CONFIG_MAX_BYTES:
+            raise ValueError(f'{os.path.getsize(config_path)} bytes, more than a config.json holds '
+                             f'({_CONFIG_MAX_BYTES} at most)')
         with open(config_path, encoding='utf-8') as f:
             config = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
         raise UsageError(f"'{config_path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          f"{hint}.") from e
-    architecture = config.get('architecture') if isinstance(config, dict) else None
+    _check_config_values(config, config_path)
+    architecture = config.get('architecture')
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise UsageError(f"'{config_path}' names architecture {architecture!r}, which timm {timm.__version__} does not "
                          "know; upgrade timm or correct it (timm.list_models('*pattern*') lists the names).")
