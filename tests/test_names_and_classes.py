@@ -110,6 +110,10 @@ def test_teacher_and_data_of_other_classes_are_refused_before_any_model(run, mod
         f"--teacher local-dir:{model_folder} has 3 classes and the data '{four / 'train'}' 4 class folders":
             [[*kd, f'local-dir:{model_folder}', '--data-dir', str(four)],
              [*kd, f'local-dir:{model_folder}', '--data-dir', str(four), '--num-classes', '4']],
+        # --num-classes alone disagrees: it is named, with the count that fits
+        f"--num-classes 5 disagrees with --teacher local-dir:{model_folder}, which has 3 classes as the data "
+        f"'{run / 'data' / 'train'}' has; drop --num-classes or pass --num-classes 3.":
+            [[*kd, f'local-dir:{model_folder}', '--data-dir', str(run / 'data'), '--num-classes', '5']],
         f"--teacher local-dir:{model_folder} knows other classes than the class folders of '{renamed / 'train'}'":
             [[*kd, f'local-dir:{model_folder}', '--data-dir', str(renamed)]],
         "in another order (class 0 is 'c2' for it, 'c0' in the data); pass --class-map FILE":

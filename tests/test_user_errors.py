@@ -227,3 +227,11 @@ def test_a_checkpoint_that_could_run_code_is_refused_on_every_path_with_one_line
         assert f"'{path}' was not loaded: it holds more than weights (a pickled posix.system), and loading it could " \
                "run code. Pass a safetensors file or plain weights" in line, line
     assert not marker.exists() and not (tmp_path / 'out').exists() and digests(run / 'out') == before
+
+
+def test_timm_train_given_a_folder_says_it_is_one(capsys, tmp_path):
+    (tmp_path / 'timm').mkdir()
+    (tmp_path / 'timm' / 'train.py').write_text('')
+    line = run_main(['timm-train', str(tmp_path / 'timm'), '--kd-model-name', 'resnet18'], capsys)
+    assert line == (f"timm-sadistill timm-train: error: train.py '{tmp_path / 'timm'}' is a folder, not a script; pass "
+                    f"the path of timm's train.py as the first argument, e.g. {tmp_path / 'timm' / 'train.py'}.")

@@ -53,6 +53,10 @@ def _peek_train_py_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def _check_script(path: str) -> None:
     """Refuse a script that is not timm's train.py: we can only patch the task construction it has."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, 'train.py')
+        raise UsageError(f"train.py '{path}' is a folder, not a script; pass the path of timm's train.py as the first "
+                         f"argument{f', e.g. {inside}' if os.path.isfile(inside) else ''}.")
     if not os.path.isfile(path):
         raise UsageError(f"train.py '{path}' does not exist; pass the path of timm's train.py as the first argument.")
     with open(path, encoding='utf-8', errors='replace') as f:

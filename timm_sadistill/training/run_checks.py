@@ -161,7 +161,8 @@ def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, t
     """
     classes = _data_classes(dataset_train)
     root = getattr(getattr(dataset_train, 'reader', None), 'root', None) or args.data_dir
-    if args.num_classes is None:
+    given = args.num_classes is not None
+    if not given:
         known = len(classes) if classes else (teacher and teacher.num_classes) or student.num_classes
         if known and classes and utils.is_primary(args):
             _logger.info(f"--num-classes {known}: the class folders of '{root}' ({_preview(classes)}).")
@@ -170,6 +171,10 @@ def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, t
         raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
                          f"'{root}'; pass --num-classes {len(classes)}.")
     if teacher is not None and teacher.num_classes is not None and teacher.num_classes != args.num_classes:
+        if given and (not classes or len(classes) == teacher.num_classes):  # the flag is what disagrees
+            raise UsageError(f"--num-classes {args.num_classes} disagrees with --teacher {teacher.name}, which has "
+                             f"{teacher.num_classes} classes{f' as the data {root!r} has' if classes else ''}; drop "
+                             f"--num-classes or pass --num-classes {teacher.num_classes}.")
         data = f"the data '{root}' {len(classes)} class folders" if classes else f"--num-classes is {args.num_classes}"
         raise UsageError(f"--teacher {teacher.name} has {teacher.num_classes} classes and {data}; distil on data "
                          "of the teacher's classes, or train a teacher on these.")
