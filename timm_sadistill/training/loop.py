@@ -5,7 +5,7 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,87 @@ def _scalar_terms(result: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in result.items() if torch.is_tensor(v) and v.ndim == 0}
 
 
+def _batch_on_device(
+        input: torch.Tensor,
+        target: torch.Tensor,
+        args: argparse.Namespace,
+        device: torch.device,
+        mixup_fn: Optional[Mixup] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch on ``device`` in the layout of ``--channels-last``, mixed by ``mixup_fn``; the prefetching loader
+    has done the moving and the mixing itself."""
+    if not args.prefetcher:
+        input, target = input.to(device), target.to(device)
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    return input, target
+
+
+def _turn_off_mixup(epoch: int, loader, mixup_fn: Optional[Mixup], args: argparse.Namespace) -> None:
+    """From ``--mixup-off-epoch`` on, no mixup (in the prefetching loader, or in ``mixup_fn``)."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+
+
+def _backward(
+        task: TrainingTask,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        args: argparse.Namespace,
+        loss_scaler: Optional[NativeScaler],
+        need_update: bool,
+) -> None:
+    """The backward pass of ``loss`` (already divided over the accumulated micro-batches) and, on the micro-batch that
+    updates, the clipped optimizer step, as timm's train.py takes them."""
+    clip_parameters = (
+        task.get_clip_parameters(exclude_head='agc' in args.clip_mode) if args.clip_grad is not None else None
+    )
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                    parameters=clip_parameters, need_update=need_update)
+    else:
+        loss.backward()
+        if need_update:
+            if args.clip_grad is not None:
+                utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+
+
+def _mean_terms(
+        term_sums: Dict[str, torch.Tensor],
+        num_samples: int,
+        device: torch.device,
+        distributed: bool,
+) -> 'OrderedDict[str, float]':
+    """The mean of each summed term over the samples of every rank, the loss first."""
+    names = sorted(term_sums, key=lambda k: (k != 'loss', k))
+    totals = torch.stack([term_sums[k] for k in names] + [torch.tensor(float(num_samples), device=device)]) \
+        if names else torch.tensor([float(num_samples)], device=device)
+    if distributed:
+        dist.all_reduce(totals)
+    count = max(totals[-1].item(), 1.0)
+    return OrderedDict((name, totals[i].item() / count) for i, name in enumerate(names))
+
+
+def _log_update(
+        epoch: int,
+        update_idx: int,
+        updates_per_epoch: int,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        rate: float,
+) -> None:
+    """timm's progress line of an update: the loss, the samples per second over every rank, the mean learning rate."""
+    lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+    _logger.info(f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}]  Loss: {loss.item():#.4g}  '
+                 f'{rate:>7.2f} samples/s  LR: {lr:.3e}')
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -42,12 +123,7 @@ def train_one_epoch(
 ) -> 'OrderedDict[str, float]':
     """One epoch of timm's train loop (gradient accumulation, AMP, clipping, EMA); returns the mean loss and the
     mean of every loss term (averaged over ranks)."""
-    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
-            loader.mixup_enabled = False
-        elif mixup_fn is not None:
-            mixup_fn.mixup_enabled = False
-
+    _turn_off_mixup(epoch, loader, mixup_fn, args)
     task.train()
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)
@@ -68,12 +144,7 @@ def train_one_epoch(
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
         if batch_idx >= last_batch_idx_to_accum:
             accum_steps = last_accum_steps
-        if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
-            if mixup_fn is not None:
-                input, target = mixup_fn(input, target)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = _batch_on_device(input, target, args, device, mixup_fn)
 
         # DDP syncs gradients only on the micro-batch that updates
         sync_context = task.no_sync if (args.distributed and not need_update) else suppress
@@ -86,19 +157,8 @@ def train_one_epoch(
                                      where=f'epoch {epoch}, batch {batch_idx}', all_ranks=args.distributed):
                 skipped += 1
             else:
-                scaled = loss / accum_steps if accum_steps > 1 else loss
-                clip_parameters = (
-                    task.get_clip_parameters(exclude_head='agc' in args.clip_mode) if args.clip_grad is not None else None
-                )
-                if loss_scaler is not None:
-                    loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                                parameters=clip_parameters, need_update=need_update)
-                else:
-                    scaled.backward()
-                    if need_update:
-                        if args.clip_grad is not None:
-                            utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
-                        optimizer.step()
+                _backward(task, loss / accum_steps if accum_steps > 1 else loss, optimizer, args, loss_scaler,
+                          need_update)
                 batch_size = input.shape[0]
                 num_samples += batch_size
                 for name, value in terms.items():
@@ -116,20 +176,12 @@ def train_one_epoch(
         if progress is not None:
             progress.update(batch_idx + 1 - progress.count, postfix=f'loss {loss.item():.4g}')
         elif utils.is_primary(args) and (update_idx % args.log_interval == 0 or last_batch):
-            lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
             rate = (batch_idx + 1) * input.shape[0] * args.world_size / max(time.time() - start, 1e-9)
-            _logger.info(f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}]  Loss: {loss.item():#.4g}  '
-                         f'{rate:>7.2f} samples/s  LR: {lr:.3e}')
+            _log_update(epoch, update_idx, updates_per_epoch, loss, optimizer, rate)
     if progress is not None:
         progress.close()
 
-    names = sorted(term_sums, key=lambda k: (k != 'loss', k))
-    totals = torch.stack([term_sums[k] for k in names] + [torch.tensor(float(num_samples), device=device)]) \
-        if names else torch.tensor([float(num_samples)], device=device)
-    if args.distributed:
-        dist.all_reduce(totals)
-    count = max(totals[-1].item(), 1.0)
-    metrics = OrderedDict((name, totals[i].item() / count) for i, name in enumerate(names))
+    metrics = _mean_terms(term_sums, num_samples, device, args.distributed)
     if skipped:
         metrics['skipped_steps'] = skipped
     return metrics
@@ -148,10 +200,7 @@ def validate(
     loss_fn = nn.CrossEntropyLoss()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
     for input, target in loader:
-        if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = _batch_on_device(input, target, args, device)
         with amp_autocast():
             output = predict(input)
         output = output.float()
