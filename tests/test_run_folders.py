@@ -92,6 +92,16 @@ def test_runs_started_together_under_the_timestamp_name_get_a_folder_each(tmp_pa
     assert list(tmp_path.iterdir()) == []  # folders in which nothing was written go with their lock
 
 
+def test_a_run_without_experiment_gets_timms_timestamp_name_numbered_when_taken():
+    from datetime import datetime
+
+    from timm_sadistill.training.run_name import run_folder_name, timestamp_name
+
+    name = timestamp_name('local-dir:runs/teacher/model', 224, datetime(2026, 12, 1, 21, 3, 11))
+    assert name == '20261201-210311-runs_teacher_model-224'  # timm train.py's <date>-<time>-<model>-<size>
+    assert [run_folder_name(name, k) for k in range(3)] == [name, f'{name}-1', f'{name}-2']
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modes: every output honours the umask, as a plain open() does
 
