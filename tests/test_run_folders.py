@@ -266,7 +266,7 @@ def test_a_full_disk_while_exporting_is_one_line_and_the_resume_refreshes_the_ex
 
 @pytest.mark.parametrize('checkpointed', [False, True], ids=['before the first checkpoint', 'after it'])
 def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkeypatch, checkpointed):
-    from timm_sadistill.training import run
+    from timm_sadistill.training import loop
 
     command, folder = _copy(finished, tmp_path)
     if checkpointed:
@@ -278,7 +278,7 @@ def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(run, 'train_one_epoch', interrupted)
+    monkeypatch.setattr(loop, 'train_one_epoch', interrupted)
     lines = run_main(command, capsys, status=130)
     hint = f"continue with --resume {folder / 'last.pth.tar'}." if checkpointed else \
         'rerun the same command (nothing was checkpointed yet, so it starts over).'

@@ -1,11 +1,14 @@
-"""One epoch of timm's training loop over a task, and the validation pass (top-1, top-5 and loss, over ranks)."""
+"""timm's training loop over a task: the epochs of a run (`train_epochs`: train, validate, checkpoint and export each),
+one epoch (`train_one_epoch`) and the validation pass (`validate`: top-1, top-5 and loss, over ranks)."""
 import argparse
 import logging
+import os
 import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,12 +18,37 @@ from timm.data import Mixup
 from timm.task import TrainingTask
 from timm.utils import NativeScaler
 
+from ..errors import UsageError
 from ..tasks import guard_finite_loss
+from .checkpoint_saver import AtomicCheckpointSaver
+from .export import LEGACY_WEIGHTS_FILE
 from .progress import ProgressBar
 
-__all__ = ['train_one_epoch', 'validate']
+__all__ = ['Training', 'RunOutputs', 'train_epochs', 'train_one_epoch', 'validate']
 
 _logger = logging.getLogger('timm_sadistill.train')
+
+
+@dataclass
+class Training:
+    """What the epochs drive: the task, its optimizer and schedule, the precision and the loaders."""
+    task: TrainingTask
+    optimizer: torch.optim.Optimizer
+    amp_autocast: Callable
+    loss_scaler: Optional[NativeScaler]
+    loader_train: Any
+    loader_eval: Optional[Any]
+    mixup_fn: Optional[Mixup]
+    lr_scheduler: Any = None
+
+
+@dataclass
+class RunOutputs:
+    """What rank 0 writes in the run folder ``path``: the checkpoints (``saver``) and the student of an epoch
+    (``export(epoch, eval_metrics)``)."""
+    path: str
+    saver: AtomicCheckpointSaver
+    export: Callable[..., None]
 
 
 def _scalar_terms(result: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -219,3 +247,81 @@ def validate(
     if utils.is_primary(args):
         _logger.info(f"{log_name}: Loss {metrics['loss']:.4f}  Acc@1 {metrics['top1']:.3f}  Acc@5 {metrics['top5']:.3f}")
     return metrics
+
+
+def train_epochs(
+        training: Training,
+        args: argparse.Namespace,
+        device: torch.device,
+        epochs: range,
+        eval_metric: str,
+        outputs: Optional[RunOutputs],
+) -> Tuple[Optional[float], Optional[int]]:
+    """Train, validate, checkpoint and export each of ``epochs``, ranked by ``eval_metric``; (best metric, its
+    epoch), None off rank 0."""
+    best_metric = best_epoch = None
+    for epoch in epochs:
+        for sampler in (getattr(training.loader_train, 'sampler', None),
+                        getattr(training.loader_train, 'batch_sampler', None)):
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(epoch)
+                break
+        train_metrics = train_one_epoch(epoch, training.task, training.loader_train, training.optimizer, args, device,
+                                        training.lr_scheduler, training.amp_autocast, training.loss_scaler,
+                                        training.mixup_fn)
+        _check_some_step_trained(train_metrics, epoch, len(training.loader_train))
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
+            utils.distribute_bn(training.task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = _evaluate(training, args, device) if training.loader_eval is not None else None
+        latest_metric = (eval_metrics or train_metrics)[eval_metric]
+        if outputs is not None:
+            best_metric, best_epoch = _save_epoch(outputs, training.optimizer, epoch, train_metrics, eval_metrics,
+                                                  latest_metric)
+        if training.lr_scheduler is not None:
+            training.lr_scheduler.step(epoch + 1, latest_metric)
+    return best_metric, best_epoch
+
+
+def _check_some_step_trained(train_metrics: Dict[str, float], epoch: int, steps: int) -> None:
+    """Refuse an epoch of ``steps`` steps that ``--skip-nonfinite`` skipped all of: it has nothing to save."""
+    if train_metrics.get('skipped_steps', 0) >= steps:  # the ranks skip together: all agree
+        raise UsageError(
+            f"--skip-nonfinite skipped every step of epoch {epoch} (the loss was NaN/inf at all "
+            f"{steps}): nothing was trained, so this epoch is neither saved nor exported; the "
+            "warnings above name the non-finite term: change the settings that make it (e.g. a lower --lr or "
+            "loss weight).")
+
+
+def _evaluate(training: Training, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
+    """The epoch's validation metrics: with EMA, the EMA weights' (as in timm, those are the ones that are ranked)."""
+    task = training.task
+    eval_model = task.get_eval_model()
+    eval_model.eval()
+    eval_metrics = validate(eval_model, training.loader_eval, args, device, training.amp_autocast)
+    if task.has_ema():
+        ema_eval_model = task.get_eval_model(ema=True)
+        ema_eval_model.eval()
+        eval_metrics = validate(ema_eval_model, training.loader_eval, args, device, training.amp_autocast,
+                                log_name='Test (EMA)')
+    return eval_metrics
+
+
+def _save_epoch(
+        outputs: RunOutputs,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        train_metrics: Dict[str, float],
+        eval_metrics: Optional[Dict[str, float]],
+        latest_metric: float,
+) -> Tuple[Optional[float], Optional[int]]:
+    """The epoch's row of summary.csv, its checkpoint and, when it is the best so far, its export; (best metric,
+    its epoch)."""
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    summary = os.path.join(outputs.path, 'summary.csv')
+    # the header goes into a new or empty file (also when --resume starts a new --experiment)
+    utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                         write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+    best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=latest_metric)
+    if best_epoch == epoch or not os.path.exists(os.path.join(outputs.path, LEGACY_WEIGHTS_FILE)):
+        outputs.export(epoch, eval_metrics=eval_metrics)
+    return best_metric, best_epoch

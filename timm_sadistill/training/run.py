@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
-from timm.data import Mixup, resolve_data_config
+from timm.data import resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -45,8 +45,8 @@ from ..tasks import create_distill_task
 from .checkpoint_saver import AtomicCheckpointSaver
 from .run_checks import check_batch_of_one, check_classes, check_normalisation, check_train_flags
 from .data_loading import create_datasets, create_loaders
-from .export import LEGACY_WEIGHTS_FILE, export_student, exported_epoch, label_names_of
-from .loop import train_one_epoch, validate
+from .export import export_student, exported_epoch, label_names_of
+from .loop import RunOutputs, Training, train_epochs, validate
 from .resume_checks import check_resume_distill, check_resume_matches, read_resume_checkpoint
 from .run_folder import check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary
 from .run_name import timestamp_name
@@ -72,28 +72,6 @@ class _Request:
     command: Optional[str]
     task_kwargs: Dict[str, Any]
     saved_args: Optional[argparse.Namespace]
-
-
-@dataclass
-class _Training:
-    """What the epochs drive: the task, its optimizer and schedule, the precision and the loaders."""
-    task: TrainingTask
-    optimizer: torch.optim.Optimizer
-    amp_autocast: Callable
-    loss_scaler: Optional[NativeScaler]
-    loader_train: Any
-    loader_eval: Optional[Any]
-    mixup_fn: Optional[Mixup]
-    lr_scheduler: Any = None
-
-
-@dataclass
-class _Outputs:
-    """What rank 0 writes in the run folder ``path``: the checkpoints (``saver``) and the student of an epoch
-    (``export(epoch, eval_metrics)``)."""
-    path: str
-    saver: AtomicCheckpointSaver
-    export: Callable[..., None]
 
 
 def _check_distill_args(args: argparse.Namespace) -> ModelName:
@@ -343,7 +321,7 @@ def _train_in_folder(
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
-    best_metric, best_epoch = _train_epochs(training, args, device, range(start_epoch, num_epochs), eval_metric,
+    best_metric, best_epoch = train_epochs(training, args, device, range(start_epoch, num_epochs), eval_metric,
                                             outputs)
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
@@ -359,7 +337,7 @@ def _create_training(
         model: nn.Module,
         data_config: Dict[str, Any],
         datasets: Tuple[Any, Any],
-) -> Tuple[_Training, str]:
+) -> Tuple[Training, str]:
     """The student on the device, the precision, the loaders, the task and the optimizer (the schedule comes later:
     `_create_schedule`); and the args.yaml text with the task's choices (`_record_distill_choices`)."""
     args = request.args
@@ -388,11 +366,11 @@ def _create_training(
         args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
     # the trainable module holds the student and the loss's connectors, so both train
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    training = _Training(task, optimizer, amp_autocast, loss_scaler, loader_train, loader_eval, mixup_fn)
+    training = Training(task, optimizer, amp_autocast, loss_scaler, loader_train, loader_eval, mixup_fn)
     return training, args_text
 
 
-def _load_state(training: _Training, args: argparse.Namespace) -> Optional[int]:
+def _load_state(training: Training, args: argparse.Namespace) -> Optional[int]:
     """Load ``--resume`` into the task (and, without ``--no-resume-opt``, into the optimizer and the loss scaler),
     and set up the EMA (from the checkpoint when resuming); the epoch the checkpoint ends (None: a new run)."""
     task, resume_epoch = training.task, None
@@ -410,11 +388,11 @@ def _load_state(training: _Training, args: argparse.Namespace) -> Optional[int]:
 
 def _create_outputs(
         path: str,
-        training: _Training,
+        training: Training,
         args: argparse.Namespace,
         decreasing_metric: bool,
         export: Callable[..., None],
-) -> _Outputs:
+) -> RunOutputs:
     """The checkpoint saver of the run folder ``path``; resuming into it, the saver goes on ranking its checkpoints
     and an export that a stopped run left behind its best checkpoint is redone."""
     task = training.task
@@ -427,11 +405,11 @@ def _create_outputs(
         saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
         if _refresh_export(task, path, export):
             _reload(task, args.resume)  # the export loaded the best epoch; training goes on from the last
-    return _Outputs(path, saver, export)
+    return RunOutputs(path, saver, export)
 
 
 def _create_schedule(
-        training: _Training,
+        training: Training,
         args: argparse.Namespace,
         decreasing_metric: bool,
         resume_epoch: Optional[int],
@@ -460,7 +438,7 @@ def _log_nothing_to_train(args: argparse.Namespace, start_epoch: int, num_epochs
         _logger.info(f"--resume '{args.resume}' {done}: nothing to train (pass a larger --epochs to train on).")
 
 
-def _prepare_task(training: _Training, args: argparse.Namespace, device: torch.device) -> None:
+def _prepare_task(training: Training, args: argparse.Namespace, device: torch.device) -> None:
     """Compile and distribute the task as the flags ask, and log the teacher's accuracy."""
     task = training.task
     if args.torchcompile:
@@ -473,83 +451,6 @@ def _prepare_task(training: _Training, args: argparse.Namespace, device: torch.d
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
     if args.distill != 'none' and training.loader_eval is not None:
         _log_teacher_accuracy(task, training.loader_eval, args, device, training.amp_autocast)
-
-
-def _train_epochs(
-        training: _Training,
-        args: argparse.Namespace,
-        device: torch.device,
-        epochs: range,
-        eval_metric: str,
-        outputs: Optional[_Outputs],
-) -> Tuple[Optional[float], Optional[int]]:
-    """Train, validate, checkpoint and export each of ``epochs``, ranked by ``eval_metric``; (best metric, its
-    epoch), None off rank 0."""
-    best_metric = best_epoch = None
-    for epoch in epochs:
-        for sampler in (getattr(training.loader_train, 'sampler', None),
-                        getattr(training.loader_train, 'batch_sampler', None)):
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(epoch)
-                break
-        train_metrics = train_one_epoch(epoch, training.task, training.loader_train, training.optimizer, args, device,
-                                        training.lr_scheduler, training.amp_autocast, training.loss_scaler,
-                                        training.mixup_fn)
-        _check_some_step_trained(train_metrics, epoch, len(training.loader_train))
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
-            utils.distribute_bn(training.task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = _evaluate(training, args, device) if training.loader_eval is not None else None
-        latest_metric = (eval_metrics or train_metrics)[eval_metric]
-        if outputs is not None:
-            best_metric, best_epoch = _save_epoch(outputs, training.optimizer, epoch, train_metrics, eval_metrics,
-                                                  latest_metric)
-        if training.lr_scheduler is not None:
-            training.lr_scheduler.step(epoch + 1, latest_metric)
-    return best_metric, best_epoch
-
-
-def _check_some_step_trained(train_metrics: Dict[str, float], epoch: int, steps: int) -> None:
-    if train_metrics.get('skipped_steps', 0) >= steps:  # the ranks skip together: all agree
-        raise UsageError(
-            f"--skip-nonfinite skipped every step of epoch {epoch} (the loss was NaN/inf at all "
-            f"{steps}): nothing was trained, so this epoch is neither saved nor exported; the "
-            "warnings above name the non-finite term: change the settings that make it (e.g. a lower --lr or "
-            "loss weight).")
-
-
-def _evaluate(training: _Training, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
-    """The epoch's validation metrics: with EMA, the EMA weights' (as in timm, those are the ones that are ranked)."""
-    task = training.task
-    eval_model = task.get_eval_model()
-    eval_model.eval()
-    eval_metrics = validate(eval_model, training.loader_eval, args, device, training.amp_autocast)
-    if task.has_ema():
-        ema_eval_model = task.get_eval_model(ema=True)
-        ema_eval_model.eval()
-        eval_metrics = validate(ema_eval_model, training.loader_eval, args, device, training.amp_autocast,
-                                log_name='Test (EMA)')
-    return eval_metrics
-
-
-def _save_epoch(
-        outputs: _Outputs,
-        optimizer: torch.optim.Optimizer,
-        epoch: int,
-        train_metrics: Dict[str, float],
-        eval_metrics: Optional[Dict[str, float]],
-        latest_metric: float,
-) -> Tuple[Optional[float], Optional[int]]:
-    """The epoch's row of summary.csv, its checkpoint and, when it is the best so far, its export; (best metric,
-    its epoch)."""
-    lrs = [group['lr'] for group in optimizer.param_groups]
-    summary = os.path.join(outputs.path, 'summary.csv')
-    # the header goes into a new or empty file (also when --resume starts a new --experiment)
-    utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
-                         write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
-    best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=latest_metric)
-    if best_epoch == epoch or not os.path.exists(os.path.join(outputs.path, LEGACY_WEIGHTS_FILE)):
-        outputs.export(epoch, eval_metrics=eval_metrics)
-    return best_metric, best_epoch
 
 
 def _reload(task: TrainingTask, checkpoint: str) -> None:
