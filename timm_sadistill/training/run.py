@@ -432,6 +432,7 @@ def _create_schedule(
 
 
 def _log_nothing_to_train(args: argparse.Namespace, start_epoch: int, num_epochs: int) -> None:
+    """Say that the ``--resume`` run has trained the epochs this command asks for, and how to train on."""
     done = f'has trained all {num_epochs} epochs' if start_epoch == num_epochs else \
         f'has trained {start_epoch} epochs, more than the {num_epochs} this command asks for'
     if utils.is_primary(args):
