@@ -84,9 +84,9 @@ def test_common_timm_flags_reach_the_optimizer_loss_and_model(tmp_path, monkeypa
     seen = {}
     create_task = run._create_task
 
-    def spy(args, model, train_loss, device, data_config):
+    def spy(args, model, train_loss, *rest):
         seen.update(loss=train_loss, model=model)
-        return create_task(args, model, train_loss, device, data_config)
+        return create_task(args, model, train_loss, *rest)
 
     create_optimizer = run.create_optimizer_v2
 

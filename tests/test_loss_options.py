@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import timm_sadistill as tsd
-from timm_sadistill.cli.distill_flags import distill_task_kwargs, loss_flag
+from timm_sadistill.cli.distill_flags import distill_task_kwargs, loss_flag, option_flag
 from timm_sadistill.cli.train import build_parser, parse_args
 from timm_sadistill.losses import _registry
 
@@ -313,9 +313,11 @@ def test_resume_compares_what_the_loss_computes_not_how():
     from argparse import Namespace
 
     from timm_sadistill.errors import UsageError
-    from timm_sadistill.training.run_folder import check_resume_distill
+    from timm_sadistill.training.resume_checks import check_resume_distill
     then = Namespace(distill='sa', distill_options={'tau': 4.0, 'backend': 'triton'})
-    flag = lambda option: '--sa-' + option.replace('_', '-')  # noqa: E731
-    check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 4.0, 'backend': 'torch'}), flag)
-    with pytest.raises(UsageError, match='--sa-tau 4.0, this command has --sa-tau 2.0'):
-        check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 2.0, 'backend': 'triton'}), flag)
+    check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 4.0, 'backend': 'torch'}))
+    with pytest.raises(UsageError) as refused:
+        check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 2.0, 'backend': 'triton'}))
+    # the error carries the option, which the command line words with its flag
+    assert '--sa-tau 4.0, this command has --sa-tau 2.0' in refused.value.worded(
+        option_flag(refused.value.option, refused.value.loss), ' ')

@@ -92,6 +92,16 @@ def test_runs_started_together_under_the_timestamp_name_get_a_folder_each(tmp_pa
     assert list(tmp_path.iterdir()) == []  # folders in which nothing was written go with their lock
 
 
+def test_a_run_without_experiment_gets_timms_timestamp_name_numbered_when_taken():
+    from datetime import datetime
+
+    from timm_sadistill.training.run_name import run_folder_name, timestamp_name
+
+    name = timestamp_name('local-dir:runs/teacher/model', 224, datetime(2026, 12, 1, 21, 3, 11))
+    assert name == '20261201-210311-runs_teacher_model-224'  # timm train.py's <date>-<time>-<model>-<size>
+    assert [run_folder_name(name, k) for k in range(3)] == [name, f'{name}-1', f'{name}-2']
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modes: every output honours the umask, as a plain open() does
 
@@ -256,7 +266,7 @@ def test_a_full_disk_while_exporting_is_one_line_and_the_resume_refreshes_the_ex
 
 @pytest.mark.parametrize('checkpointed', [False, True], ids=['before the first checkpoint', 'after it'])
 def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkeypatch, checkpointed):
-    from timm_sadistill.training import run
+    from timm_sadistill.training import loop
 
     command, folder = _copy(finished, tmp_path)
     if checkpointed:
@@ -268,7 +278,7 @@ def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(run, 'train_one_epoch', interrupted)
+    monkeypatch.setattr(loop, 'train_one_epoch', interrupted)
     lines = run_main(command, capsys, status=130)
     hint = f"continue with --resume {folder / 'last.pth.tar'}." if checkpointed else \
         'rerun the same command (nothing was checkpointed yet, so it starts over).'

@@ -8,13 +8,13 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'load_checkpoint', 'read_checkpoint_args', 'state_dict_mismatch']
+__all__ = ['CheckpointReadError', 'check_checkpoint_readable', 'load_checkpoint', 'state_dict_mismatch']
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
 
@@ -82,15 +82,6 @@ def load_checkpoint(path: str, what: str = 'Checkpoint') -> Any:
             return torch.load(path, map_location='cpu', weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         raise CheckpointReadError(_holds_code(what, path, e)) from None
-
-
-def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:
-    """The flags of the run that wrote a timm checkpoint (its 'args'), or None when it has none."""
-    if path.endswith('.safetensors'):
-        return None
-    checkpoint = load_checkpoint(path)
-    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-    return args if isinstance(args, argparse.Namespace) else None
 
 
 def state_dict_mismatch(error: RuntimeError, limit: int = 240) -> str:

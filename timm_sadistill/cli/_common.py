@@ -1,4 +1,6 @@
-"""Helpers shared by the subcommands: model creation and the one place that turns a user error into exit status 2.
+"""Helpers shared by the subcommands: model creation, the device and size checks (which live below the command line,
+in `timm_sadistill._device_and_size_checks`, for `training` too) and the one place that turns a user error into exit
+status 2.
 
 `USER_ERRORS` is the one list of what the command line treats as the user's error: the library raises `UsageError`
 (and `MissingExtraError`, a subclass) where it detects a mistake, with a message that names the flag or file and the
@@ -12,9 +14,9 @@ import sys
 from typing import Callable, Optional, Tuple
 
 import timm
-import torch
 import torch.nn as nn
 
+from .._device_and_size_checks import check_device, check_img_size  # noqa: F401  (viz and stages import them here)
 from ..features import input_size_kwargs
 from .._termination import TERMINATED_STATUS, Terminated, sigterm_interrupts
 from ..errors import UsageError
@@ -28,16 +30,6 @@ USER_ERRORS = (UsageError, NonFiniteLossError)
 INTERRUPTED_STATUS = 130
 
 
-def check_img_size(img_size: Optional[int], flag: str = '--img-size') -> Optional[Tuple[int, int]]:
-    """(N, N) for ``--img-size N``, None when not given; UsageError for N <= 0 (timm would take the model's default
-    without a word)."""
-    if img_size is None:
-        return None
-    if img_size <= 0:
-        raise UsageError(f"{flag} {img_size}: the input size is a positive number of pixels, e.g. {flag} 224.")
-    return img_size, img_size
-
-
 def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, option: str = 'MODEL', **kwargs) -> nn.Module:
     """The timm model ``name`` names (`resolve_model_name`, its words for the name ``option``), built for inputs of
     ``img_size`` (H, W) when given (a ViT takes only the size it is built for): a registry name with random weights
@@ -45,20 +37,6 @@ def create_model(name: str, img_size: Optional[Tuple[int, int]] = None, option: 
     source = resolve_model_name(name, option)
     return timm.create_model(source.load_name, pretrained=source.has_weights, **input_size_kwargs(source.architecture, img_size),
                              **kwargs)
-
-
-def check_device(flag: str, name: str) -> None:
-    """Refuse a device name torch does not know, or a CUDA device on a machine without one, naming ``flag``."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"{flag} '{name}' is not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f"{flag} {name}: no CUDA GPU is available on this machine; use {flag} cpu.")
-    if device.type not in ('cpu', 'cuda'):  # mps, xpu, ...: each backend says whether this machine has one
-        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
-        if not getattr(backend, 'is_available', lambda: False)():
-            raise UsageError(f"{flag} {name}: no {device.type} device is available on this machine; use {flag} cpu.")
 
 
 # the library's parameters that are flags here, as the library's messages name them (SA's options add theirs: the

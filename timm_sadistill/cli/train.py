@@ -1,6 +1,7 @@
 """``timm-sadistill train``: timm's training recipe (flag names and meanings of timm's train.py) with our tasks.
 
-This module is the parser and the entry point; the run itself is `timm_sadistill.training.run.train`.
+This module is the parser and the entry point: it turns the flags into what the run takes (the teacher, its weights
+checked, and the task's keyword arguments); the run itself is `timm_sadistill.training.run.train`.
 Distributed: ``torchrun --standalone --nproc_per_node=N -m timm_sadistill train ...``.
 """
 import argparse
@@ -16,7 +17,9 @@ from ..training.export import train_command_line
 from ..training import train
 from ..training.run import RECORDED_ARGS
 from ._parser import OneLineArgumentParser, check_finite_floats
-from .distill_flags import add_distill_arguments, join_stage_values, loss_flag_options
+from .distill_flags import (
+    add_distill_arguments, check_teacher_flags, distill_task_kwargs, join_stage_values, loss_flag_options,
+)
 from .timm_flags import NEEDS_TIMM_TRAIN, add_timm_arguments, needs_timm_train_message
 
 __all__ = ['build_parser', 'parse_args', 'main']
@@ -125,5 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     utils.setup_default_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, args_text = parse_args(argv)
-    train(args, args_text, command=train_command_line(argv, int(os.environ.get('WORLD_SIZE', 1))))
+    # without a teacher (or a method), the run refuses the flags with the fix
+    teacher = check_teacher_flags(args.teacher, args) if args.distill != 'none' and args.teacher else None
+    train(args, args_text, teacher=teacher, task_kwargs=distill_task_kwargs(args),
+          command=train_command_line(argv, int(os.environ.get('WORLD_SIZE', 1))))
     return 0

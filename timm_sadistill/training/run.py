@@ -8,15 +8,18 @@ timm's: ``<output>/<experiment>/`` with args.yaml, summary.csv, last.pth.tar, mo
 ``timm.task.resume_task_checkpoint``) and model/, the student at its best epoch as a timm model folder
 (``timm.create_model('local-dir:<output>/<experiment>/model', pretrained=True)``; see
 `timm_sadistill.training.export`). Distributed: only rank 0 writes files.
+
+`train` takes the flags together with what the command line derives from them (``timm_sadistill.cli.train``): the
+teacher ``--teacher`` names, its weights checked, and the task's keyword arguments.
 """
 import argparse
 import csv
 import logging
 import os
-from datetime import datetime
-from functools import partial
 from contextlib import nullcontext, suppress
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,7 @@ import torch.nn as nn
 from timm import utils
 from timm.data import resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, safe_model_name
+from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
@@ -32,25 +35,21 @@ from timm.utils import NativeScaler, get_state_dict, unwrap_model
 import yaml
 
 from .._atomic import remove_partial_writes, save_safetensors_atomic
-from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, read_checkpoint_args, state_dict_mismatch
+from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
+from .._device_and_size_checks import check_device, check_img_size
 from ..errors import UsageError
 from ..features import check_input_size, default_img_size, input_size_kwargs
 from ..losses import loss_options
 from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
 from ..tasks import create_distill_task
-from ..cli._common import check_device, check_img_size
-from ..cli.distill_flags import check_teacher_flags, distill_task_kwargs, loss_flag
 from .checkpoint_saver import AtomicCheckpointSaver
-from .run_checks import (
-    check_batch_of_one, check_classes, check_normalisation, check_resume_checkpoint, check_train_flags,
-)
+from .run_checks import check_batch_of_one, check_classes, check_normalisation, check_train_flags
 from .data_loading import create_datasets, create_loaders
-from .export import LEGACY_WEIGHTS_FILE, export_student, exported_epoch, label_names_of
-from .loop import train_one_epoch, validate
-from .run_folder import (
-    RunFolder, check_output_path, check_resume_distill, check_resume_exists, check_resume_matches, continue_hint,
-    create_run_folder, disk_full_is_usage_error, trim_summary,
-)
+from .export import export_student, exported_epoch, label_names_of
+from .loop import RunOutputs, Training, train_epochs, validate
+from .resume_checks import check_resume_distill, check_resume_matches, read_resume_checkpoint
+from .run_folder import check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary
+from .run_name import timestamp_name
 
 __all__ = ['train', 'RECORDED_ARGS']
 
@@ -64,9 +63,19 @@ DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 RECORDED_ARGS = ('distill_options', 'distill_stages_resolved', 'teacher_stages_resolved')
 
 
-def _check_distill_args(args: argparse.Namespace) -> Tuple[ModelName, Optional[ModelName]]:
-    """Refuse inconsistent model/teacher flags before anything is loaded; what ``--model`` and ``--teacher`` (None
-    without a method) name."""
+@dataclass
+class _Request:
+    """What a run is asked to do: the flags (``args_text``, their YAML, goes into args.yaml), the command line (for
+    the model card), the task's keyword arguments and the flags of the run that ``--resume`` continues."""
+    args: argparse.Namespace
+    args_text: str
+    command: Optional[str]
+    task_kwargs: Dict[str, Any]
+    saved_args: Optional[argparse.Namespace]
+
+
+def _check_distill_args(args: argparse.Namespace) -> ModelName:
+    """Refuse inconsistent model/teacher flags before anything is loaded; what ``--model`` names."""
     student = resolve_model_name(args.model, '--model', allow_download=args.pretrained, download_option='--pretrained')
     if args.pretrained and not student.has_weights and ':' not in args.model:
         check_pretrained_available(args.model, '--pretrained')
@@ -75,10 +84,9 @@ def _check_distill_args(args: argparse.Namespace) -> Tuple[ModelName, Optional[M
             raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
         if args.save_attention_maps:
             raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
-        return student, None
+        return student
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
-    teacher = check_teacher_flags(args.teacher, args)
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:
@@ -86,7 +94,7 @@ def _check_distill_args(args: argparse.Namespace) -> Tuple[ModelName, Optional[M
             raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
         from ..attention_maps import require_matplotlib
         require_matplotlib()  # before training, not after it
-    return student, teacher
+    return student
 
 
 def _create_student(args: argparse.Namespace, student: ModelName, in_chans: int, img_size) -> nn.Module:
@@ -131,7 +139,7 @@ def _create_train_loss(args: argparse.Namespace, mixup_active: bool, device: tor
     return loss.to(device=device)
 
 
-def _create_task(args, model, train_loss, device, data_config) -> TrainingTask:
+def _create_task(args, model, train_loss, device, data_config, task_kwargs: Dict[str, Any]) -> TrainingTask:
     if args.distill == 'none':
         return ClassificationTask(model, criterion=train_loss, device=device, verbose=utils.is_primary(args))
     # the loader normalises with data_config's statistics (--mean/--std, else the model's): the teacher's input is
@@ -140,7 +148,7 @@ def _create_task(args, model, train_loss, device, data_config) -> TrainingTask:
         args.distill, model, args.teacher, criterion=train_loss, img_size=tuple(data_config['input_size'][1:]),
         input_mean=data_config['mean'], input_std=data_config['std'],
         distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-        device=device, verbose=utils.is_primary(args), **distill_task_kwargs(args),
+        device=device, verbose=utils.is_primary(args), **task_kwargs,
     )
 
 
@@ -188,39 +196,52 @@ def _dump_rank_params(task: TrainingTask, args: argparse.Namespace) -> None:
                                 os.path.join(folder, f'rank{args.rank}.safetensors'))
 
 
-def train(args: argparse.Namespace, args_text: str, command: Optional[str] = None) -> Dict[str, Any]:
+def train(
+        args: argparse.Namespace,
+        args_text: str,
+        *,
+        teacher: Optional[ModelName],
+        task_kwargs: Dict[str, Any],
+        command: Optional[str] = None,
+) -> Dict[str, Any]:
     """Run the whole training; returns ``{'output_dir', 'best_metric', 'best_epoch'}`` (output_dir None off rank 0).
 
-    ``command`` (the command line of the run) goes into the exported model card.
+    Args:
+        args: timm train.py's flags and ours, as ``timm_sadistill.cli.train.parse_args`` reads them.
+        args_text: ``args`` as YAML, for args.yaml (the run adds what it records, `RECORDED_ARGS`).
+        teacher: what ``--teacher`` names, its weights checked (``cli.distill_flags.check_teacher_flags``), so that
+            its classes are checked against the data before a model is built; None without a method.
+        task_kwargs: ``create_distill_task``'s keyword arguments from the flags: the teacher's weights, the stages,
+            the loss's options (``cli.distill_flags.distill_task_kwargs``); not read without a method.
+        command: the command line of the run, for the exported model card.
     """
-    student, teacher = _check_distill_args(args)
+    student = _check_distill_args(args)
     check_train_flags(args)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
+    saved_args = None
     if args.resume:
-        check_resume_exists(args.resume)
-        check_resume_checkpoint(args.resume)
-        check_resume_matches(args.resume, read_checkpoint_args(args.resume), args)
+        saved_args = read_resume_checkpoint(args.resume)
+        check_resume_matches(args.resume, saved_args, args)
     if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
         check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
     check_output_path(args.output or './output/train')
     check_device('--device', args.device)
     device = utils.init_distributed_device(args)
     try:
-        return _train_on_device(args, args_text, device, command, student, teacher)
+        return _train_on_device(_Request(args, args_text, command, task_kwargs, saved_args), device, student, teacher)
     finally:
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train_on_device(
-        args: argparse.Namespace,
-        args_text: str,
+        request: _Request,
         device: torch.device,
-        command: Optional[str],
         student: ModelName,
         teacher: Optional[ModelName],
 ) -> Dict[str, Any]:
+    args = request.args
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     utils.random_seed(args.seed, args.rank)
@@ -228,8 +249,8 @@ def _train_on_device(
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     img_size = tuple(args.input_size[-2:]) if args.input_size else check_img_size(args.img_size)
     # the data first: its class folders set the head, and every check of teacher against data runs before a model
-    dataset_train, dataset_eval = create_datasets(args, in_chans)
-    check_classes(args, dataset_train, student, teacher)
+    datasets = create_datasets(args, in_chans)
+    check_classes(args, datasets[0], student, teacher)
     model = _create_student(args, student, in_chans, img_size)
     check_input_size(model, img_size or default_img_size(model), option='--img-size', role=f'student {args.model}')
     if args.batch_size == 1:
@@ -251,14 +272,11 @@ def _train_on_device(
     # that a second run into the same folder stops at once; a setup that fails after this removes the new folder
     run = None
     if utils.is_primary(args):
-        experiment = '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
-        ])
-        run = create_run_folder(args.output or './output/train', args.experiment, experiment, args.resume)
+        run = create_run_folder(args.output or './output/train', args.experiment,
+                                timestamp_name(args.model, data_config['input_size'][-1]), args.resume)
     try:
         with disk_full_is_usage_error(run.path, args.experiment) if run is not None else nullcontext():
-            return _train_in_folder(args, args_text, device, command, model, data_config, dataset_train, dataset_eval,
-                                    run)
+            return _train_in_folder(request, device, model, data_config, datasets, run.path if run else None)
     except KeyboardInterrupt:
         if run is None:
             raise
@@ -270,17 +288,59 @@ def _train_on_device(
 
 
 def _train_in_folder(
-        args: argparse.Namespace,
-        args_text: str,
+        request: _Request,
         device: torch.device,
-        command: Optional[str],
         model: nn.Module,
         data_config: Dict[str, Any],
-        dataset_train,
-        dataset_eval,
-        run: Optional[RunFolder],
+        datasets: Tuple[Any, Any],
+        run_path: Optional[str],
 ) -> Dict[str, Any]:
-    """The run from its data to its last epoch; ``run`` is the run folder (None off rank 0)."""
+    """The run from its data to its last epoch: the datasets are (train, eval); ``run_path`` is the run folder (None
+    off rank 0, which writes nothing)."""
+    args = request.args
+    training, args_text = _create_training(request, device, model, data_config, datasets)
+    resume_epoch = _load_state(training, args)
+    eval_metric = args.eval_metric if training.loader_eval is not None else 'loss'
+    outputs = None
+    if run_path is not None:
+        export = partial(export_student, training.task, args, run_path, data_config=data_config,
+                         label_names=label_names_of(datasets[0], args.num_classes), command=request.command)
+        outputs = _create_outputs(run_path, training, args, eval_metric == 'loss', export)
+    start_epoch, num_epochs = _create_schedule(training, args, eval_metric == 'loss', resume_epoch)
+
+    task, loader_train, loader_eval = training.task, training.loader_train, training.loader_eval
+    output_dir, saver = (outputs.path, outputs.saver) if outputs is not None else (None, None)
+    if args.resume and start_epoch >= num_epochs:
+        _log_nothing_to_train(args, start_epoch, num_epochs)
+        best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver is not None else (None, None)
+        return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+    _prepare_task(training, args, device)
+    if utils.is_primary(args):
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+
+    best_metric, best_epoch = train_epochs(training, args, device, range(start_epoch, num_epochs), eval_metric,
+                                            outputs)
+    if best_metric is not None:
+        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    if args.save_attention_maps and saver is not None:
+        _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
+    _dump_rank_params(task, args)
+    return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+
+
+def _create_training(
+        request: _Request,
+        device: torch.device,
+        model: nn.Module,
+        data_config: Dict[str, Any],
+        datasets: Tuple[Any, Any],
+) -> Tuple[Training, str]:
+    """The student on the device, the precision, the loaders, the task and the optimizer (the schedule comes later:
+    `_create_schedule`); and the args.yaml text with the task's choices (`_record_distill_choices`)."""
+    args = request.args
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     model.to(device=device)
     if args.distributed and args.sync_bn:  # the student only: the frozen teacher has no batch statistics to share
@@ -289,15 +349,12 @@ def _train_in_folder(
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and amp_dtype == torch.float16 else None
 
-    loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, dataset_train, dataset_eval, device)
+    loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(args, data_config, *datasets, device)
     train_loss = _create_train_loss(args, mixup_active, device)
-    label_names = label_names_of(dataset_train, args.num_classes)
-
-    task = _create_task(args, model, train_loss, device, data_config)
-    args_text += _record_distill_choices(args, task)
+    task = _create_task(args, model, train_loss, device, data_config, request.task_kwargs)
+    args_text = request.args_text + _record_distill_choices(args, task)
     if args.resume:
-        check_resume_distill(args.resume, read_checkpoint_args(args.resume), args,
-                             lambda option: loss_flag(args.distill, option))
+        check_resume_distill(args.resume, request.saved_args, args)
     task.to(device)
     if args.channels_last:  # the student, its connectors and the teacher: the loss compares their features
         task.to(memory_format=torch.channels_last)
@@ -309,51 +366,82 @@ def _train_in_folder(
         args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
     # the trainable module holds the student and the loss's connectors, so both train
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    training = Training(task, optimizer, amp_autocast, loss_scaler, loader_train, loader_eval, mixup_fn)
+    return training, args_text
 
-    resume_epoch = None
+
+def _load_state(training: Training, args: argparse.Namespace) -> Optional[int]:
+    """Load ``--resume`` into the task (and, without ``--no-resume-opt``, into the optimizer and the loss scaler),
+    and set up the EMA (from the checkpoint when resuming); the epoch the checkpoint ends (None: a new run)."""
+    task, resume_epoch = training.task, None
     if args.resume:
         resume_epoch = resume_task_checkpoint(
-            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args),
+            task, args.resume, optimizer=None if args.no_resume_opt else training.optimizer,
+            loss_scaler=None if args.no_resume_opt else training.loss_scaler, log_info=utils.is_primary(args),
         )
     if args.model_ema:  # after moving to the device, before DDP, as in timm
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if args.resume:
             load_task_ema_checkpoint(task, args.resume)
+    return resume_epoch
 
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
-    decreasing_metric = eval_metric == 'loss'
-    output_dir = saver = None
-    if run is not None:
-        output_dir = run.path
-        saver = AtomicCheckpointSaver(
-            model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist, task=task,
-        )
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
-            if _refresh_export(task, args, output_dir, data_config, label_names, command):
-                _reload(task, args.resume)  # the export loaded the best epoch; training goes on from the last
 
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+def _create_outputs(
+        path: str,
+        training: Training,
+        args: argparse.Namespace,
+        decreasing_metric: bool,
+        export: Callable[..., None],
+) -> RunOutputs:
+    """The checkpoint saver of the run folder ``path``; resuming into it, the saver goes on ranking its checkpoints
+    and an export that a stopped run left behind its best checkpoint is redone."""
+    task = training.task
+    saver = AtomicCheckpointSaver(
+        model=task.get_trainable_module(), optimizer=training.optimizer, args=args, amp_scaler=training.loss_scaler,
+        checkpoint_dir=path, recovery_dir=path, decreasing=decreasing_metric, max_history=args.checkpoint_hist,
+        task=task,
+    )
+    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(path):
+        saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking checkpoints as before the restart
+        if _refresh_export(task, path, export):
+            _reload(task, args.resume)  # the export loaded the best epoch; training goes on from the last
+    return RunOutputs(path, saver, export)
+
+
+def _create_schedule(
+        training: Training,
+        args: argparse.Namespace,
+        decreasing_metric: bool,
+        resume_epoch: Optional[int],
+) -> Tuple[int, int]:
+    """timm's LR schedule (set on ``training``), replayed up to the first epoch to train; (that epoch, the number of
+    epochs)."""
+    updates_per_epoch = (len(training.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch,
+        training.optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric),
+        updates_per_epoch=updates_per_epoch,
     )
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
-    if args.resume and start_epoch >= num_epochs:
-        done = f'has trained all {num_epochs} epochs' if start_epoch == num_epochs else \
-            f'has trained {start_epoch} epochs, more than the {num_epochs} this command asks for'
-        if utils.is_primary(args):
-            _logger.info(f"--resume '{args.resume}' {done}: nothing to train (pass a larger --epochs to train on).")
-        best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver is not None else (None, None)
-        return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
     if lr_scheduler is not None and start_epoch > 0:  # the schedule is a function of the epoch: replay it
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
+    training.lr_scheduler = lr_scheduler
+    return start_epoch, num_epochs
 
+
+def _log_nothing_to_train(args: argparse.Namespace, start_epoch: int, num_epochs: int) -> None:
+    """Say that the ``--resume`` run has trained the epochs this command asks for, and how to train on."""
+    done = f'has trained all {num_epochs} epochs' if start_epoch == num_epochs else \
+        f'has trained {start_epoch} epochs, more than the {num_epochs} this command asks for'
+    if utils.is_primary(args):
+        _logger.info(f"--resume '{args.resume}' {done}: nothing to train (pass a larger --epochs to train on).")
+
+
+def _prepare_task(training: Training, args: argparse.Namespace, device: torch.device) -> None:
+    """Compile and distribute the task as the flags ask, and log the teacher's accuracy."""
+    task = training.task
     if args.torchcompile:
         task.compile(backend=args.torchcompile)
         if task.has_ema():
@@ -362,61 +450,8 @@ def _train_in_folder(
         # pass broadcast_buffers only to turn it off: newer torch warns whenever it is given
         ddp_kwargs = {'broadcast_buffers': False} if args.no_ddp_bb else {}
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
-    if args.distill != 'none' and loader_eval is not None:
-        _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast)
-
-    if utils.is_primary(args):
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
-        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-
-    best_metric = best_epoch = None
-    for epoch in range(start_epoch, num_epochs):
-        for sampler in (getattr(loader_train, 'sampler', None), getattr(loader_train, 'batch_sampler', None)):
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(epoch)
-                break
-        train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, lr_scheduler,
-                                        amp_autocast, loss_scaler, mixup_fn)
-        if train_metrics.get('skipped_steps', 0) >= len(loader_train):  # the ranks skip together: all agree
-            raise UsageError(
-                f"--skip-nonfinite skipped every step of epoch {epoch} (the loss was NaN/inf at all "
-                f"{len(loader_train)}): nothing was trained, so this epoch is neither saved nor exported; the "
-                "warnings above name the non-finite term: change the settings that make it (e.g. a lower --lr or "
-                "loss weight).")
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # BatchNorm running stats differ per rank
-            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-
-        eval_metrics = None
-        if loader_eval is not None:
-            eval_model = task.get_eval_model()
-            eval_model.eval()
-            eval_metrics = validate(eval_model, loader_eval, args, device, amp_autocast)
-            if task.has_ema():  # as in timm: with EMA, the EMA weights are the ones that are ranked
-                ema_eval_model = task.get_eval_model(ema=True)
-                ema_eval_model.eval()
-                eval_metrics = validate(ema_eval_model, loader_eval, args, device, amp_autocast, log_name='Test (EMA)')
-        latest_metric = (eval_metrics or train_metrics)[eval_metric]
-
-        if saver is not None:
-            lrs = [group['lr'] for group in optimizer.param_groups]
-            summary = os.path.join(output_dir, 'summary.csv')
-            # the header goes into a new or empty file (also when --resume starts a new --experiment)
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
-                                 write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-            if best_epoch == epoch or not os.path.exists(os.path.join(output_dir, LEGACY_WEIGHTS_FILE)):
-                export_student(task, args, output_dir, epoch, data_config, label_names, eval_metrics, command)
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, latest_metric)
-
-    if best_metric is not None:
-        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-    if args.save_attention_maps and saver is not None:
-        _save_attention_maps(task, loader_eval if loader_eval is not None else loader_train, output_dir)
-    _dump_rank_params(task, args)
-    return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
+    if args.distill != 'none' and training.loader_eval is not None:
+        _log_teacher_accuracy(task, training.loader_eval, args, device, training.amp_autocast)
 
 
 def _reload(task: TrainingTask, checkpoint: str) -> None:
@@ -438,9 +473,9 @@ def _eval_metrics_of(output_dir: str, epoch: int) -> Optional[Dict[str, float]]:
     return {'top1': float(row['eval_top1']), 'top5': float(row['eval_top5'])}
 
 
-def _refresh_export(task, args, output_dir: str, data_config, label_names, command) -> bool:
-    """Export the best checkpoint again when the run's exported student is not its export (a run stopped between
-    saving a best epoch and exporting it, or while exporting); True when it exported."""
+def _refresh_export(task: TrainingTask, output_dir: str, export: Callable[..., None]) -> bool:
+    """Export the best checkpoint again (``export(epoch, eval_metrics)``) when the run's exported student is not its
+    export (a run stopped between saving a best epoch and exporting it, or while exporting); True when it exported."""
     best = next((os.path.join(output_dir, name) for name in ('model_best.pth.tar', 'last.pth.tar')
                  if os.path.isfile(os.path.join(output_dir, name))), None)
     if best is None:
@@ -450,7 +485,5 @@ def _refresh_export(task, args, output_dir: str, data_config, label_names, comma
         return False
     _logger.info(f"The exported student in '{output_dir}' is not that of '{best}' (epoch {epoch}): exporting it again.")
     _reload(task, best)
-    export_student(task, args, output_dir, epoch, data_config, label_names, _eval_metrics_of(output_dir, epoch),
-                   command)
+    export(epoch, eval_metrics=_eval_metrics_of(output_dir, epoch))
     return True
-

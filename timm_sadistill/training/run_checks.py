@@ -1,7 +1,8 @@
 """The checks of a ``train`` run before its first step, each mistake one line that names the flag: the flags alone
 (`check_train_flags`, before anything is loaded: timm's train.py finds most of these only when it builds the
 optimizer, the scheduler or the loader, after the teacher's validation pass here), the classes of student, teacher
-and data (`check_classes`, before a model is built) and a batch BatchNorm cannot train on (`check_batch_of_one`)."""
+and data (`check_classes`, before a model is built) and a batch BatchNorm cannot train on (`check_batch_of_one`).
+The checks of ``--resume`` are `resume_checks`'."""
 import argparse
 import logging
 import os
@@ -11,13 +12,11 @@ import torch
 import torch.nn as nn
 from timm import utils
 
-from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint
 from ..errors import UsageError
 from ..model_folder import ModelName
 
 __all__ = [
-    'check_train_flags', 'check_resume_checkpoint', 'check_classes', 'check_batch_of_one', 'check_normalisation',
-    'NON_FOLDER_DATASETS',
+    'check_train_flags', 'check_classes', 'check_batch_of_one', 'check_normalisation', 'NON_FOLDER_DATASETS',
 ]
 
 _logger = logging.getLogger('timm_sadistill.train')
@@ -89,17 +88,6 @@ def _check_compile_backend(backend: str) -> None:
     if backend not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends pass, but go unlisted
         raise UsageError(f"--torchcompile {backend}: torch has no such compile backend; use one of "
                          f"{', '.join(torch._dynamo.list_backends())} (e.g. --torchcompile inductor).")
-
-
-def check_resume_checkpoint(path: str) -> None:
-    """``--resume`` takes a training checkpoint (last.pth.tar, checkpoint-N.pth.tar): model weights alone (a model
-    folder's model.safetensors) have no epoch, optimizer or connector state to continue from."""
-    check_checkpoint_readable(path, '--resume checkpoint')
-    checkpoint = None if path.endswith('.safetensors') else load_checkpoint(path)
-    if not (isinstance(checkpoint, dict) and 'state_dict' in checkpoint and 'epoch' in checkpoint):
-        raise UsageError(f"--resume '{path}' holds model weights, not a training checkpoint (no epoch or optimizer "
-                         "state); continue a run with its last.pth.tar, or start from these weights with "
-                         f"--initial-checkpoint {path}.")
 
 
 def check_train_flags(args: argparse.Namespace) -> None:

@@ -11,10 +11,9 @@ A repeated ``--experiment`` is refused (with the ``--resume`` command that conti
 and the README's teacher -> student recipe read ``<output>/<experiment>/model.safetensors`` by name, and a quietly
 renamed run would leave them reading the old one. A folder without a completed checkpoint (a run stopped before its
 first save) holds nothing to continue: the same command restarts it. Without ``--experiment`` the name is timm's
-timestamp, and a taken name (also by a run started the same second) picks a fresh one, ``-1``, ``-2``, ... as
-``timm.utils.get_outdir(inc=True)`` does, made atomically by ``os.mkdir``.
+timestamp, and a taken name (also by a run started the same second) picks a fresh one (`run_name` says how each
+name is spelled), made atomically by ``os.mkdir``.
 """
-import argparse
 import csv
 import errno
 import fcntl
@@ -24,17 +23,17 @@ import os
 import socket
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from safetensors import SafetensorError
 
 from .._atomic import atomic_write, remove_partial_writes
 from ..errors import UsageError
-from ..losses import loss_options
+from .run_name import run_folder_name
 
 __all__ = [
-    'LOCK_FILE', 'RunFolder', 'check_output_path', 'create_run_folder', 'continue_hint', 'check_resume_exists',
-    'check_resume_matches', 'check_resume_distill', 'trim_summary', 'disk_full_is_usage_error',
+    'LOCK_FILE', 'LAST_CHECKPOINT', 'CHECKPOINT_FILES', 'RunFolder', 'check_output_path', 'create_run_folder',
+    'continue_hint', 'present_files', 'trim_summary', 'disk_full_is_usage_error',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -45,19 +44,13 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 LAST_CHECKPOINT = 'last.pth.tar'
 
 # the files of a completed checkpoint, and the rest of a run's results: a folder with neither holds nothing to keep
-_CHECKPOINTS = (LAST_CHECKPOINT, 'model_best.pth.tar', 'checkpoint-*.pth.tar')
-_SAVED_WORK = _CHECKPOINTS + ('model', 'model.safetensors')
+CHECKPOINT_FILES = (LAST_CHECKPOINT, 'model_best.pth.tar', 'checkpoint-*.pth.tar')
+_SAVED_WORK = CHECKPOINT_FILES + ('model', 'model.safetensors')
 
 # how torch's zip writer (caffe2's inline_container.cc) words a failed write
 _TORCH_WRITER_FAILURES = ('inline_container.cc', 'PytorchStreamWriter')
 # how safetensors words an OS error (Rust's io::Error: "... (os error 28) ...")
 _SAFETENSORS_DISK_FULL = tuple(f'(os error {code})' for code in (errno.ENOSPC, errno.EDQUOT))
-
-# flags that decide what a checkpoint holds: resuming under others cannot load it (the loss's options and the
-# stages are `check_resume_distill`'s)
-_RESUME_FLAGS = ('model', 'distill', 'teacher')
-# the stage flags, and what a run records of them: the stage names they resolved to ('auto' included)
-_STAGE_FLAGS = (('distill_stages', 'distill_stages_resolved'), ('teacher_stages', 'teacher_stages_resolved'))
 
 
 def check_output_path(output: str, flag: str = '--output') -> None:
@@ -72,7 +65,8 @@ def check_output_path(output: str, flag: str = '--output') -> None:
         raise UsageError(f"{flag} '{output}': no permission to write in '{probe}'; pass a folder you can write to.")
 
 
-def _present(folder: str, patterns) -> list:
+def present_files(folder: str, patterns: Sequence[str]) -> List[str]:
+    """The names in ``folder`` that match any of the glob ``patterns``, sorted."""
     return sorted(os.path.basename(p) for pattern in patterns for p in glob.glob(os.path.join(folder, pattern)))
 
 
@@ -147,7 +141,8 @@ def _lock(folder: str) -> int:
 
 def create_run_folder(output: str, experiment: str, default_name: str, resume: str) -> RunFolder:
     """Make (or reuse) the run folder and hold its lock; refuse one that holds another run unless ``resume``
-    continues it, and clean what a crashed run left in it.
+    continues it, and clean what a crashed run left in it. Without ``experiment`` the folder is ``default_name``
+    (`run_name.timestamp_name`), numbered when taken.
 
     Raises:
         UsageError: the folder is held by a running run, or holds a run's results and ``resume`` is not its
@@ -161,15 +156,15 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
         os.makedirs(output, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--output: cannot create '{output}' ({e.strerror}); pass another --output.") from e
-    name, suffix = experiment or default_name, 0
+    name, number = experiment or default_name, 0
     while True:
-        folder = os.path.join(output, f'{name}-{suffix}' if suffix else name)
+        folder = os.path.join(output, run_folder_name(name, number))
         try:
             os.mkdir(folder)
             created = made + [folder]
         except FileExistsError:
             if not experiment:  # timm's timestamp name is taken: a fresh name is what the user asked for
-                suffix += 1
+                number += 1
                 continue
             created = made
             _refuse_saved_work(folder, experiment, resume)  # before the lock, which would write in the folder
@@ -199,10 +194,10 @@ def _refuse_saved_work(folder: str, experiment: str, resume: str) -> None:
     """Refuse a folder with a run's results unless ``resume`` continues it."""
     if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder):
         return
-    saved = _present(folder, _SAVED_WORK)
+    saved = present_files(folder, _SAVED_WORK)
     if not saved:
         return
-    checkpoints = _present(folder, _CHECKPOINTS)
+    checkpoints = present_files(folder, CHECKPOINT_FILES)
     if LAST_CHECKPOINT in checkpoints:
         hint = f'continue it with --resume {os.path.join(folder, LAST_CHECKPOINT)}, or'
     elif checkpoints:
@@ -215,7 +210,7 @@ def _refuse_saved_work(folder: str, experiment: str, resume: str) -> None:
 
 def _clean_for_restart(folder: str) -> None:
     """Empty a folder whose run stopped before its first checkpoint, for the same command to start over in it."""
-    if not _present(folder, _CHECKPOINTS) and os.path.exists(os.path.join(folder, 'summary.csv')):
+    if not present_files(folder, CHECKPOINT_FILES) and os.path.exists(os.path.join(folder, 'summary.csv')):
         _logger.info(f"Restarting '{folder}': its run stopped before its first checkpoint.")
         os.unlink(os.path.join(folder, 'summary.csv'))  # rows of epochs that no checkpoint holds
 
@@ -229,71 +224,6 @@ def continue_hint(folder: str, experiment: Optional[str]) -> str:
         again = '' if experiment else f' --experiment {os.path.basename(folder)}'
         return f'continue with{again} --resume {last}'
     return 'rerun the same command (nothing was checkpointed yet, so it starts over)'
-
-
-def check_resume_exists(resume: str) -> None:
-    """Refuse a ``--resume`` checkpoint that a run never wrote, saying how to restart a run that stopped before its
-    first checkpoint (its folder is there, its ``last.pth.tar`` is not)."""
-    folder = os.path.dirname(os.path.abspath(resume))
-    if os.path.exists(resume) or not _present(folder, ('args.yaml', LOCK_FILE)) or _present(folder, _CHECKPOINTS):
-        return  # there, or not a run folder, or a run with other checkpoints: the readability check tells
-    raise UsageError(f"--resume '{resume}' does not exist: the run in '{folder}' stopped before its first checkpoint; "
-                     f"drop --resume (and pass --experiment {os.path.basename(folder)}) to start it over there.")
-
-
-def check_resume_matches(path: str, saved_args: Optional[argparse.Namespace], args: argparse.Namespace) -> None:
-    """Refuse ``--resume`` of a run whose model, method or teacher differ from this command's: its checkpoint cannot
-    load into what this command builds."""
-    if saved_args is None:  # a checkpoint without the run's flags (not written by train): loading will tell
-        return
-    for name in _RESUME_FLAGS:
-        if not hasattr(saved_args, name):
-            continue
-        then, now = getattr(saved_args, name), getattr(args, name, None)
-        if then != now:
-            flag = '--' + name.replace('_', '-')
-            raise UsageError(f"--resume '{path}' is a run with {flag} {then}, this command has {flag} {now}; resume "
-                             f"with the run's flags, or start a new --experiment without --resume.")
-
-
-def _spelled(value: Any) -> str:
-    return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def check_resume_distill(
-        path: str,
-        saved_args: Optional[argparse.Namespace],
-        args: argparse.Namespace,
-        option_flag: Callable[[str], str],
-) -> None:
-    """Refuse ``--resume`` of a run distilled with other loss options or other stages than this command's task
-    (``args`` with the records of ``training.run.RECORDED_ARGS``): resuming would change the loss half-way. Values
-    are compared, not spellings: a default given explicitly, or stages named as ``auto`` picked them, pass.
-    ``option_flag`` names the flag of a loss option in the message."""
-    if saved_args is None or getattr(args, 'distill', 'none') == 'none':
-        return
-    then_options = getattr(saved_args, 'distill_options', None) or {}
-    declared = loss_options(args.distill).options
-    for name, now in getattr(args, 'distill_options', {}).items():
-        if name in declared and not declared[name].changes_loss:  # a backend: the same loss, computed elsewhere
-            continue
-        if name in then_options and then_options[name] != now:
-            flag = option_flag(name)
-            raise UsageError(f"--resume '{path}' is a run with {flag} {then_options[name]}, this command has {flag} "
-                             f"{now}; resume with {flag} {then_options[name]}, or start a new --experiment without "
-                             "--resume.")
-    for name, resolved in _STAGE_FLAGS:
-        if hasattr(saved_args, resolved):
-            then, now = getattr(saved_args, resolved), getattr(args, resolved)
-        elif hasattr(saved_args, name):  # a run from before the resolved stages were recorded
-            then, now = getattr(saved_args, name), getattr(args, name)
-        else:
-            continue
-        if then != now:
-            flag = '--' + name.replace('_', '-')
-            raise UsageError(f"--resume '{path}' is a run with {flag} {_spelled(then)}, this command has {flag} "
-                             f"{_spelled(now)}; resume with the run's {flag}, or start a new --experiment without "
-                             "--resume.")
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
