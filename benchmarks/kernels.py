@@ -65,6 +65,8 @@ PEAK_GBS = {
 TARGETS = {'vs eager': 3.0, 'vs compile': 1.3, 'of peak': 0.60, 'feature maps': 1.0}
 
 Step = Callable[..., object]
+TABLE_HEADER = ('| shape (B, C, H, W) | stage | impl | ms | speedup vs eager | peak extra MiB | memory vs eager | GB/s '
+                '| % of peak | regs (blocks/warps an SM) |', '|---|---|---|---:|---:|---:|---:|---:|---:|---|')
 
 
 def _fwd_bwd(fn: Step, args: tuple) -> None:
@@ -139,8 +141,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--ops', nargs='+', choices=sorted(op_registry.fused_ops()),
-                        help='only these ops (default: every registered one)')
+    parser.add_argument('--ops', nargs='+', choices=list(op_registry.fused_ops()),
+                        help='only these ops (default: every registered one, in the order registered)')
     parser.add_argument('--small', action='store_true', help='small CPU-sized shapes (automatic without a GPU)')
     parser.add_argument('--batch', type=int, nargs='+', help='batch sizes (default 64 256 on GPU, 4 with --small)')
     parser.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'],
@@ -197,10 +199,10 @@ def _summary(summary: List[tuple]) -> List[str]:
     lines = ['', f"Targets for Triton: ≥ {TARGETS['vs eager']:g}x eager, ≥ {TARGETS['vs compile']:g}x "
                  f"torch.compile, ≥ {TARGETS['of peak']:.0%} of the HBM peak, extra memory ≤ "
                  f"{TARGETS['feature maps']:g} feature map (the gradient itself is one).", '',
-             '| op | shape | × eager | × torch.compile | share of peak | extra memory (feature maps) |',
-             '|---|---|---:|---:|---:|---:|']
-    for name, shape, vs_eager, vs_compile, share, maps in summary:
-        lines.append(f"| {name} | {shape} | {_verdict(vs_eager, TARGETS['vs eager'])} | "
+             '| shape | × eager | × torch.compile | share of peak | extra memory (feature maps) |',
+             '|---|---:|---:|---:|---:|']
+    for shape, vs_eager, vs_compile, share, maps in summary:
+        lines.append(f"| {shape} | {_verdict(vs_eager, TARGETS['vs eager'])} | "
                      f"{_verdict(vs_compile, TARGETS['vs compile'])} | {_verdict(share, TARGETS['of peak'])} | "
                      f"{_verdict(maps, TARGETS['feature maps'], at_least=False)} |")
     return lines
@@ -219,7 +221,7 @@ def _measure(name: str, shape: str, stage: str, op_args: tuple, impls: Dict[str,
         eager_ms, eager_mib = measured['eager']
         gbs = moved / ms / 1e6 if x.is_cuda else None
         row = [
-            name, shape, stage, impl, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
+            shape, stage, impl, f'{ms:.3f}', f'{eager_ms / ms:.2f}x',
             _fmt(mib, '.0f'), _fmt(mib / eager_mib if mib is not None and eager_mib else None, '.2f'),
             _fmt(gbs, '.0f'), _fmt(gbs / peak * 100 if gbs is not None and peak else None, '.0f'),
             registers.get((name, stage, layout), 'n/a') if impl == 'triton' else '',
@@ -229,7 +231,7 @@ def _measure(name: str, shape: str, stage: str, op_args: tuple, impls: Dict[str,
         return lines, None
     (ms, mib), eager_ms = measured['triton'], measured['eager'][0]
     compiled = measured.get('torch.compile', (None,))[0]
-    return lines, (name, shape, eager_ms / ms, compiled / ms if compiled else None,
+    return lines, (shape, eager_ms / ms, compiled / ms if compiled else None,
                    moved / ms / 1e6 / peak if peak else None, mib * 2 ** 20 / x.nbytes if mib is not None else None)
 
 
@@ -243,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     dtype = getattr(torch, args.dtype or ('bfloat16' if cuda else 'float32'))
     iters = args.iters or (20 if cuda else 10)
     peak = _peak_gbs(args.peak_gbs) if cuda else None
-    names = args.ops or sorted(op_registry.fused_ops())
+    names = args.ops or list(op_registry.fused_ops())
     if not cuda:
         torch.set_num_threads(args.threads)
     env = f'{torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"}, torch {torch.__version__}'
@@ -260,11 +262,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 stream.flush()
 
     registers = _registers(names, shapes, dtype, args.p, cuda) if cuda or args.triton_on_cpu else {}
-    emit(f'# Fused ops, forward + backward, {dtype} ({env})', '',
-         '| op | shape (B, C, H, W) | stage | impl | ms | speedup vs eager | peak extra MiB | memory vs eager '
-         '| GB/s | % of peak | regs (blocks/warps an SM) |', '|---|---|---|---|---:|---:|---:|---:|---:|---:|---|')
-    summary = []
+    emit(f'# Fused ops, forward + backward, {dtype} ({env})')
+    # one section an op, its verdicts after its rows: a run cut short keeps the ops it finished
     for name in names:
+        emit('', f'## {name}', '', *TABLE_HEADER)
+        summary = []
         impls = _implementations(name, args, cuda)
         for bsz in batches:
             for stage, (c, h, w, channels_last) in shapes.items():
@@ -275,8 +277,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 emit(*lines)
                 summary += [line] if line else []
                 del op_args
-    if summary:
-        emit(*_summary(summary))
+        if summary:
+            emit(*_summary(summary))
     if args.triton_on_cpu and not cuda:
         emit('', 'Triton rows: the CPU interpreter (--triton-on-cpu), run to exercise the code; their times mean '
                  'nothing.')

@@ -600,12 +600,15 @@ _kl_and_attention_fwd.register_autograd(_backward_kl_and_attention, setup_contex
 
 # ---------------------------------------------------------------------------------------------------- entry points
 # the Triton paths of the public ops (`timm_sadistill.ops`, which checks the arguments first), named like their
-# formulas in `reference`
+# formulas in `reference`; registered in the order the kernel benchmark times them, the op of SA's step first
 
 @register_fused_op(kernels=KERNELS)
-def spatial_attention(x: Tensor, p: float = 2.0, strict: bool = True) -> Tensor:
-    """(B, C, H, W) -> (B, H*W) float32 maps: mean_c |x|^p, L2-normalised over the positions."""
-    return _attention_fwd(x, float(p), strict)[0]
+def spatial_kl_and_attention(s: Tensor, t: Tensor, tau: float = 4.0, p: float = 2.0,
+                             strict: bool = True) -> Tuple[Tensor, Tensor]:
+    """(L_dist, L_att), two float32 scalars, from one read of s and t (forward) and one of s, t plus a write of
+    ds (backward); t takes no gradient."""
+    dist, att, *_ = _kl_and_attention_fwd(s, t.detach(), float(tau), float(p), strict)
+    return dist, att
 
 
 @register_fused_op(kernels=KERNELS)
@@ -615,9 +618,6 @@ def spatial_kl(s: Tensor, t: Tensor, tau: float = 4.0, strict: bool = True) -> T
 
 
 @register_fused_op(kernels=KERNELS)
-def spatial_kl_and_attention(s: Tensor, t: Tensor, tau: float = 4.0, p: float = 2.0,
-                             strict: bool = True) -> Tuple[Tensor, Tensor]:
-    """(L_dist, L_att), two float32 scalars, from one read of s and t (forward) and one of s, t plus a write of
-    ds (backward); t takes no gradient."""
-    dist, att, *_ = _kl_and_attention_fwd(s, t.detach(), float(tau), float(p), strict)
-    return dist, att
+def spatial_attention(x: Tensor, p: float = 2.0, strict: bool = True) -> Tensor:
+    """(B, C, H, W) -> (B, H*W) float32 maps: mean_c |x|^p, L2-normalised over the positions."""
+    return _attention_fwd(x, float(p), strict)[0]
