@@ -172,6 +172,8 @@ def test_errors_name_the_expected_value(monkeypatch):
         ops.spatial_kl_and_attention(s, t, p=-1)
     with pytest.raises(TypeError, match="unexpected argument 'q'"):
         ops.spatial_attention(s, q=2.0)
+    with pytest.raises(TypeError, match="multiple values for the argument 'tau'"):
+        ops.spatial_kl(s, t, 2.0, tau=2.0)
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(RuntimeError, match='got a tensor on cpu; move it to CUDA'):
         ops.spatial_attention(s.cpu(), backend='triton')

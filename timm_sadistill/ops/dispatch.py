@@ -120,7 +120,9 @@ def _bind(spec: OpSpec, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         else:
             raise TypeError(f"{spec.name}() missing the argument '{name}'")
     if kwargs:
-        raise TypeError(f"{spec.name}() got an unexpected argument '{next(iter(kwargs))}'")
+        name = next(iter(kwargs))
+        raise TypeError(f"{spec.name}() got " + (f"multiple values for the argument '{name}'" if name in names else
+                                                 f"an unexpected argument '{name}'"))
     return values
 
 
@@ -132,6 +134,7 @@ backend: 'auto' (the fused Triton kernels for CUDA tensors of float32, float16 o
 
 
 def _public_op(formula: Callable) -> Callable:
+    """The op of ``formula``: its arguments (then backend) bound and checked, then its Triton path or itself."""
     spec = op_registry.op_spec(formula)
 
     def op(*args, **kwargs):
