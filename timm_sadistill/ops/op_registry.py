@@ -1,10 +1,10 @@
 """The registry of fused ops: what each Triton file registers, and what the dispatcher, the compile report, the kernel
 benchmark and the parametrized tests iterate.
 
-An op is declared by its formula in `reference` (its name, its arguments in order and their defaults, and the
-bounds of its scalars, ``Annotated[float, Positive]``); `op_spec` reads that declaration. A Triton file
-``ops/<family>_triton.py`` holds the kernels, their launchers, the custom ops with their autograd, and one entry a
-op decorated with ``@register_fused_op(kernels=...)``: a function named like the formula, taking the formula's
+An op is declared by its formula in `reference` (its name, its arguments in order and their defaults, and the bounds
+of its scalars, ``Annotated[float, Positive]``); `op_spec` reads that declaration. A Triton file
+``ops/<family>_triton.py`` holds the kernels, their launchers, the custom ops with their autograd, and for each op
+an entry decorated with ``@register_fused_op(kernels=...)``: a function named like the formula, taking the formula's
 arguments plus ``strict`` and returning its outputs. `load_triton_files` imports every such file (the dispatcher
 does it once, when triton imports), so a new file needs no edit anywhere else.
 
