@@ -131,7 +131,9 @@ def _registers(names: Sequence[str], shapes: Dict[str, Tuple[int, int, int, bool
             kernels = worst.setdefault((name, stage, layout), {})
             if row.kernel not in kernels or row.regs > kernels[row.kernel].regs:
                 kernels[row.kernel] = row
-    return {key: ', '.join(f'{k} {r.regs} ({r.blocks_per_sm}/{r.warps_per_sm})' for k, r in kernels.items())
+    order = {name: op.kernels for name, op in op_registry.fused_ops().items()}  # the Triton file's order
+    return {key: ', '.join(f'{k} {r.regs} ({r.blocks_per_sm}/{r.warps_per_sm})'
+                           for k, r in sorted(kernels.items(), key=lambda kr: order[key[0]].index(kr[0])))
             for key, kernels in worst.items()}
 
 
