@@ -10,7 +10,7 @@ connectors and teacher) and fed the same batches (batch k drawn from seed k): ``
 (a random direction each). That third run is the yardstick: how far two trajectories that start a rounding
 error apart drift in ``--steps`` steps on this stack (cuDNN's non-deterministic algorithms add to it on a GPU).
 
-Checks, on every term the task returns (loss, task_loss, kd_loss, sa_dist, sa_att, sa_kd: each has its own
+Checks, on every term the task returns (loss, task_loss, kd_loss, sa_dist, sa_att, sa_cam, sa_kd: each has its own
 curve, so a kernel that gets one term wrong shows even where the cross-entropy dominates the total):
   * the first step's gradient of every trainable parameter (same weights, same batch), triton vs torch:
     relative L2 distance ≤ ``--grad-rtol``: 1e-4 in fp32 (both compute the same float32 math, only the

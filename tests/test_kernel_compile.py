@@ -1,6 +1,7 @@
-"""Every Triton launch the public ops make compiles for sm_80 and sm_90 without a GPU, spills nothing and stays within
-128 registers a thread (benchmarks/kernel_compile.py: the launches are recorded from the kernel layer, specialised as
-Triton's JIT would, compiled by triton and its ptxas in a subprocess without the interpreter).
+"""Every Triton launch the registered ops make compiles for sm_80 and sm_90 without a GPU, spills nothing and stays
+within 128 registers a thread (`timm_sadistill.ops.compile_report`: the launches are recorded through the public ops
+with the registered kernels swapped for recorders, specialised as Triton's JIT would, compiled by triton and its
+ptxas in a subprocess without the interpreter).
 
 The compile of the whole matrix runs once per session; triton's on-disk cache (TRITON_CACHE_DIR, default
 ~/.triton/cache) makes a rerun take seconds.
@@ -9,7 +10,10 @@ import itertools
 
 import pytest
 
-from benchmarks import kernel_compile as kc
+from timm_sadistill.ops import compile_report as kc
+from timm_sadistill.ops import dispatch, op_registry
+
+SPECS = dispatch.op_specs()
 
 
 @pytest.fixture(scope='module')
@@ -27,13 +31,13 @@ def test_the_report_covers_every_op_dtype_layout_p_shape_and_target(rows):
     covered = {(arch, op, dtype, layout, p, shape) for row in rows
                for arch, op, dtype, layout, p, shape in itertools.product(
                    [row.arch], row.ops, row.dtypes, row.layouts, row.ps, row.shapes)}
-    for arch, op, dtype, layout, p, shape in itertools.product(kc.ARCHS, kc.OP_LAUNCHES, kc.DTYPES, kc.LAYOUTS,
-                                                                kc.PS, kc.SHAPES):
-        if op == 'spatial_kl' and p != 2.0:
-            continue  # p does not reach the KL kernels
+    for arch, op, dtype, layout, p, shape in itertools.product(kc.ARCHS, op_registry.fused_ops(), kc.DTYPES,
+                                                                kc.LAYOUTS, kc.PS, kc.SHAPES):
+        if 'p' not in SPECS[op].names and p != kc.PS[0]:
+            continue  # p does not reach the ops without it (spatial_kl)
         assert (arch, op, dtype, layout, p, shape) in covered
     kernels = {(row.kernel, row.arch) for row in rows}
-    assert kernels == set(itertools.product(kc.KERNELS, kc.ARCHS))
+    assert kernels == set(itertools.product(kc.kernels(), kc.ARCHS))
 
 
 def test_recording_sees_each_ops_forward_and_backward_launches():

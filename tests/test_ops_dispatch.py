@@ -1,6 +1,6 @@
-"""The ops' custom-op layer and dispatch: the first-use check of backend='auto' (a kernel that raises or returns wrong
-numbers warns once and is replaced by the PyTorch path for its key, with no retry), backend='triton' staying strict,
-and the fake implementations torch.compile traces with.
+"""The dispatch's first-use check of backend='auto' (a kernel that raises or returns wrong numbers warns once and is
+replaced by the PyTorch path for its key, with no retry) and backend='triton' staying strict, shown on the spatial
+ops' kernel entries; and a Triton file that does not import leaving its ops to the PyTorch formulas.
 
 auto picks the Triton kernels only for CUDA tensors; here its device test is patched so that it picks them for CPU
 tensors, which the kernels take under the interpreter (TRITON_INTERPRET=1, conftest.py).
@@ -9,17 +9,16 @@ import warnings
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from timm_sadistill import ops
-from timm_sadistill.ops import _first_use, reference, spatial_triton
+from timm_sadistill.ops import _first_use, dispatch, op_registry, reference, spatial_triton
 
 SHAPE = (2, 5, 4, 3)
 
 
 @pytest.fixture
 def auto_picks_triton(monkeypatch):
-    monkeypatch.setattr(ops, '_is_cuda', lambda x: True)
+    monkeypatch.setattr(dispatch, '_is_cuda', lambda x: True)
     _first_use.forget()
     yield
     _first_use.forget()
@@ -136,33 +135,22 @@ def test_triton_backend_stays_strict(auto_picks_triton, monkeypatch):
         ops.spatial_attention(s, backend='triton')
 
 
-def test_fake_implementations_give_the_output_shapes():
-    from timm_sadistill.ops import spatial_custom_ops as custom
-    with FakeTensorMode():
-        s = torch.empty(4, 6, 5, 3, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        t = torch.empty_like(s)
-        maps, norms = custom._attention_fwd(s, 2.0, True)
-        kl, lse_s, lse_t = custom._kl_fwd(s, t, 4.0, True)
-        dist, att, lse_s2, lse_t2, w = custom._kl_and_attention_fwd(s, t, 4.0, 2.0, True)
-        ds = custom._ds(s, t, lse_s, lse_t, dist, w, 4.0, 2.0, True)
-    assert (maps.shape, norms.shape, w.shape) == ((4, 15), (4,), (4, 15))
-    assert kl.shape == dist.shape == att.shape == ()
-    assert lse_s.shape == lse_t.shape == lse_s2.shape == lse_t2.shape == (4, 6)
-    assert all(x.dtype == torch.float32 for x in (maps, norms, kl, lse_s, lse_t, dist, att, w))
-    assert ds.shape == s.shape and ds.dtype == torch.bfloat16 and ds.stride() == s.stride()
+def test_a_triton_file_that_does_not_import_leaves_its_ops_to_the_formulas(auto_picks_triton, monkeypatch):
+    monkeypatch.setattr(op_registry, '_FUSED_OPS', dict(op_registry._FUSED_OPS))
 
+    def old_triton(module):
+        raise AttributeError("module 'triton.language' has no attribute 'exp2'")
 
-# numpy, under the interpreter, warns on log2(0) of zero padding; the kernel masks those lanes
-@pytest.mark.filterwarnings('ignore:divide by zero:RuntimeWarning')
-@pytest.mark.parametrize('layout', ['contiguous', 'channels_last'])
-def test_custom_ops_pass_opcheck(layout):
-    """Schema, fake implementation and autograd registration of each op against its real (interpreted) run."""
-    from timm_sadistill.ops import spatial_custom_ops as custom
-    s, t = (x.detach() for x in _features())
-    if layout == 'channels_last':
-        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
-    s.requires_grad_()
-    tests = ('test_schema', 'test_faketensor', 'test_autograd_registration')
-    torch.library.opcheck(custom._attention_fwd, (s, 1.5, True), test_utils=tests)
-    torch.library.opcheck(custom._kl_fwd, (s, t, 2.0, True), test_utils=tests)
-    torch.library.opcheck(custom._kl_and_attention_fwd, (s, t, 2.0, 2.0, True), test_utils=tests)
+    monkeypatch.setattr(op_registry.importlib, 'import_module', old_triton)
+    with pytest.warns(RuntimeWarning, match=r"spatial_triton did not import \(AttributeError: .*exp2"):
+        failed = op_registry.load_triton_files()
+    assert list(failed) == ['timm_sadistill.ops.spatial_triton']
+    assert not [op for op in op_registry.fused_ops().values() if op.module == 'timm_sadistill.ops.spatial_triton']
+
+    # what the dispatcher does with such an op: auto runs the formula, triton says why it cannot
+    monkeypatch.setattr(dispatch, '_TRITON_PATHS', {})
+    monkeypatch.setattr(dispatch, '_TRITON_FAILED', failed)
+    s, t = _features()
+    assert torch.equal(ops.spatial_kl(s, t), reference.spatial_kl(s, t))
+    with pytest.raises(RuntimeError, match="spatial_kl has no Triton kernel here .*exp2.*; use backend='torch'"):
+        ops.spatial_kl(s, t, backend='triton')

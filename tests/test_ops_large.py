@@ -1,5 +1,6 @@
-"""The Triton SA ops against the PyTorch reference at training-scale shapes (GPU only): values and gradients, every
-dtype and layout, B 256, C 2048, 56 x 56 (1.6 G elements a tensor: 64-bit offsets, thousands of channel blocks).
+"""Every registered op against its PyTorch formula at training-scale shapes (GPU only): values and gradients, B 256,
+C 2048, 56 x 56 (1.6 G elements a tensor: 64-bit offsets, thousands of channel blocks) in four dtype and layout
+cases, and ResNet-50's last stage (7 x 7) in every dtype and layout.
 
 The reference keeps B x C x N float32 temporaries for its backward, which at (256, 2048, 56, 56) would need
 tens of GB, so it runs on ``CHUNK`` samples at a time. Every op is a batch mean (or, for the maps, a per-sample
@@ -18,16 +19,20 @@ import torch
 from timm_sadistill import ops
 from timm_sadistill.ops import reference
 
-# the small-shape tests' tolerances and gradient check: the same claims, only the shapes differ
-from test_ops import DTYPES, LAYOUTS, LOSS_RTOL, _assert_grad_close  # noqa: E402 (tests/ is on sys.path)
+# the small-shape tests' tolerances, gradient check and the losses they backpropagate: the same claims, only the
+# shapes differ
+from test_ops import (DTYPES, FUSED, LAYOUTS, LOSS_RTOL, SPECS, WEIGHTS,  # noqa: E402 (tests/ is on sys.path)
+                      _assert_grad_close)
 
 DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 gpu_only = pytest.mark.skipif(DEVICE.type != 'cuda', reason='training-scale shapes need a GPU')
 
 BIG = (256, 2048, 56, 56)  # B, C and H*W each at its training-scale maximum (ResNet-50's), all at once
-LARGE_SHAPES = [BIG, (256, 2048, 7, 7)]  # and ResNet-50's last stage: 49 positions, masked tails at full B and C
+LAST_STAGE = (256, 2048, 7, 7)  # ResNet-50's last stage: 49 positions, masked tails at full B and C
+# BIG in four (dtype, layout) cases an op (both layouts in the half types); LAST_STAGE in every one
+BIG_CASES = [(torch.float32, 'contiguous'), (torch.float16, 'channels_last'), (torch.bfloat16, 'contiguous'),
+             (torch.bfloat16, 'channels_last')]
 CHUNK = 32  # reference samples at a time: 0.8 GB per float32 temporary at BIG
-TAU, P = 4.0, 2.0
 
 # an op under test: (s, t) -> (its outputs, the scalar to backpropagate)
 Run = Callable[[torch.Tensor, torch.Tensor], Tuple[Sequence[torch.Tensor], torch.Tensor]]
@@ -45,35 +50,28 @@ def _features(shape, dtype, layout, seed=0):
     return s.to(dtype, memory_format=memory_format), t.to(dtype, memory_format=memory_format)
 
 
+def _as_tuple(outputs) -> Tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def _ops(name: str, batch: int, device: torch.device) -> Tuple[Run, RefRun]:
-    """The Triton op ``name`` and its chunked reference, each returning (outputs, loss to backpropagate)."""
-    if name == 'spatial_kl_and_attention':
-        def run(s, t):
-            dist, att = ops.spatial_kl_and_attention(s, t, TAU, P, backend='triton')
-            return (dist, att), 0.7 * dist + 1.3 * att
+    """The Triton op ``name`` and its chunked reference, each returning (outputs, loss to backpropagate).
 
-        def ref(index, s, t, weight):
-            dist, att = reference.spatial_kl_and_attention(s, t, TAU, P)
-            return (weight * dist, weight * att), weight * (0.7 * dist + 1.3 * att)
-    elif name == 'spatial_kl':
-        def run(s, t):
-            kl = ops.spatial_kl(s, t, TAU, backend='triton')
-            return (kl,), 3.0 * kl
+    Every scalar output is a batch mean, so a chunk's is weighted by chunk / B; every other output is per sample,
+    taken against a fixed upstream gradient g of shape (B, 1), sliced like the samples."""
+    targets = len(SPECS[name].tensors) - 1  # the teacher t for each feature map after the student's
+    g = torch.randn(batch, 1, generator=torch.Generator().manual_seed(1)).to(device)
 
-        def ref(index, s, t, weight):
-            kl = weight * reference.spatial_kl(s, t, TAU)
-            return (kl,), 3.0 * kl
-    else:
-        # maps are per sample: a fixed upstream gradient g, sliced like the samples
-        g = torch.randn(batch, 1, generator=torch.Generator().manual_seed(1)).to(device)
+    def loss(outputs, weight, index):
+        return sum(weight * w * o if o.dim() == 0 else (o * g[index]).sum() for o, w in zip(outputs, WEIGHTS))
 
-        def run(s, t):
-            a = ops.spatial_attention(s, P, backend='triton')
-            return (a,), (a * g).sum()
+    def run(s, t):
+        outputs = _as_tuple(getattr(ops, name)(s, *[t] * targets, backend='triton'))
+        return outputs, loss(outputs, 1.0, slice(None))
 
-        def ref(index, s, t, weight):
-            a = reference.spatial_attention(s, P)
-            return (a,), (a * g[index]).sum()
+    def ref(index, s, t, weight):
+        outputs = _as_tuple(getattr(reference, name)(s, *[t] * targets))
+        return [weight * o if o.dim() == 0 else o for o in outputs], loss(outputs, weight, index)
     return run, ref
 
 
@@ -111,22 +109,21 @@ def _compare(name: str, shape, dtype, layout, chunk: int = CHUNK) -> None:
 
 
 @gpu_only
-@pytest.mark.parametrize('shape', LARGE_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('layout', LAYOUTS)
-def test_sa_loss_terms_large(shape, dtype, layout):
-    _compare('spatial_kl_and_attention', shape, dtype, layout)
+@pytest.mark.parametrize('name', FUSED)
+def test_op_last_stage(name, dtype, layout):
+    _compare(name, LAST_STAGE, dtype, layout)
 
 
 @gpu_only
-@pytest.mark.parametrize('name', ['spatial_kl', 'spatial_attention'])
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_other_ops_large(name, dtype):
-    # one layout a dtype, as test_ops does for these: spatial_kl_and_attention above covers every combination
-    _compare(name, BIG, dtype, 'channels_last' if dtype == torch.bfloat16 else 'contiguous')
+@pytest.mark.parametrize('dtype, layout', BIG_CASES, ids=lambda case: str(case).replace('torch.', ''))
+@pytest.mark.parametrize('name', FUSED)
+def test_op_big(name, dtype, layout):
+    _compare(name, BIG, dtype, layout)
 
 
-@pytest.mark.parametrize('name', ['spatial_kl_and_attention', 'spatial_kl', 'spatial_attention'])
+@pytest.mark.parametrize('name', FUSED)
 def test_chunked_reference_is_the_whole_batch_reference(name):
     shape = (5, 6, 7, 9)  # 5 samples in chunks of 2: an uneven last chunk
     s, t = (x.double() for x in _features(shape, torch.float32, 'contiguous'))
@@ -140,7 +137,7 @@ def test_chunked_reference_is_the_whole_batch_reference(name):
     torch.testing.assert_close(torch.cat([grad for _, _, grad in chunks]), s_whole.grad, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize('name', ['spatial_kl_and_attention', 'spatial_kl', 'spatial_attention'])
+@pytest.mark.parametrize('name', FUSED)
 def test_compare_runs_at_a_small_shape(name):
     # bfloat16 channels-last: the loosest gradient tolerance and the strided layout, through the same code
     _compare(name, (5, 70, 11, 13), torch.bfloat16, 'channels_last', chunk=2)

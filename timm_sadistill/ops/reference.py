@@ -1,4 +1,5 @@
-"""Plain PyTorch reference of the SA ops.
+"""Plain PyTorch reference of the ops: each formula here declares an op of `timm_sadistill.ops` (its name, its
+arguments and their bounds: tensors annotated ``torch.Tensor``, ``Annotated[float, Positive]`` scalars > 0).
 
 These are the CPU fallback and the ground truth the Triton kernels are tested against. All math is in
 float32 (float64 inputs stay float64, for gradcheck) whatever the input dtype, so fp16/bf16 features
@@ -6,11 +7,13 @@ with large activations give no inf or NaN.
 
 Shapes: s (student, after its connector) and t (teacher) are (B, C, H, W) with equal shapes.
 """
-from typing import Tuple
+from typing import Annotated, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from .op_registry import Positive
 
 __all__ = ['spatial_attention', 'spatial_kl', 'spatial_kl_and_attention']
 
@@ -19,7 +22,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def spatial_attention(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+def spatial_attention(x: torch.Tensor, p: Annotated[float, Positive] = 2.0) -> torch.Tensor:
     """a_b(i) = mean_c |x_{b,c,i}|^p, L2-normalised over the H*W positions i.
 
     Args:
@@ -33,7 +36,7 @@ def spatial_attention(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(a, p=2.0, dim=1)
 
 
-def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: Annotated[float, Positive] = 4.0) -> torch.Tensor:
     """Channel-wise spatial softmax KL (CWD, Shu et al. 2021; SA's L_dist).
 
     P^X_{b,c} = softmax_i(X_{b,c,i} / tau) over the H*W positions i;
@@ -55,7 +58,8 @@ def spatial_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0) -> torch.Tens
     return kl * (tau ** 2) / rows_s.shape[0]
 
 
-def spatial_kl_and_attention(s: torch.Tensor, t: torch.Tensor, tau: float = 4.0, p: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def spatial_kl_and_attention(s: torch.Tensor, t: torch.Tensor, tau: Annotated[float, Positive] = 4.0,
+                             p: Annotated[float, Positive] = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two unweighted SA terms (docs/method.md#the-sa-loss).
 
     L_dist = spatial_kl(s, t, tau); L_att = 1/B * sum_b ||a^S_b - a^T_b||_2^2 with a = spatial_attention(., p).
