@@ -234,6 +234,7 @@ def create_loaders(
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=train_interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding,
+        persistent_workers=False,  # workers seeded afresh each epoch, so that a resumed run draws the same (seed_epoch)
         collate_fn=collate_fn, **common,
     )
     loader_eval = None

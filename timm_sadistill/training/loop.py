@@ -24,9 +24,12 @@ from .checkpoint_saver import AtomicCheckpointSaver
 from .export import LEGACY_WEIGHTS_FILE
 from .progress import ProgressBar
 
-__all__ = ['Training', 'RunOutputs', 'train_epochs', 'train_one_epoch', 'validate']
+__all__ = ['Training', 'RunOutputs', 'seed_epoch', 'train_epochs', 'train_one_epoch', 'validate']
 
 _logger = logging.getLogger('timm_sadistill.train')
+
+# a prime well above any rank count, so that (epoch, rank) pairs of one run never share a seed
+_EPOCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -261,6 +264,7 @@ def train_epochs(
     epoch), None off rank 0."""
     best_metric = best_epoch = None
     for epoch in epochs:
+        seed_epoch(args.seed, epoch, args.rank)
         for sampler in (getattr(training.loader_train, 'sampler', None),
                         getattr(training.loader_train, 'batch_sampler', None)):
             if hasattr(sampler, 'set_epoch'):
@@ -280,6 +284,18 @@ def train_epochs(
         if training.lr_scheduler is not None:
             training.lr_scheduler.step(epoch + 1, latest_metric)
     return best_metric, best_epoch
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed every generator an epoch draws from (torch's, numpy's, Python's: the sampler's shuffle, the workers' seeds,
+    augmentation, mixup, dropout) from the run's ``--seed``, the epoch and the rank.
+
+    An epoch then draws the same numbers whether the run got to it without a stop or was resumed from the checkpoint
+    before it, so a resumed run ends with the weights of the run left alone (bit for bit on a CPU). This needs the
+    train loader's workers started afresh each epoch (`create_loaders`): persistent workers would carry their
+    generators across epochs, and a resumed run's workers would start from other states.
+    """
+    utils.random_seed((seed + _EPOCH_SEED_STRIDE * (epoch + 1)) % 2 ** 31, rank)
 
 
 def _check_some_step_trained(train_metrics: Dict[str, float], epoch: int, steps: int) -> None:
