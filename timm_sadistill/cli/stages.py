@@ -14,11 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages, stage_map_sizes
+from ..features import (
+    FeatureTaps, StageInfo, check_input_size, default_img_size, head_map_pair, list_stages, pair_stages, stage_map_sizes,
+)
 from ..errors import UsageError
 from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..model_folder import resolve_model_name
-from ..tasks.distill_task import head_map_pair
 from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'connector_description']

@@ -10,8 +10,7 @@ from timm.utils.model import unwrap_model
 
 from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ..features import (
-    FeatureTaps, StageInfo, StagesArg, check_input_size, head_map_stage, input_size_kwargs, pair_stages,
-    resolve_img_size,
+    FeatureTaps, StagesArg, check_input_size, head_map_pair, input_size_kwargs, pair_stages, resolve_img_size,
 )
 from ..errors import UsageError
 from ..losses import DistillLoss, check_loss_options, create_distill_loss, get_distill_loss_class
@@ -201,28 +200,6 @@ def _check_input_channels(
             f"{s_chans}-entry statistics: timm.create_model(..., pretrained_cfg_overlay=dict(mean=..., std=...))."
         )
     return s_chans
-
-
-def _model_label(model: nn.Module) -> str:
-    """A model's class and, where timm built it, its architecture: ``VisionTransformer 'test_vit'``."""
-    base = unwrap_model(model)
-    arch = (getattr(base, 'pretrained_cfg', None) or {}).get('architecture')
-    return f"{type(base).__name__} '{arch}'" if arch else type(base).__name__
-
-
-def head_map_pair(
-        student: nn.Module,
-        teacher: nn.Module,
-        img_size: Tuple[int, int],
-) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], str]:
-    """(student stage, teacher stage) whose maps the two heads take (`head_map_stage`), or None and why not, as a
-    phrase naming the models whose heads take tokens. The task and the ``stages`` command both ask it."""
-    stages = {'student': head_map_stage(student, img_size), 'teacher': head_map_stage(teacher, img_size)}
-    tokens = {role: model for role, model in (('student', student), ('teacher', teacher)) if stages[role] is None}
-    if not tokens:
-        return (stages['student'], stages['teacher']), ''
-    named = ' and '.join(f"the {role}'s head ({_model_label(model)})" for role, model in tokens.items())
-    return None, f"{named} {'take' if len(tokens) > 1 else 'takes'} no (B, C, H, W) feature map (a token head)"
 
 
 def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
