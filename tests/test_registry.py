@@ -44,7 +44,7 @@ def test_unknown_names_and_bad_classes_are_clear_errors():
         tsd.register_distill_loss('')
     with pytest.raises(ValueError, match="Unknown connector 'mlp'; use one of bottleneck, conv1x1, identity, regressor"):
         tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], connector='mlp')
-    with pytest.raises(tsd.UsageError, match="Unknown AT mode"):
+    with pytest.raises(tsd.UsageError, match="Unknown mode 'fancy'; use one of code, paper"):
         tsd.create_distill_loss('at', student_channels=[4], teacher_channels=[8], mode='fancy')
 
 

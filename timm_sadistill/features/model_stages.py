@@ -71,8 +71,8 @@ def auto_stages(model: nn.Module, img_size: Tuple[int, int]) -> List[StageInfo]:
     if not stages:
         raise UsageError(
             f"{type(unwrap_model(model)).__name__} has no stage with a map of at least "
-            f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {img_size}; pass a larger img_size or "
-            f"explicit stages ({valid_stages_message(model)})."
+            f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {img_size}; pass a larger {{option}} or "
+            f"explicit stages ({valid_stages_message(model)}).", option='img_size',
         )
     return stages
 

@@ -25,7 +25,7 @@ def _match_by_reduction(explicit: List[StageInfo], other: nn.Module, side: str) 
     if not candidates:
         raise UsageError(
             f"'auto' finds no {side} stage of reduction {AUTO_MIN_REDUCTION} or more in feature_info to pair with "
-            f"{[s.name for s in explicit]}; pass {side}_stages explicitly."
+            f"{[s.name for s in explicit]}; pass {{option}} explicitly.", option=f'{side}_stages',
         )
     return [candidates[_nearest_reduction(stage.reduction, list(candidates))] for stage in explicit]
 
@@ -77,7 +77,8 @@ def pair_stages(
     teacher_auto = isinstance(teacher_stages, str) and teacher_stages == 'auto'
     if policy == 'none':
         if not (student_auto and teacher_auto):
-            raise UsageError("This loss distils logits only; leave student_stages and teacher_stages at 'auto'.")
+            raise UsageError("This loss distils logits only; leave {option} and {option.teacher_stages} at 'auto'.",
+                             option='student_stages')
         return [], []
     hw = resolve_img_size(img_size, student)
     taps_kwargs = dict(img_size=hw)
@@ -89,8 +90,8 @@ def pair_stages(
             raise UsageError(
                 f"'auto' found no student/teacher stages to pair with teacher maps of at least "
                 f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {hw}: student reductions {sorted(s_by_red)}, "
-                f"teacher reductions {sorted(t_by_red)}. Pass a larger img_size, or explicit "
-                f"student_stages and teacher_stages of equal length."
+                f"teacher reductions {sorted(t_by_red)}. Pass a larger {{option}}, or explicit "
+                "{option.student_stages} and {option.teacher_stages} of equal length.", option='img_size',
             )
         if policy == 'last':
             pairs = pairs[-1:]
@@ -106,8 +107,8 @@ def pair_stages(
     t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
     if len(s) != len(t):
         raise UsageError(
-            f"student_stages and teacher_stages must have equal length to pair them, got {len(s)} "
+            f"{{option}} and {{option.teacher_stages}} must have equal length to pair them, got {len(s)} "
             f"({[x.name for x in s]}) and {len(t)} ({[x.name for x in t]}); pass lists of equal length, "
-            "or 'auto' on one side to match the other by reduction."
+            "or 'auto' on one side to match the other by reduction.", option='student_stages',
         )
     return s, t
