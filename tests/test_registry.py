@@ -9,7 +9,8 @@ from test_losses import SA_DEFAULTS
 def test_builtin_losses_are_registered():
     # every loss class the package exports is registered under its name, and nothing else is
     exported = [getattr(tsd.losses, name) for name in tsd.losses.__all__]
-    classes = [c for c in exported if isinstance(c, type) and issubclass(c, tsd.DistillLoss) and c is not tsd.DistillLoss]
+    classes = [c for c in exported
+               if isinstance(c, type) and issubclass(c, tsd.DistillLoss) and c is not tsd.DistillLoss]
     assert len(classes) >= 7
     assert tsd.list_distill_losses() == sorted(c.loss_name for c in classes)
     assert [tsd.get_distill_loss_class(c.loss_name) for c in classes] == classes

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from ..features import (
-    FeatureTaps, StageInfo, check_input_size, default_img_size, head_map_pair, list_stages, pair_stages, stage_map_sizes,
+    FeatureTaps, StageInfo, check_input_size, default_img_size, head_map_pair, list_stages, pair_stages,
+    stage_map_sizes,
 )
 from ..errors import UsageError
 from ..losses import default_distill_loss, get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options

@@ -1,8 +1,8 @@
 """``timm-sadistill viz --teacher NAME --model NAME [--checkpoint P] IMAGE... -o maps.png``: attention-map picture.
 
-Builds the task of the loss whose maps are drawn (`drawn_loss`: SA) for a student and a teacher, loads the student (and its connectors) from a ``train`` checkpoint,
-and draws, for each image, the teacher's and the student's spatial attention maps at every distilled stage with
-the per-image SA stage loss. The teacher needs no weights here: without ``--teacher-checkpoint`` it is random.
+Builds the task of the loss whose maps are drawn (`drawn_loss`: SA) for a student and a teacher, loads the student
+(and its connectors) from a ``train`` checkpoint, and draws, for each image, the teacher's and the student's spatial
+attention maps at every distilled stage with the per-image SA stage loss. The teacher needs no weights here: without ``--teacher-checkpoint`` it is random.
 """
 import argparse
 import logging

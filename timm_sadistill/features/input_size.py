@@ -53,8 +53,8 @@ def resolve_img_size(
     else:
         hw = (int(img_size[-2]), int(img_size[-1]))
     if min(hw) <= 0:
-        raise UsageError(f"{{option}} {hw[0]}x{hw[1]}: an input size is a positive number of pixels, e.g. {{option:64}}.",
-                         option='img_size')
+        raise UsageError(f"{{option}} {hw[0]}x{hw[1]}: an input size is a positive number of pixels, "
+                         "e.g. {option:64}.", option='img_size')
     return hw
 
 
