@@ -305,7 +305,7 @@ def test_timm_train_runs_a_train_py_with_our_task(workdir, teacher_run):
                       '--sa-beta', '5'], workdir)
     check_ok(result)
     reported = json.loads(result_json.read_text())
-    assert reported['task'] == 'SADistillTask'
+    assert reported['task'] == 'DistillTask'  # one task class for every loss
     assert {'sa_dist', 'sa_att', 'kd_loss', 'task_loss', 'loss'} <= set(reported['result_keys'])
     assert reported['distill_loss_weight'] == 0.5  # train.py's own flag reached its task construction
 

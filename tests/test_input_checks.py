@@ -8,6 +8,8 @@ from safetensors.torch import save_file
 import timm_sadistill as tsd
 from timm_sadistill.cli import main as cli_main
 
+from test_losses import FEATURE_ONLY, FEATURE_ONLY_IDS
+
 
 def _step(task, size, classes=4):
     """One SGD step at ``size`` px; returns the result dict."""
@@ -109,7 +111,8 @@ def test_bad_input_sizes_exit_2_with_one_line(argv, flag_and_fix, capsys):
 
 
 @pytest.mark.parametrize('method,options', [
-    ('kd', {}), ('dkd', {}), ('dist', {}), ('sa', {}), ('sa', {'cam_weight': 0.0}),
+    *((name, {}) for name in tsd.list_distill_losses() if tsd.get_distill_loss_class(name).compares_logits()),
+    ('sa', {'cam_weight': 0.0}),  # its logit term still compares them
 ])
 def test_logit_losses_refuse_models_of_different_class_counts(method, options):
     student = timm.create_model('test_resnet', num_classes=3)
@@ -118,7 +121,7 @@ def test_logit_losses_refuse_models_of_different_class_counts(method, options):
         tsd.create_distill_task(method, student, teacher, img_size=64, verbose=False, **options)
 
 
-@pytest.mark.parametrize('method,options', [('at', {}), ('fitnet', {}), ('cwd', {}), ('sa', {'kd_weight': 0.0})])
+@pytest.mark.parametrize('method,options', FEATURE_ONLY, ids=FEATURE_ONLY_IDS)
 def test_feature_losses_take_models_of_different_class_counts(method, options):
     student = timm.create_model('test_resnet', num_classes=3)
     teacher = timm.create_model('resnet18', num_classes=5)

@@ -229,7 +229,7 @@ def test_an_entry_point_plugin_is_loaded_before_the_parser_is_built(tmp_path, mo
     info = tmp_path / 'sp_plugin-0.1.dist-info'
     info.mkdir()
     (info / 'METADATA').write_text('Metadata-Version: 2.1\nName: sp-plugin\nVersion: 0.1\n')
-    (info / 'entry_points.txt').write_text(f'[{tsd.losses._registry.PLUGIN_GROUP}]\nsp = custom_loss\n')
+    (info / 'entry_points.txt').write_text(f'[{tsd.losses._plugins.PLUGIN_GROUP}]\nsp = custom_loss\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(REPO_ROOT / 'examples'))
     monkeypatch.delitem(sys.modules, 'custom_loss', raising=False)
@@ -238,7 +238,7 @@ def test_an_entry_point_plugin_is_loaded_before_the_parser_is_built(tmp_path, mo
     assert 'sp' in actions['--distill'].choices and '--sp-weight' in actions
     from timm_sadistill.cli import stages
     assert 'sp' in _actions(stages.build_parser())['--distill'].choices
-    (info / 'entry_points.txt').write_text(f'[{tsd.losses._registry.PLUGIN_GROUP}]\nbroken = no_such_module_here\n')
+    (info / 'entry_points.txt').write_text(f'[{tsd.losses._plugins.PLUGIN_GROUP}]\nbroken = no_such_module_here\n')
     with pytest.raises(tsd.UsageError, match="plugin 'broken' .*does not import: ModuleNotFoundError"):
         build_parser()
 

@@ -259,8 +259,24 @@ def test_sa_options_are_declared_once_in_the_constructor():
     assert loss.option_values == {**SA_DEFAULTS, 'beta': 5}
 
 
-@pytest.mark.parametrize('name,options', [('at', {}), ('fitnet', {}), ('cwd', {}), ('sa', {'kd_weight': 0.0})],
-                         ids=['at', 'fitnet', 'cwd', 'sa-kd_weight-0'])
+# the losses that compare no logits, each with the options that make it so, as it declares them
+FEATURE_ONLY = [(name, tsd.get_distill_loss_class(name).feature_only_options()) for name in tsd.list_distill_losses()
+                if tsd.get_distill_loss_class(name).feature_only_options() is not None]
+FEATURE_ONLY_IDS = ['-'.join([name, *(f'{k}-{v:g}' for k, v in options.items())]) for name, options in FEATURE_ONLY]
+
+
+def test_the_feature_only_losses_are_the_ones_that_compare_no_logits():
+    assert {name for name, _ in FEATURE_ONLY} >= {'at', 'fitnet', 'cwd', 'sa'}
+    assert FEATURE_ONLY_IDS[-1] == 'sa-kd_weight-0'
+    for name, options in FEATURE_ONLY:
+        cls = tsd.get_distill_loss_class(name)
+        # a task turns the terms on the heads' maps off for models of different class counts
+        fitted = cls.without_final_pair('', **options)[0] if cls.uses_final_pair(**options) else options
+        assert not cls.compares_logits(**fitted), name
+    assert tsd.get_distill_loss_class('kd').feature_only_options() is None
+
+
+@pytest.mark.parametrize('name,options', FEATURE_ONLY, ids=FEATURE_ONLY_IDS)
 def test_feature_only_losses_take_no_logits(name, options):
     shape = SHAPES[1]
     s, t, sl, tl, y = _inputs(shape)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import timm_sadistill as tsd
 import timm_sadistill.training.run as run_module
 from timm_sadistill.cli import main
-from timm_sadistill.cli._common import in_flag_words
+from timm_sadistill.cli._common import run_command
+from timm_sadistill.features import resolve_img_size
 
 from test_user_errors import FLAGS, STUDENT, _keep_logging, digests, run, run_main, write_folder  # noqa: F401
 
@@ -237,13 +238,29 @@ def test_stages_measures_maps_of_stages_that_share_a_module(capsys):
     assert [(row[1], row[4]) for row in rows] == [('1', '8x8'), ('2', '4x4'), ('3', '2x2')]
 
 
-def test_command_line_errors_name_the_flags_not_the_parameters():
-    assert in_flag_words('tau and temperature must be positive, got tau=-1.0, temperature=4.0.') == \
+def test_command_line_errors_name_the_flags_not_the_parameters(capsys):
+    """An error carries the options it names; the command line words each with its flag, and code quoted in the
+    message stays as it is."""
+    def on_the_command_line(error: tsd.UsageError) -> str:
+        def body():
+            raise error
+        assert run_command('prog', body) == 2
+        return capsys.readouterr().err.strip().removeprefix('prog: error: ')
+
+    both = tsd.UsageError('{option} and {option.temperature} must be positive, got {option:-1.0}, '
+                          '{option.temperature:4.0}.', option='tau', loss='sa')
+    assert str(both) == 'tau and temperature must be positive, got tau=-1.0, temperature=4.0.'
+    assert on_the_command_line(both) == \
         '--sa-tau and --kd-temperature must be positive, got --sa-tau -1.0, --kd-temperature 4.0.'
-    assert in_flag_words("pass a larger img_size, or explicit student_stages and teacher_stages.") == \
-        'pass a larger --img-size, or explicit --distill-stages and --teacher-stages.'
-    code = 'build it: timm.create_model(name, img_size=64), then num_classes=3.'
-    assert in_flag_words(code) == 'build it: timm.create_model(name, img_size=64), then --num-classes 3.'
+    stages = tsd.UsageError('pass a larger {option}, or explicit {option.student_stages} and {option.teacher_stages}.',
+                            option='img_size')
+    assert on_the_command_line(stages) == 'pass a larger --img-size, or explicit --distill-stages and --teacher-stages.'
+    code = tsd.UsageError('build it: timm.create_model(name, img_size=64), then {option:3}.', option='num_classes')
+    assert str(code) == 'build it: timm.create_model(name, img_size=64), then num_classes=3.'
+    assert on_the_command_line(code) == 'build it: timm.create_model(name, img_size=64), then --num-classes 3.'
+    with pytest.raises(tsd.UsageError) as refused:  # the library's own errors carry their options
+        resolve_img_size(0)
+    assert on_the_command_line(refused.value).startswith('--img-size 0x0: an input size is a positive number')
 
 
 @pytest.mark.parametrize('key, value, expected', [

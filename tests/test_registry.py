@@ -7,7 +7,13 @@ from test_losses import SA_DEFAULTS
 
 
 def test_builtin_losses_are_registered():
-    assert tsd.list_distill_losses() == ['at', 'cwd', 'dist', 'dkd', 'fitnet', 'kd', 'sa']
+    # every loss class the package exports is registered under its name, and nothing else is
+    exported = [getattr(tsd.losses, name) for name in tsd.losses.__all__]
+    classes = [c for c in exported
+               if isinstance(c, type) and issubclass(c, tsd.DistillLoss) and c is not tsd.DistillLoss]
+    assert len(classes) >= 7
+    assert tsd.list_distill_losses() == sorted(c.loss_name for c in classes)
+    assert [tsd.get_distill_loss_class(c.loss_name) for c in classes] == classes
     assert tsd.get_distill_loss_class('sa') is tsd.SADistillLoss
     assert isinstance(tsd.create_distill_loss('sa', student_channels=[64, 128], teacher_channels=[256, 512], tau=4.0),
                       tsd.SADistillLoss)
@@ -44,7 +50,7 @@ def test_unknown_names_and_bad_classes_are_clear_errors():
         tsd.register_distill_loss('')
     with pytest.raises(ValueError, match="Unknown connector 'mlp'; use one of bottleneck, conv1x1, identity, regressor"):
         tsd.create_distill_loss('sa', student_channels=[4], teacher_channels=[8], connector='mlp')
-    with pytest.raises(tsd.UsageError, match="Unknown AT mode"):
+    with pytest.raises(tsd.UsageError, match="Unknown mode 'fancy'; use one of code, paper"):
         tsd.create_distill_loss('at', student_channels=[4], teacher_channels=[8], mode='fancy')
 
 

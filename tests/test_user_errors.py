@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import timm_sadistill as tsd
 from timm_sadistill.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,8 @@ def test_train_mistakes_are_one_line_and_change_nothing(run, capsys, tmp_path):
             '--distill', 'kd', '--fitnet-weight', '3'],
         '--lr must be a finite number, got nan': ['--lr', 'nan'],
         "is a folder, not a checkpoint file": ['--distill', 'kd', '--teacher', 'resnet18', '--teacher-checkpoint', str(done)],
-        "invalid choice: 'nope' (choose from 'none', 'at', 'cwd', 'dist', 'dkd', 'fitnet', 'kd', 'sa')": ['--distill', 'nope'],
+        f"invalid choice: 'nope' (choose from {', '.join(map(repr, ['none', *tsd.list_distill_losses()]))})": [
+            '--distill', 'nope'],
         "--experiment 'done': ": ['--num-classes', '3', '--experiment', 'done'],
     }
     for expected, flags in cases.items():

@@ -16,7 +16,8 @@ from ..errors import UsageError
 
 __all__ = [
     'add_distill_arguments', 'add_stage_arguments', 'add_loss_arguments', 'parse_stages', 'join_stage_values',
-    'loss_flag', 'loss_flag_options', 'distill_task_kwargs', 'check_teacher_flags', 'parse_bool',
+    'loss_flag', 'loss_flag_options', 'option_flag', 'distill_task_kwargs', 'check_teacher_flags', 'parse_bool',
+    'TASK_FLAGS',
 ]
 
 STAGE_FLAGS = ('--distill-stages', '--teacher-stages')
@@ -105,27 +106,35 @@ def loss_flag(method: str, option: str) -> str:
     return f'--{method}-{option}'.replace('_', '-')
 
 
-# the task's keyword arguments that are flags of the command line (the loss options' flags come from `loss_flag`)
+# the task's keywords (`create_distill_task`) that a flag sets, each with its flag: `distill_task_kwargs` reads the
+# distillation flags through it, and `option_flag` names them in a message (a loss's options: `loss_flag`)
 TASK_FLAGS = {
-    'student_stages': '--distill-stages', 'teacher_stages': '--teacher-stages', 'img_size': '--img-size',
-    'num_classes': '--num-classes', 'in_chans': '--in-chans', 'teacher_pretrained_path': '--teacher-checkpoint',
-    'teacher_pretrained': '--teacher-pretrained', 'temperature': '--kd-temperature',
+    'teacher_pretrained_path': '--teacher-checkpoint', 'teacher_pretrained': '--teacher-pretrained',
+    'student_stages': '--distill-stages', 'teacher_stages': '--teacher-stages',
+    # set from the training flags by the training run, beside these
+    'img_size': '--img-size', 'num_classes': '--num-classes', 'in_chans': '--in-chans',
 }
+_DISTILL_TASK_KEYWORDS = ('teacher_pretrained_path', 'teacher_pretrained', 'student_stages', 'teacher_stages')
 
 
 def option_flag(option: str, loss: Optional[str] = None) -> str:
-    """The flag of the option a `UsageError` names: a loss's option by `loss_flag`, a task's from `TASK_FLAGS`; an
-    option with no flag keeps its Python name."""
-    if loss is not None:
-        return loss_flag(loss, option)
+    """The flag of an option a `UsageError` carries: a loss's option (and the task's ``temperature``, which goes to
+    the loss) by `loss_flag`, a task's from `TASK_FLAGS`; an option with no flag keeps its Python name."""
+    if loss is not None or option == 'temperature':
+        return loss_flag(loss or '', option)
     return TASK_FLAGS.get(option, option)
+
+
+def _flag_dest(flag: str) -> str:
+    """The namespace attribute argparse gives ``flag``: ``--teacher-checkpoint`` -> ``teacher_checkpoint``."""
+    return flag[2:].replace('-', '_')
 
 
 _METAVARS = {float: 'X', int: 'N', bool: 'BOOL', str: 'TEXT'}
 
 
 def _dest(method: str, option: str) -> str:
-    return loss_flag(method, option)[2:].replace('-', '_')
+    return _flag_dest(loss_flag(method, option))
 
 
 def _flag_options(method: str) -> List[LossOption]:
@@ -188,9 +197,9 @@ def loss_flag_options(args: argparse.Namespace, method: str) -> Dict[str, Any]:
     if getattr(args, 'kd_temperature', None) is not None and 'temperature' in declared:
         options['temperature'] = args.kd_temperature
     for name, value in options.items():
-        problem = declared[name].problem(value)
-        if problem:
-            raise UsageError(f"{loss_flag(method, name)} {problem}.")
+        refusal = declared[name].refusal(value)  # the declaration's own check, worded with the flag
+        if refusal:
+            raise UsageError(UsageError(f'{refusal}.', option=name, loss=method).worded(loss_flag(method, name), ' '))
     return options
 
 
@@ -200,13 +209,8 @@ def distill_task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     Raises:
         UsageError: a loss flag of another method, or a value its option refuses (see `loss_flag_options`).
     """
-    return dict(
-        teacher_pretrained_path=args.teacher_checkpoint,
-        teacher_pretrained=args.teacher_pretrained,
-        student_stages=args.distill_stages,
-        teacher_stages=args.teacher_stages,
-        **loss_flag_options(args, args.distill),
-    )
+    return {**{keyword: getattr(args, _flag_dest(TASK_FLAGS[keyword])) for keyword in _DISTILL_TASK_KEYWORDS},
+            **loss_flag_options(args, args.distill)}
 
 
 def check_teacher_flags(teacher: str, args: argparse.Namespace, flag: str = '--teacher') -> ModelName:

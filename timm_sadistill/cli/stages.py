@@ -14,11 +14,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..features import FeatureTaps, StageInfo, check_input_size, default_img_size, list_stages, pair_stages, stage_map_sizes
+from ..features import (
+    FeatureTaps, StageInfo, check_input_size, default_img_size, head_map_pair, list_stages, pair_stages,
+    stage_map_sizes,
+)
 from ..errors import UsageError
-from ..losses import get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
+from ..losses import default_distill_loss, get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..model_folder import resolve_model_name
-from ..tasks.distill_task import head_map_pair
 from ._common import check_img_size, create_model, run_command
 
 __all__ = ['main', 'connector_description']
@@ -82,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='teacher model name (or local-dir:FOLDER): also print the pairing')
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
                         help="input size N x N (default: the model's pretrained_cfg input size)")
-    parser.add_argument('--distill', default='sa', choices=list_distill_losses(),
-                        help='method whose auto pairing and connectors are shown (default: sa)')
+    default = default_distill_loss()
+    parser.add_argument('--distill', default=default, choices=list_distill_losses(),
+                        help=f'method whose auto pairing and connectors are shown (default: {default})')
     return parser
 
 

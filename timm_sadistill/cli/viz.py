@@ -1,8 +1,8 @@
 """``timm-sadistill viz --teacher NAME --model NAME [--checkpoint P] IMAGE... -o maps.png``: attention-map picture.
 
-Builds the SA task for a student and a teacher, loads the student (and its connectors) from a ``train`` checkpoint,
-and draws, for each image, the teacher's and the student's spatial attention maps at every distilled stage with
-the per-image SA stage loss. The teacher needs no weights here: without ``--teacher-checkpoint`` it is random.
+Builds the task of the loss whose maps are drawn (`drawn_loss`: SA) for a student and a teacher, loads the student
+(and its connectors) from a ``train`` checkpoint, and draws, for each image, the teacher's and the student's spatial
+attention maps at every distilled stage with the per-image SA stage loss. The teacher needs no weights here: without ``--teacher-checkpoint`` it is random.
 """
 import argparse
 import logging
@@ -13,19 +13,27 @@ from typing import Optional
 import torch
 
 from ..attention_maps import load_images, load_student_checkpoint
+from ..losses import default_distill_loss, list_distill_losses
 from ..model_folder import resolve_model_name
-from ..tasks.distill_task import check_teacher_weights
+from ..tasks.teacher import check_teacher_weights
 from ..tasks.factory import create_distill_task
 from ._common import check_device, check_img_size, create_model, run_command
 from ._parser import OneLineArgumentParser, check_finite_floats
 from ..training.run_folder import check_output_path
 from .distill_flags import add_loss_arguments, add_stage_arguments, join_stage_values, loss_flag_options
 
-__all__ = ['main']
+__all__ = ['main', 'drawn_loss']
 
 PROG = 'timm-sadistill viz'
 
 _logger = logging.getLogger(__name__)
+
+
+def drawn_loss() -> str:
+    """The loss whose attention maps the picture draws: the default loss where it draws them
+    (`DistillLoss.draws_attention_maps`), else the first registered one that does."""
+    drawn = list_distill_losses(lambda cls: cls.draws_attention_maps)
+    return default_distill_loss() if default_distill_loss() in drawn else drawn[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
                         help="input size N x N (default: the student's pretrained_cfg input size)")
     add_stage_arguments(parser)
-    add_loss_arguments(parser, ['sa'])  # as trained: the connector and the weights shown in the titles
+    add_loss_arguments(parser, [drawn_loss()])  # as trained: the connector and the weights shown in the titles
     parser.add_argument('--device', default='cpu', help='device to run the models on (default: cpu)')
     return parser
 
@@ -74,9 +82,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _logger.warning(f"No --teacher-checkpoint: the teacher '{args.teacher}' has random weights, so its maps show "
                         "an untrained network.")
     task = create_distill_task(
-        'sa', student, teacher, teacher_pretrained_path=args.teacher_checkpoint, teacher_pretrained=False,
+        drawn_loss(), student, teacher, teacher_pretrained_path=args.teacher_checkpoint, teacher_pretrained=False,
         student_stages=args.distill_stages, teacher_stages=args.teacher_stages, img_size=args.img_size,
-        device=device, verbose=False, **loss_flag_options(args, 'sa'),
+        device=device, verbose=False, **loss_flag_options(args, drawn_loss()),
     )
     if args.checkpoint:
         load_student_checkpoint(task, args.checkpoint)

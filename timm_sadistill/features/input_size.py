@@ -48,11 +48,13 @@ def resolve_img_size(
         hw = (int(img_size), int(img_size))
     elif isinstance(img_size, (str, bytes)) or not isinstance(img_size, Sequence) or len(img_size) < 2 \
             or not all(isinstance(x, Integral) and not isinstance(x, bool) for x in img_size[-2:]):
-        raise UsageError(f"img_size is N or (H, W) in pixels, as ints, got {img_size!r}; e.g. img_size=64.")
+        raise UsageError(f"{{option}} is N or (H, W) in pixels, as ints, got {img_size!r}; e.g. {{option:64}}.",
+                         option='img_size')
     else:
         hw = (int(img_size[-2]), int(img_size[-1]))
     if min(hw) <= 0:
-        raise UsageError(f"img_size {hw[0]}x{hw[1]}: an input size is a positive number of pixels, e.g. img_size=64.")
+        raise UsageError(f"{{option}} {hw[0]}x{hw[1]}: an input size is a positive number of pixels, "
+                         "e.g. {option:64}.", option='img_size')
     return hw
 
 
@@ -76,7 +78,8 @@ def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 
     (``dynamic_img_pad``), H and W must be multiples of its patch size.
 
     Raises:
-        UsageError: naming ``option`` (the caller's word for the size: ``img_size`` or ``--img-size``) and the fix.
+        UsageError: carrying ``option`` (the size's name: ``img_size``, which the command line words as its flag,
+            or the caller's own word) and the fix.
     """
     embed = getattr(unwrap_model(model), 'patch_embed', None)
     patch = getattr(embed, 'patch_size', None)
@@ -88,11 +91,13 @@ def check_input_size(model: nn.Module, img_size: Tuple[int, int], option: str = 
     built = _pair(built) if built is not None else None
     if getattr(embed, 'strict_img_size', False) and built is not None and tuple(built) != tuple(img_size):
         raise UsageError(
-            f"The {role} ({name}) was built for {built[0]}x{built[1]} inputs, not {option} {img_size[0]}x{img_size[1]}; "
-            f"build it for that size: timm.create_model(name, img_size={img_size[0]}) (or dynamic_img_size=True)."
+            f"The {role} ({name}) was built for {built[0]}x{built[1]} inputs, not {{option}} {img_size[0]}x{img_size[1]}; "
+            f"build it for that size: timm.create_model(name, img_size={img_size[0]}) (or dynamic_img_size=True).",
+            option=option,
         )
     if not getattr(embed, 'dynamic_img_pad', False) and (img_size[0] % patch[0] or img_size[1] % patch[1]):
         raise UsageError(
-            f"{option} {img_size[0]}x{img_size[1]} is not a multiple of the {role}'s patch size "
-            f"{patch[0]}x{patch[1]} ({name}); use a multiple of {patch[0]}, e.g. {max(1, round(img_size[0] / patch[0])) * patch[0]}."
+            f"{{option}} {img_size[0]}x{img_size[1]} is not a multiple of the {role}'s patch size "
+            f"{patch[0]}x{patch[1]} ({name}); use a multiple of {patch[0]}, e.g. {max(1, round(img_size[0] / patch[0])) * patch[0]}.",
+            option=option,
         )

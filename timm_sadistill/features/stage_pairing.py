@@ -1,41 +1,16 @@
-"""The ``auto`` rule: which stages of one model ``auto`` taps, and how student and teacher stages pair
-(docs/method.md#stage-selection)."""
+"""How student and teacher stages pair: the ``auto`` rule across two models (docs/method.md#stage-selection); the
+stages ``auto`` taps on one model are `timm_sadistill.features.model_stages`'."""
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
-from timm.utils.model import unwrap_model
 
 from ..errors import UsageError
 from .input_size import resolve_img_size
-from .taps import FeatureTaps, StageInfo, StagesArg, list_stages, valid_stages_message
+from .model_stages import AUTO_MIN_MAP, AUTO_MIN_REDUCTION, StageInfo, StagesArg, auto_candidates
+from .taps import FeatureTaps
 
-__all__ = ['pair_stages', 'auto_stages', 'AUTO_MIN_MAP', 'AUTO_MIN_REDUCTION']
-
-AUTO_MIN_MAP = 4  # `auto` keeps pairs whose teacher map is at least this many positions per side
-AUTO_MIN_REDUCTION = 4  # the stride-2 stem is not a stage worth distilling: `auto` starts at reduction 4
-
-
-def _auto_candidates(model: nn.Module) -> List[StageInfo]:
-    """The deepest ``feature_info`` stage at each reduction of 4 and up, shallow to deep."""
-    deepest: Dict[int, StageInfo] = {}
-    for stage in list_stages(model):
-        if stage.reduction >= AUTO_MIN_REDUCTION:
-            deepest[stage.reduction] = stage
-    return [deepest[r] for r in sorted(deepest)]
-
-
-def auto_stages(model: nn.Module, img_size: Tuple[int, int]) -> List[StageInfo]:
-    """The stages ``auto`` taps on one model: the deepest at each reduction of 4 and up whose map is at least 4x4 at
-    ``img_size`` (H, W)."""
-    stages = [s for s in _auto_candidates(model) if min(img_size) // s.reduction >= AUTO_MIN_MAP]
-    if not stages:
-        raise UsageError(
-            f"{type(unwrap_model(model)).__name__} has no stage with a map of at least "
-            f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {img_size}; pass a larger img_size or "
-            f"explicit stages ({valid_stages_message(model)})."
-        )
-    return stages
+__all__ = ['pair_stages']
 
 
 def _nearest_reduction(reduction: int, reductions: Sequence[int]) -> int:
@@ -46,11 +21,11 @@ def _nearest_reduction(reduction: int, reductions: Sequence[int]) -> int:
 
 def _match_by_reduction(explicit: List[StageInfo], other: nn.Module, side: str) -> List[StageInfo]:
     """The ``auto`` stage of ``other`` for each explicit stage: equal reduction, else the nearest one."""
-    candidates = {s.reduction: s for s in _auto_candidates(other)}
+    candidates = {s.reduction: s for s in auto_candidates(other)}
     if not candidates:
         raise UsageError(
             f"'auto' finds no {side} stage of reduction {AUTO_MIN_REDUCTION} or more in feature_info to pair with "
-            f"{[s.name for s in explicit]}; pass {side}_stages explicitly."
+            f"{[s.name for s in explicit]}; pass {{option}} explicitly.", option=f'{side}_stages',
         )
     return [candidates[_nearest_reduction(stage.reduction, list(candidates))] for stage in explicit]
 
@@ -102,20 +77,21 @@ def pair_stages(
     teacher_auto = isinstance(teacher_stages, str) and teacher_stages == 'auto'
     if policy == 'none':
         if not (student_auto and teacher_auto):
-            raise UsageError("This loss distils logits only; leave student_stages and teacher_stages at 'auto'.")
+            raise UsageError("This loss distils logits only; leave {option} and {option.teacher_stages} at 'auto'.",
+                             option='student_stages')
         return [], []
     hw = resolve_img_size(img_size, student)
     taps_kwargs = dict(img_size=hw)
     if student_auto and teacher_auto:
-        t_by_red = {s.reduction: s for s in _auto_candidates(teacher)}
-        s_by_red = {s.reduction: s for s in _auto_candidates(student)}
+        t_by_red = {s.reduction: s for s in auto_candidates(teacher)}
+        s_by_red = {s.reduction: s for s in auto_candidates(student)}
         pairs = _auto_pairs(s_by_red, t_by_red, min(hw)) if s_by_red else []
         if not pairs:
             raise UsageError(
                 f"'auto' found no student/teacher stages to pair with teacher maps of at least "
                 f"{AUTO_MIN_MAP}x{AUTO_MIN_MAP} at input size {hw}: student reductions {sorted(s_by_red)}, "
-                f"teacher reductions {sorted(t_by_red)}. Pass a larger img_size, or explicit "
-                f"student_stages and teacher_stages of equal length."
+                f"teacher reductions {sorted(t_by_red)}. Pass a larger {{option}}, or explicit "
+                "{option.student_stages} and {option.teacher_stages} of equal length.", option='img_size',
             )
         if policy == 'last':
             pairs = pairs[-1:]
@@ -131,8 +107,8 @@ def pair_stages(
     t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
     if len(s) != len(t):
         raise UsageError(
-            f"student_stages and teacher_stages must have equal length to pair them, got {len(s)} "
+            f"{{option}} and {{option.teacher_stages}} must have equal length to pair them, got {len(s)} "
             f"({[x.name for x in s]}) and {len(t)} ({[x.name for x in t]}); pass lists of equal length, "
-            "or 'auto' on one side to match the other by reduction."
+            "or 'auto' on one side to match the other by reduction.", option='student_stages',
         )
     return s, t

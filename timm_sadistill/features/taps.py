@@ -2,14 +2,12 @@
 
 A *stage* is an entry of the model's ``feature_info`` (``layer3``, ``stages.2``, ``blocks.5``), chosen by
 module name or by index into ``feature_info`` (negative allowed; on a ResNet index 0 is ``act1``), or any
-submodule path (``layer3.1.conv2``), read through a forward hook. Features come back as NCHW tensors:
-token sequences of ViT-style models become (B, C, H, W) grids without their prefix tokens. Which stages ``auto``
-picks is `timm_sadistill.features.stage_pairing`'s rule. `head_map_stage` is the map a model's head takes, for the
-terms that run the head on maps.
+submodule path (``layer3.1.conv2``), read through a forward hook (`timm_sadistill.features.model_stages`). Features
+come back as NCHW tensors: token sequences of ViT-style models become (B, C, H, W) grids without their prefix tokens.
+The map a model's head takes (`HEAD_INPUT`) is tapped like a stage (`timm_sadistill.features.head_maps`).
 """
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,155 +17,13 @@ from timm.utils.model import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UsageError
+from .head_maps import head_layout
 from .input_size import resolve_img_size
+from .model_stages import (
+    HEAD_INPUT, StageInfo, StagesArg, auto_stages, list_stages, resolve_stages, valid_stages_message,
+)
 
-__all__ = ['StageInfo', 'StagesArg', 'FeatureTaps', 'list_stages', 'resolve_stages', 'valid_stages_message',
-           'stage_map_sizes', 'HEAD_INPUT', 'head_layout', 'head_map_stage']
-
-StagesArg = Union[str, int, Sequence[Union[str, int, 'StageInfo']]]
-
-# the name of the stage that is the head's input, what ``forward_features`` returns (no submodule outputs it)
-HEAD_INPUT = 'forward_features'
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    """One selectable stage. ``index`` counts into ``feature_info``; it is None for a hooked submodule path."""
-    name: str
-    index: Optional[int]
-    channels: int
-    reduction: int
-
-
-def _feature_info_entries(model: nn.Module) -> List[dict]:
-    info = getattr(unwrap_model(model), 'feature_info', None)
-    if info is None:
-        return []
-    return list(info.info) if hasattr(info, 'info') else list(info)
-
-
-def list_stages(model: nn.Module) -> List[StageInfo]:
-    """Name, index, channels and reduction of each ``feature_info`` stage of a timm model.
-
-    Works through DDP, ``torch.compile`` and EMA wrappers.
-
-    Raises:
-        UsageError: ``model`` is not a module (a model name: build the model first).
-    """
-    if not isinstance(model, nn.Module):
-        hint = f"timm.create_model({model!r})" if isinstance(model, str) else 'timm.create_model(name)'
-        raise UsageError(f"list_stages takes a model, not a {type(model).__name__}; pass {hint} (or run "
-                         "timm-sadistill stages NAME).")
-    return [
-        StageInfo(name=e['module'], index=i, channels=int(e['num_chs']), reduction=int(e['reduction']))
-        for i, e in enumerate(_feature_info_entries(model))
-    ]
-
-
-def head_layout(model: nn.Module) -> str:
-    """The layout of a timm model's maps and of its head's input: ``'NHWC'`` where it says so (``output_fmt``: Swin,
-    MambaOut), else ``'NCHW'``."""
-    return 'NHWC' if getattr(unwrap_model(model), 'output_fmt', 'NCHW') == 'NHWC' else 'NCHW'
-
-
-def _head_takes_maps(model: nn.Module, channels: int, layout: str) -> bool:
-    """Whether ``model.forward_head`` takes 1x1 maps of ``channels`` channels laid out as ``layout`` to (B, classes).
-
-    1x1, because the terms that need this evaluate the head at one position of a map at a time.
-    """
-    param = next(model.parameters(), None)
-    shape = (2, channels, 1, 1) if layout == 'NCHW' else (2, 1, 1, channels)
-    probe = torch.zeros(shape, device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
-    was_training = model.training
-    model.eval()  # the probe must not move BatchNorm statistics
-    try:
-        with torch.no_grad():
-            out = model.forward_head(probe)
-        return isinstance(out, torch.Tensor) and tuple(out.shape) == (2, model.num_classes)
-    except (RuntimeError, ValueError, TypeError, IndexError):
-        return False
-    finally:
-        model.train(was_training)
-
-
-def head_map_stage(model: nn.Module, img_size: Tuple[int, int]) -> Optional[StageInfo]:
-    """The stage whose map a timm model's head takes, for the terms that run the head on maps (SA's class-activation
-    maps and teacher-head reuse), or None for a head that takes tokens (ViT, Twins, LeViT).
-
-    The last ``feature_info`` stage when its (B, C, H, W) map is what the head takes (a ResNet's ``layer4``, a
-    ConvNeXt's ``stages.3``), else the head's own input, `HEAD_INPUT`, when ``forward_features`` returns a map:
-    after a conv that follows the last stage (EfficientNet, GhostNet, RexNet, FastViT) or HRNet's final layer, or
-    the channels-last map of Swin and MambaOut (`head_layout`; the taps hand it over as NCHW like every stage). Its
-    channels and reduction are measured by one forward of a zero image of ``img_size`` (H, W).
-    """
-    base = unwrap_model(model)
-    layout = head_layout(base)
-    stages = list_stages(base)
-    # the taps give the last stage's map as NCHW: the head takes it as it is only in an NCHW model
-    if stages and layout == 'NCHW' and _head_takes_maps(base, stages[-1].channels, layout):
-        return stages[-1]
-    param = next(base.parameters(), None)
-    probe = torch.zeros(1, int(getattr(base, 'in_chans', 3)), *img_size,
-                        device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
-    was_training = base.training
-    base.eval()
-    try:
-        with torch.no_grad():
-            out = base.forward_features(probe)
-    finally:
-        base.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 4:
-        return None
-    channels, height = (out.shape[1], out.shape[2]) if layout == 'NCHW' else (out.shape[3], out.shape[1])
-    if not _head_takes_maps(base, int(channels), layout):
-        return None
-    return StageInfo(name=HEAD_INPUT, index=None, channels=int(channels), reduction=max(1, round(img_size[0] / height)))
-
-
-def valid_stages_message(model: nn.Module) -> str:
-    stages = list_stages(model)
-    if not stages:
-        return "this model has no feature_info: pass submodule paths such as 'layer3' (see model.named_modules())"
-    listed = ', '.join(f"'{s.name}' ({s.index})" for s in stages)
-    return (
-        f"valid stages of {type(unwrap_model(model)).__name__} are {listed} "
-        f"(names, or their indices into feature_info, negative allowed), or any submodule path"
-    )
-
-
-def resolve_stages(model: nn.Module, stages: StagesArg) -> List[Union[StageInfo, str]]:
-    """Turn names and indices into `StageInfo`s (kept as they are); paths outside ``feature_info`` stay strings.
-
-    Raises:
-        UsageError: for an unknown name, an index out of range or a value that is neither, listing the valid stages.
-    """
-    if isinstance(stages, (str, int)):
-        stages = [stages]
-    known = list_stages(model)
-    by_name = {s.name: s for s in known}
-    modules = dict(unwrap_model(model).named_modules())
-    resolved: List[Union[StageInfo, str]] = []
-    for spec in stages:
-        if isinstance(spec, StageInfo):
-            resolved.append(spec)
-            continue
-        if isinstance(spec, bool) or not isinstance(spec, (str, int)):
-            raise UsageError(f"A stage is a name (str) or an index (int) into feature_info, got {spec!r}.")
-        if isinstance(spec, int):
-            if not -len(known) <= spec < len(known):
-                raise UsageError(f"Stage index {spec} is out of range; {valid_stages_message(model)}.")
-            resolved.append(known[spec])
-        elif spec in by_name:
-            resolved.append(by_name[spec])
-        elif spec == 'auto':
-            raise UsageError("'auto' selects all stages and cannot be mixed with other stages; pass stages='auto'.")
-        elif spec in modules and spec != '':
-            resolved.append(spec)
-        else:
-            raise UsageError(f"Unknown stage '{spec}'; {valid_stages_message(model)}.")
-    return resolved
+__all__ = ['FeatureTaps', 'stage_map_sizes']
 
 
 def _tokens_to_grid(tokens: torch.Tensor, model: nn.Module, input_hw: Tuple[int, int]) -> torch.Tensor:
@@ -214,7 +70,6 @@ class FeatureTaps(nn.Module):
         self.model = model
         self.img_size = resolve_img_size(img_size, model)
         if isinstance(stages, str) and stages == 'auto':
-            from .stage_pairing import auto_stages  # the rule pairs taps, so it imports this module: import it late
             resolved: List[Union[StageInfo, str]] = list(auto_stages(model, self.img_size))
         else:
             resolved = resolve_stages(model, stages)

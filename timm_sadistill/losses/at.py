@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .. import ops
-from ..errors import UsageError
-from ._registry import NonNegative, Positive, register_distill_loss
+from ._loss_options import NonNegative, Positive
+from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import align_spatial
 
@@ -43,8 +43,6 @@ class ATLoss(DistillLoss):
             mode: Literal['code', 'paper'] = 'code',
     ):
         super().__init__(student_channels, teacher_channels)
-        if mode not in ('code', 'paper'):
-            raise UsageError(f"Unknown AT mode '{mode}'; use 'code' (the authors' code) or 'paper'.")
         self.p = p
         self.weight = weight
         self.mode = mode

@@ -6,7 +6,11 @@ import torch.nn as nn
 
 from ..errors import UsageError
 
-__all__ = ['DistillLoss']
+__all__ = ['DistillLoss', 'TASK_FILLED']
+
+# the keywords a task fills in from its taps (the channels of each stage pair, and whether the last pair is the maps
+# the heads take, for a loss that `uses_final_pair`): not options, so no flag, not recorded, not compared on resume
+TASK_FILLED = ('student_channels', 'teacher_channels', 'head_maps')
 
 
 class DistillLoss(nn.Module):
@@ -23,18 +27,28 @@ class DistillLoss(nn.Module):
             AT, FitNet, CWD, and SA with ``kd_weight=0``), e.g. when distilling a backbone without a head.
         target: (B,) class indices or (B, K) soft targets; only losses that need labels read it.
 
-    Class attributes:
-        stage_policy: which stage pairs ``auto`` gives this loss: ``'all'``, ``'last'``, ``'middle'`` or
-            ``'none'`` (logits only: no features are tapped at all).
-        loss_name: the registry name, set by `register_distill_loss`.
-        head_maps: whether the last stage pair is the maps the heads take (False here; a loss that
-            `uses_final_pair` sets it per instance, True only when a task that taps them builds it).
+    What a loss needs from the models it declares here, and the task (`timm_sadistill.tasks.DistillTask`) asks
+    only this, never a loss's name:
+
+    * ``stage_policy``: which stage pairs ``auto`` gives it: ``'all'``, ``'last'``, ``'middle'`` or ``'none'``
+      (logits only: no features are tapped at all).
+    * `compares_logits`: whether, with given options, it compares the two models' logits (their class counts must
+      then match); `feature_only_options`: the options with which it compares none.
+    * `uses_final_pair`: whether it takes the maps the heads take as an extra last stage pair, built with the
+      keyword ``head_maps=True`` (the instance attribute ``head_maps`` says whether it was); `without_final_pair`:
+      its options for a pair of models whose heads take no maps.
+    * ``draws_attention_maps``: whether its stage pairs can be drawn as attention-map pictures
+      (`timm_sadistill.attention_maps`: ``--save-attention-maps``, ``timm-sadistill viz``).
+    * `bind`: called once with the two models, for a loss that runs them (their heads).
+
+    ``loss_name`` is the registry name, set by `register_distill_loss`.
 
     A loss's options are its constructor's keyword parameters after the channel counts, each typed, defaulted and
     documented in ``Args:`` (see `timm_sadistill.losses._registry`); a registered loss checks them when built and
     keeps them, defaults included, as ``option_values``.
     """
     stage_policy: ClassVar[str] = 'all'
+    draws_attention_maps: ClassVar[bool] = False
     loss_name: ClassVar[str] = ''
     head_maps: bool = False
 
@@ -57,7 +71,7 @@ class DistillLoss(nn.Module):
     def uses_final_pair(cls, **options) -> bool:
         """Whether a loss built with ``options`` wants the maps the models' heads take (the task's
         `timm_sadistill.features.head_map_stage`) as its last stage pair. A task that taps them builds the loss with
-        ``head_maps=True``; such a loss takes ``head_maps`` as a keyword (`_registry.TASK_FILLED`)."""
+        ``head_maps=True``; such a loss takes ``head_maps`` as a keyword (`TASK_FILLED`)."""
         return False
 
     @classmethod
@@ -76,6 +90,13 @@ class DistillLoss(nn.Module):
         """Whether a loss built with ``options`` compares student and teacher logits (they must have equal class
         counts). Losses on logits only do; feature losses do not."""
         return cls.stage_policy == 'none'
+
+    @classmethod
+    def feature_only_options(cls) -> Optional[Dict[str, Any]]:
+        """The options with which a task's loss compares no logits, so that it distils models of different class
+        counts: ``{}`` when its defaults do not compare them, None when no options make it feature-only. The task's
+        refusal of other class counts names these losses."""
+        return None if cls.compares_logits() else {}
 
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Called once by the task with the bare student and teacher, before any optimizer exists (no-op here)."""

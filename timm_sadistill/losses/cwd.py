@@ -4,7 +4,8 @@ from typing import Annotated, Dict, Optional, Sequence
 import torch
 
 from .. import ops
-from ._registry import NonNegative, Positive, register_distill_loss
+from ._loss_options import NonNegative, Positive
+from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
 

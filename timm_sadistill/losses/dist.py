@@ -1,9 +1,9 @@
 """DIST: distillation by correlation of class probabilities (Huang et al., NeurIPS 2022)."""
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Annotated, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import UsageError
+from ._loss_options import Positive
 from ._registry import register_distill_loss
 from .base import DistillLoss
 
@@ -73,11 +73,9 @@ class DISTLoss(DistillLoss):
             teacher_channels: Sequence[int] = (),
             beta: float = 1.0,
             gamma: float = 1.0,
-            temperature: float = 1.0,
+            temperature: Annotated[float, Positive] = 1.0,
     ):
         super().__init__(student_channels, teacher_channels)
-        if temperature <= 0:
-            raise UsageError(f"DIST's temperature must be positive, got {temperature}; set --kd-temperature > 0.")
         self.beta = beta
         self.gamma = gamma
         self.temperature = temperature

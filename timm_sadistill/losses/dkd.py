@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ._registry import NonNegative, Positive, register_distill_loss
+from ._loss_options import NonNegative, Positive
+from ._registry import register_distill_loss
 from .base import DistillLoss
 
 __all__ = ['DKDLoss']

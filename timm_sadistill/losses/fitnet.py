@@ -4,7 +4,8 @@ from typing import Annotated, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._registry import NonNegative, register_distill_loss
+from ._loss_options import NonNegative
+from ._registry import register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
 

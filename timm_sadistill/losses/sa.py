@@ -14,7 +14,8 @@ from einops import rearrange
 from .. import ops
 from ..errors import UsageError
 from ..features import head_layout
-from ._registry import HowNotWhat, NonNegative, Positive, loss_options, register_distill_loss
+from ._loss_options import HowNotWhat, NonNegative, Positive
+from ._registry import loss_options, register_distill_loss
 from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
 from .dist import dist_relations
@@ -47,7 +48,7 @@ def spatial_attention_distance(s: torch.Tensor, t: torch.Tensor, p: float, backe
     return (ops.spatial_attention(s, p, backend=backend) - ops.spatial_attention(t, p, backend=backend)).pow(2).sum(-1).mean()
 
 
-@register_distill_loss('sa')
+@register_distill_loss('sa', default=True)
 class SADistillLoss(DistillLoss):
     """SA: per stage pair k, with S'_k = g_k(S_k) the student map through a conv connector, resized to (Ht, Wt):
 
@@ -99,6 +100,7 @@ class SADistillLoss(DistillLoss):
     have different class counts (feature-only SA, kd_weight 0), a task builds the loss with cam_weight 0
     (`without_final_pair`): no extra pair, every pair feeds the spatial terms.
     """
+    draws_attention_maps = True  # the pictures of timm_sadistill.attention_maps are SA's maps
 
     def __init__(
             self,
@@ -121,12 +123,6 @@ class SADistillLoss(DistillLoss):
             head_maps: bool = False,
     ):
         super().__init__(student_channels, teacher_channels)
-        if logit_loss not in LOGIT_LOSSES:
-            raise UsageError(f"Unknown logit_loss '{logit_loss}'; use one of {', '.join(LOGIT_LOSSES)}.")
-        if logit_weighting not in LOGIT_WEIGHTINGS:
-            raise UsageError(f"Unknown logit_weighting '{logit_weighting}'; use one of {', '.join(LOGIT_WEIGHTINGS)}.")
-        if backend not in ops.BACKENDS:
-            raise UsageError(f"Unknown backend '{backend}'; use one of {', '.join(ops.BACKENDS)}.")
         self.tau = tau
         self.p = p
         self.alpha = alpha
@@ -140,8 +136,9 @@ class SADistillLoss(DistillLoss):
         self.warmup_steps = int(warmup_steps)
         self.cam_weight = cam_weight
         if head_maps and not self.uses_final_pair(cam_weight=cam_weight):
-            raise UsageError("head_maps=True reserves the last pair for the CAM term, but cam_weight=0; build the "
-                             "loss with head_maps=False (every pair spatial) or with cam_weight > 0.")
+            raise UsageError("head_maps=True reserves the last pair for the CAM term, but {option:0}; build the "
+                             "loss with head_maps=False (every pair spatial) or with {option} > 0.",
+                             option='cam_weight', loss=self.loss_name)
         self.head_maps = head_maps
         # the final pair (the maps the heads take) feeds the CAM term only; the SA terms take the others
         spatial = len(self.student_channels) - (1 if head_maps else 0)
@@ -164,6 +161,11 @@ class SADistillLoss(DistillLoss):
                   "class-activation maps to compare; the other terms train as with cam_weight=0 (set cam_weight=0 "
                   "to silence this notice).")
         return {**options, 'cam_weight': 0.0}, notice
+
+    @classmethod
+    def feature_only_options(cls) -> Optional[Dict[str, Any]]:
+        """kd_weight 0: for models of different class counts a task turns the CAM term off by itself."""
+        return {'kd_weight': 0.0}
 
     @classmethod
     def compares_logits(cls, **options) -> bool:
@@ -242,8 +244,9 @@ class SADistillLoss(DistillLoss):
                 self.steps += 1
         if self.kd_weight:
             if student_logits is None or teacher_logits is None:
-                raise UsageError(f"SA's logit term (kd_weight={self.kd_weight}) needs student and teacher logits; "
-                                 "pass them, or kd_weight=0 to distil features only.")
+                raise UsageError(f"SA's logit term ({{option:{self.kd_weight}}}) needs student and teacher logits; "
+                                 "pass them, or {option:0} to distil features only.", option='kd_weight',
+                                 loss=self.loss_name)
             weight = self.sample_weights(teacher_logits, target)
             if self.logit_loss == 'dist':
                 inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
@@ -257,8 +260,8 @@ class SADistillLoss(DistillLoss):
         if self.logit_weighting == 'none':
             return None
         if target is None:
-            raise UsageError("logit_weighting='teacher_confidence' needs the labels: pass target (the task does), "
-                             "or logit_weighting='none'.")
+            raise UsageError("{option:'teacher_confidence'} needs the labels: pass target (the task does), "
+                             "or {option:'none'}.", option='logit_weighting', loss=self.loss_name)
         p_t = teacher_logits.detach().float().softmax(dim=-1)
         if target.dim() == 2:
             return (p_t * target.float()).sum(-1)

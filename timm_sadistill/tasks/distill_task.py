@@ -4,25 +4,25 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import create_model
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils.model import unwrap_model
 
-from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ..features import (
-    FeatureTaps, StageInfo, StagesArg, check_input_size, head_map_stage, input_size_kwargs, pair_stages,
-    resolve_img_size,
+    FeatureTaps, StageInfo, StagesArg, check_input_size, head_map_pair, pair_stages, resolve_img_size,
 )
 from ..errors import UsageError
-from ..losses import DistillLoss, check_loss_options, create_distill_loss, get_distill_loss_class
-from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
+from ..losses import (
+    DistillLoss, check_loss_options, create_distill_loss, default_distill_loss, get_distill_loss_class,
+    list_distill_losses,
+)
+from .teacher import check_input_channels, resolve_teacher
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
 except ImportError:  # pragma: no cover - older timm
     resolve_classification_loss = None
 
-__all__ = ['DistillTask', 'DistillTrainableModule', 'check_teacher_weights', 'resolve_teacher', 'resolve_loss_weights']
+__all__ = ['DistillTask', 'DistillTrainableModule', 'resolve_loss_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -74,157 +74,6 @@ def resolve_loss_weights(
     return 1.0, 1.0
 
 
-def check_teacher_weights(
-        teacher: str,
-        pretrained_path: Optional[str],
-        pretrained: bool,
-        path_option: str = 'teacher_pretrained_path=<checkpoint>',
-        hub_option: str = 'teacher_pretrained=True',
-        name_option: str = 'teacher_model',
-) -> ModelName:
-    """What teacher name ``teacher`` names (`resolve_model_name`), refused when it cannot get weights: its checkpoint
-    must be a readable file (`CheckpointReadError`, a UsageError); without one, only leave to download
-    (``pretrained``) will do, and with the Hub off only weights in the local cache. A ``local-dir:<folder>`` (or
-    cached ``hf-hub:``) teacher brings its own weights, and its config.json rides along in the result.
-
-    ``path_option``, ``hub_option`` and ``name_option`` name the options in the caller's words: the command line
-    checks its flags before anything is built and says ``--teacher-checkpoint FILE``, ``--teacher-pretrained`` and
-    ``--teacher``.
-    """
-    source = resolve_model_name(teacher, name_option, allow_download=pretrained, download_option=hub_option)
-    if source.has_weights:
-        if pretrained_path:
-            raise UsageError(f"Teacher '{teacher}' loads its weights from its folder; drop {path_option}.")
-    elif pretrained_path:  # a missing file, a folder, a truncated file: each with its own message
-        check_checkpoint_readable(pretrained_path, 'Teacher checkpoint')
-    elif not pretrained:
-        raise UsageError(f"Teacher '{teacher}' has no weights: pass {path_option} (safetensors or timm .pth), or "
-                         f"{hub_option} to download them from the hub.")
-    elif ':' not in teacher:  # a registry name: its published weights
-        check_pretrained_available(teacher, hub_option)
-    return source
-
-
-def resolve_teacher(
-        teacher: Union[str, nn.Module, DistillationTeacher],
-        student: nn.Module,
-        pretrained_path: Optional[str] = None,
-        pretrained: bool = False,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        img_size: Optional[Union[int, Sequence[int]]] = None,
-) -> DistillationTeacher:
-    """A frozen `DistillationTeacher` from a model name, a module or a teacher.
-
-    A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint), a ``local-dir:<folder>``
-    name from its folder (config.json and weights, as `timm_sadistill.model_folder` writes them); only
-    ``pretrained=True`` lets timm fetch them from the hub. The number of classes and input channels follow the student,
-    and a fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
-    """
-    given = teacher.model if isinstance(teacher, DistillationTeacher) else teacher
-    if isinstance(given, nn.Module) and unwrap_model(given) is unwrap_model(student):
-        raise UsageError("The teacher is the student itself, and freezing the teacher would freeze the student; "
-                         "pass another model as the teacher (e.g. a trained copy: copy.deepcopy(student)).")
-    if isinstance(teacher, DistillationTeacher):
-        resolved = teacher
-    elif isinstance(teacher, str):
-        source = check_teacher_weights(teacher, pretrained_path, pretrained)
-        base = unwrap_model(student)
-        folder_classes = source.num_classes
-        if folder_classes is not None and folder_classes != base.num_classes:
-            raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
-                             f"create the student with num_classes={folder_classes}.")
-        # DistillationTeacher(name) as timm builds it, plus the input size that a fixed-size model needs
-        overlay = {**(dict(file=pretrained_path, num_classes=base.num_classes) if pretrained_path else {}),
-                   **(pretrained_cfg_overlay or {})}
-        try:
-            model = create_model(
-                source.load_name, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
-                in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
-                **input_size_kwargs(source.architecture, resolve_img_size(img_size, base)),
-            )
-        except RuntimeError as e:
-            if source.has_weights:
-                raise UsageError(
-                    f"The weights of '{teacher}' do not fit the architecture its config.json names; export the "
-                    f"folder again. Details: {state_dict_mismatch(e)}"
-                ) from e
-            if not pretrained_path:
-                raise
-            raise UsageError(
-                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {base.num_classes} classes; "
-                f"check --teacher / the student's num_classes. Details: {state_dict_mismatch(e)}"
-            ) from e
-        resolved = DistillationTeacher(model, device=device, dtype=dtype)
-    elif isinstance(teacher, nn.Module):
-        resolved = DistillationTeacher(teacher, device=device, dtype=dtype)
-    else:
-        raise UsageError(f"teacher must be a model name, an nn.Module or a DistillationTeacher, got {type(teacher).__name__}.")
-    resolved.eval()
-    resolved.requires_grad_(False)
-    return resolved
-
-
-def _input_channels(model: nn.Module) -> Optional[int]:
-    """Input channels of a timm model: its ``in_chans``, else those of the conv its ``pretrained_cfg`` names first."""
-    base = unwrap_model(model)
-    if hasattr(base, 'in_chans'):
-        return int(base.in_chans)
-    first = (getattr(base, 'pretrained_cfg', None) or {}).get('first_conv')
-    first = first[0] if isinstance(first, (list, tuple)) else first
-    return getattr(dict(base.named_modules()).get(first or ''), 'in_channels', None)
-
-
-def _check_input_channels(
-        student: nn.Module,
-        teacher: DistillationTeacher,
-        student_mean: torch.Tensor,
-        student_std: torch.Tensor,
-) -> int:
-    """The input channels C both models take; refuses models of different C, and a renormalisation for the teacher
-    (student mean/std -> teacher mean/std, (1, C, 1, 1) each) that the channels cannot take (timm keeps 3-entry
-    ImageNet statistics in the cfg of a 1-channel model)."""
-    s_chans = _input_channels(student) or student_mean.shape[1]
-    t_chans = _input_channels(teacher.model) or s_chans
-    if s_chans != t_chans:
-        raise UsageError(
-            f"The student takes {s_chans}-channel inputs and the teacher {t_chans}-channel inputs; build both with "
-            f"the same in_chans."
-        )
-    same_stats = torch.equal(student_mean, teacher.mean_kd) and torch.equal(student_std, teacher.std_kd)
-    sizes = {student_mean.shape[1], student_std.shape[1], teacher.mean_kd.shape[1], teacher.std_kd.shape[1]}
-    if not same_stats and sizes != {s_chans}:
-        raise UsageError(
-            f"The models take {s_chans}-channel inputs, but the teacher's input is renormalised from the student's "
-            f"mean/std to its own and their pretrained_cfg statistics have {sorted(sizes)} entries; give both models "
-            f"{s_chans}-entry statistics: timm.create_model(..., pretrained_cfg_overlay=dict(mean=..., std=...))."
-        )
-    return s_chans
-
-
-def _model_label(model: nn.Module) -> str:
-    """A model's class and, where timm built it, its architecture: ``VisionTransformer 'test_vit'``."""
-    base = unwrap_model(model)
-    arch = (getattr(base, 'pretrained_cfg', None) or {}).get('architecture')
-    return f"{type(base).__name__} '{arch}'" if arch else type(base).__name__
-
-
-def head_map_pair(
-        student: nn.Module,
-        teacher: nn.Module,
-        img_size: Tuple[int, int],
-) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], str]:
-    """(student stage, teacher stage) whose maps the two heads take (`head_map_stage`), or None and why not, as a
-    phrase naming the models whose heads take tokens. The task and the ``stages`` command both ask it."""
-    stages = {'student': head_map_stage(student, img_size), 'teacher': head_map_stage(teacher, img_size)}
-    tokens = {role: model for role, model in (('student', student), ('teacher', teacher)) if stages[role] is None}
-    if not tokens:
-        return (stages['student'], stages['teacher']), ''
-    named = ' and '.join(f"the {role}'s head ({_model_label(model)})" for role, model in tokens.items())
-    return None, f"{named} {'take' if len(tokens) > 1 else 'takes'} no (B, C, H, W) feature map (a token head)"
-
-
 def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
     """'the student has 10 classes and the teacher 100' when the two models' class counts differ, else ''."""
     s_classes = getattr(unwrap_model(student), 'num_classes', None)
@@ -234,13 +83,40 @@ def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
     return ''
 
 
+def _requested_options(loss: Union[str, DistillLoss], temperature: Optional[float],
+                       loss_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The loss options a task is given (None keeps a default, as an unset flag does; ``temperature`` is one), checked
+    against the loss's declaration (`check_loss_options`); a built loss takes none."""
+    options = {k: v for k, v in {**loss_kwargs, 'temperature': temperature}.items() if v is not None}
+    if isinstance(loss, str):
+        check_loss_options(loss, options)
+    elif options:
+        raise UsageError("Loss options go to create_distill_loss; a built loss takes none here.")
+    return options
+
+
+def _feature_only_methods() -> str:
+    """The registered losses that compare no logits, with the options that make them so
+    (`DistillLoss.feature_only_options`): ``'at, cwd, fitnet, or sa with kd_weight=0'``."""
+    named = []
+    for name in list_distill_losses():
+        options = get_distill_loss_class(name).feature_only_options()
+        if options is not None:
+            with_options = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in options.items())
+            named.append((bool(options), f'{name} with {with_options}' if options else name))
+    named = [text for _, text in sorted(named, key=lambda item: item[0])]  # plain names first
+    return ', '.join(named[:-1]) + (', or ' if len(named) > 1 else '') + named[-1] if named else ''
+
+
 def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
     """Refuse, for a loss that compares the two models' logits, models with different class counts."""
     differ = _class_count_difference(student, teacher)
     if differ:
+        others = _feature_only_methods()
         raise UsageError(
             f"{loss_class.__name__} compares the student's and the teacher's logits, but {differ}; build both with "
-            f"the same num_classes (or use a feature-only method: at, fitnet, cwd, or sa with kd_weight=0)."
+            f"the same {{option}}" + (f" (or use a feature-only method: {others})." if others else "."),
+            option='num_classes',
         )
 
 
@@ -256,17 +132,20 @@ class DistillTask(TrainingTask):
     too; under autocast the teacher runs in the autocast dtype, without gradients. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
     from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
-    A loss that uses the maps the heads take (SA's CAM term) gets them as an extra last stage pair
-    (`timm_sadistill.features.head_map_stage`, built with ``head_maps=True``); ``student_stages`` and
-    ``teacher_stages`` list it last, after the stages asked for, since it is distilled too. Where the term cannot
+    What the loss needs from the models it declares (`DistillLoss`): which stage pairs ``auto`` gives it
+    (``stage_policy``), whether it compares logits (then the class counts must match: ``compares_logits``), and
+    whether it takes the maps the heads take (``uses_final_pair``, e.g. SA's CAM term). Those it gets as an extra last
+    stage pair (`timm_sadistill.features.head_map_pair`, the loss built with ``head_maps=True``); ``student_stages``
+    and ``teacher_stages`` list it last, after the stages asked for, since it is distilled too. Where that pair cannot
     apply (a head takes tokens, the models have different class counts, a loss passed in was built without the
-    heads' maps), the task builds the loss with those terms off (``loss.without_final_pair``) and keeps the one-line
+    heads' maps), the task builds the loss with those terms off (``without_final_pair``) and keeps the one-line
     notice that says so in ``notices`` (the model card lists them).
 
     Args:
         student_model: the timm model to train.
         teacher_model: a model name (weights from ``teacher_pretrained_path``), an nn.Module or a DistillationTeacher.
-        loss: registered loss name (``tsd.list_distill_losses()``) or a built `DistillLoss`.
+        loss: registered loss name (``tsd.list_distill_losses()``) or a built `DistillLoss`; None: the default
+            loss (``tsd.losses.default_distill_loss()``, SA).
         criterion, criterion_kwargs: the task loss, as in timm's tasks (cross-entropy by default).
         teacher_pretrained_path: checkpoint for a teacher given by name.
         teacher_pretrained: allow a teacher given by name to load weights from the hub.
@@ -289,7 +168,7 @@ class DistillTask(TrainingTask):
             self,
             student_model: nn.Module,
             teacher_model: Union[str, nn.Module, DistillationTeacher],
-            loss: Union[str, DistillLoss] = 'sa',
+            loss: Union[None, str, DistillLoss] = None,
             criterion: Optional[nn.Module] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             teacher_pretrained_path: Optional[str] = None,
@@ -309,9 +188,8 @@ class DistillTask(TrainingTask):
             **loss_kwargs,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        loss_kwargs = {k: v for k, v in loss_kwargs.items() if v is not None}
-        if isinstance(loss, str):  # a mistaken option fails here, before the teacher loads
-            check_loss_options(loss, {**loss_kwargs, **({} if temperature is None else {'temperature': temperature})})
+        loss = default_distill_loss() if loss is None else loss
+        options = _requested_options(loss, temperature, loss_kwargs)  # a mistake fails here, before the teacher loads
         self.teacher = resolve_teacher(
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
             teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
@@ -323,85 +201,114 @@ class DistillTask(TrainingTask):
             criterion = resolve_classification_loss(None, self.device, criterion_kwargs=criterion_kwargs)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.task_loss_weight, self.distill_loss_weight = resolve_loss_weights(distill_loss_weight, task_loss_weight)
-
-        loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
-        # a built loss of a registered class records its options; another one has only its attributes
-        loss_options = loss_kwargs if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
         # one-line notices of what the task changed for this pair (a term that cannot apply, turned off)
         self.notices: List[str] = []
-        head_maps, notice, fitted = None, '', loss_options
         # decided before the loss is built: its connectors depend on the pairs
-        if loss_class.uses_final_pair(**loss_options):
-            # the terms on the heads' maps compare class by class, and a loss built on its own has no such pair
-            why = _class_count_difference(student_model, self.teacher.model) or (
-                '' if isinstance(loss, str) or loss.head_maps else
-                f"the {loss_class.__name__} passed in was built without the maps the heads take (head_maps=False)")
-            if not why:
-                head_maps, why = head_map_pair(student_model, self.teacher.model, hw)
-            if head_maps is None:
-                fitted, notice = loss_class.without_final_pair(why, **loss_options)
-        # the logit term still refuses other classes: only the terms on the heads' maps turn off for them
-        if loss_class.compares_logits(**fitted):
-            _check_class_counts(student_model, self.teacher.model, loss_class)
-        if notice:
-            if not isinstance(loss, str) and loss.head_maps:
-                changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if loss_options.get(k) != v)
-                raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
-                                 f"take (head_maps=True), but {why}; build it with head_maps=False and {changed}, "
-                                 "or pass the loss by name for the task to turn that off for this pair.")
-            if isinstance(loss, str):
-                loss_kwargs = fitted
-            self.notices.append(notice)
-            if self.verbose:
-                _logger.warning(notice)
-        policy = loss_class.stage_policy
-        s_stages, t_stages = pair_stages(
-            student_model, self.teacher.model, student_stages, teacher_stages, img_size=hw, policy=policy,
-        )
-        auto = any(isinstance(x, str) and x == 'auto' for x in (student_stages, teacher_stages))
-        # the input size 'auto' chose the stages at: a forward on another size is refused (see _check_input)
-        self.auto_img_size: Optional[Tuple[int, int]] = hw if auto and s_stages else None
-        self.img_size_given = img_size is not None
-        if head_maps is not None:
-            # the maps each model's head takes ride as an extra last pair
-            s_stages = [*s_stages, head_maps[0]]
-            t_stages = [*t_stages, head_maps[1]]
+        head_maps, options = self._fit_loss_to_pair(student_model, loss, options, hw)
+        s_stages, t_stages = self._pair_stages(student_model, loss, student_stages, teacher_stages, img_size, hw)
+        if head_maps is not None:  # the maps each model's head takes ride as an extra last pair
+            s_stages, t_stages = [*s_stages, head_maps[0]], [*t_stages, head_maps[1]]
         student_taps = FeatureTaps(student_model, s_stages, img_size=hw)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
         object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=hw))
         if isinstance(loss, str):
-            if temperature is not None:
-                loss_kwargs['temperature'] = temperature
             loss = create_distill_loss(
                 loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels,
-                **loss_kwargs, **({'head_maps': True} if head_maps is not None else {}),
+                **options, **({'head_maps': True} if head_maps is not None else {}),
             )
-        elif loss_kwargs or temperature is not None:
-            raise UsageError("Loss options go to create_distill_loss; a built loss takes none here.")
         loss.bind(unwrap_model(student_model), self.teacher.model)
         self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device))
+        self._set_input_statistics(student_model, input_mean, input_std)
+        if self.verbose:
+            self._log_setup(student_taps)
 
-        base = unwrap_model(student_model)
+    def _fit_loss_to_pair(
+            self,
+            student: nn.Module,
+            loss: Union[str, DistillLoss],
+            options: Dict[str, Any],
+            hw: Tuple[int, int],
+    ) -> Tuple[Optional[Tuple[StageInfo, StageInfo]], Dict[str, Any]]:
+        """What the loss asks of this pair of models, as it declares it: the pair of the maps the heads take when it
+        `uses_final_pair` and both heads take maps (else None), and the options to build a loss named by ``loss``
+        with (``without_final_pair``'s where that pair cannot apply, its notice kept in `notices`). Refuses models of
+        different class counts for a loss that `compares_logits`."""
+        loss_class = type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)
+        # a built loss of a registered class records its options; another one has only its attributes
+        declared = options if isinstance(loss, str) else getattr(loss, 'option_values', vars(loss))
+        head_maps, notice, fitted = None, '', declared
+        if loss_class.uses_final_pair(**declared):
+            # the terms on the heads' maps compare class by class, and a loss built on its own has no such pair
+            why = _class_count_difference(student, self.teacher.model) or (
+                '' if isinstance(loss, str) or loss.head_maps else
+                f"the {loss_class.__name__} passed in was built without the maps the heads take (head_maps=False)")
+            if not why:
+                head_maps, why = head_map_pair(student, self.teacher.model, hw)
+            if head_maps is None:
+                fitted, notice = loss_class.without_final_pair(why, **declared)
+        # the logit term still refuses other classes: only the terms on the heads' maps turn off for them
+        if loss_class.compares_logits(**fitted):
+            _check_class_counts(student, self.teacher.model, loss_class)
+        if notice:
+            if not isinstance(loss, str) and loss.head_maps:
+                changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if declared.get(k) != v)
+                raise UsageError(f"The {loss_class.__name__} passed in was built to distil the maps the heads "
+                                 f"take (head_maps=True), but {why}; build it with head_maps=False and {changed}, "
+                                 "or pass the loss by name for the task to turn that off for this pair.")
+            self.notices.append(notice)
+            if self.verbose:
+                _logger.warning(notice)
+        return head_maps, fitted if isinstance(loss, str) else {}
+
+    def _pair_stages(
+            self,
+            student: nn.Module,
+            loss: Union[str, DistillLoss],
+            student_stages: StagesArg,
+            teacher_stages: StagesArg,
+            img_size: Optional[Union[int, Sequence[int]]],
+            hw: Tuple[int, int],
+    ) -> Tuple[List[StageInfo], List[StageInfo]]:
+        """The stage pairs asked for (`pair_stages`, by the loss's ``stage_policy`` for ``auto``); keeps the input
+        size ``auto`` chose them at, so that a forward on another size is refused (see `_check_input`)."""
+        policy = (type(loss) if isinstance(loss, DistillLoss) else get_distill_loss_class(loss)).stage_policy
+        s_stages, t_stages = pair_stages(
+            student, self.teacher.model, student_stages, teacher_stages, img_size=hw, policy=policy,
+        )
+        auto = any(isinstance(x, str) and x == 'auto' for x in (student_stages, teacher_stages))
+        self.auto_img_size: Optional[Tuple[int, int]] = hw if auto and s_stages else None
+        self.img_size_given = img_size is not None
+        return s_stages, t_stages
+
+    def _set_input_statistics(
+            self,
+            student: nn.Module,
+            input_mean: Optional[Sequence[float]],
+            input_std: Optional[Sequence[float]],
+    ) -> None:
+        """The input's mean/std (1, C, 1, 1) buffers, the input channels both models take, and whether the teacher's
+        input is renormalised to its own statistics."""
+        base = unwrap_model(student)
         cfg = getattr(base, 'pretrained_cfg', None) or {}
         mean = input_mean if input_mean is not None else cfg.get('mean', (0.485, 0.456, 0.406))
         std = input_std if input_std is not None else cfg.get('std', (0.229, 0.224, 0.225))
         self.register_buffer('student_mean', torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1), persistent=False)
-        self.in_chans = _check_input_channels(base, self.teacher, self.student_mean, self.student_std)
+        self.in_chans = check_input_channels(base, self.teacher, self.student_mean, self.student_std)
         # decided once: timm's normalize_input compares the statistics on every call, a data-dependent branch
         # that breaks the torch.compile graph of the step
         self.renormalize_teacher_input = not (torch.equal(self.student_mean, self.teacher.mean_kd)
                                               and torch.equal(self.student_std, self.teacher.std_kd))
 
-        if self.verbose:
-            pairs = ', '.join(
-                f'{s.name}->{t.name}' + (f' (resized /{s.reduction} -> /{t.reduction})' if s.reduction != t.reduction else '')
-                for s, t in zip(student_taps.stages, self.teacher_taps.stages)
-            )
-            _logger.info(
-                f"{type(self).__name__}: loss={type(loss).__name__}, stages [{pairs or 'logits only'}], "
-                f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}"
-            )
+    def _log_setup(self, student_taps: FeatureTaps) -> None:
+        pairs = ', '.join(
+            f'{s.name}->{t.name}' + (f' (resized /{s.reduction} -> /{t.reduction})' if s.reduction != t.reduction else '')
+            for s, t in zip(student_taps.stages, self.teacher_taps.stages)
+        )
+        _logger.info(
+            f"{type(self).__name__}: loss={type(self.distill_loss).__name__}, stages [{pairs or 'logits only'}], "
+            f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}"
+        )
 
     @property
     def distill_loss(self) -> DistillLoss:
@@ -491,17 +398,18 @@ class DistillTask(TrainingTask):
         if input.shape[1] != self.in_chans:
             raise UsageError(
                 f"The input has {input.shape[1]} channels but the student and teacher take {self.in_chans} "
-                f"(in_chans={self.in_chans}); feed {self.in_chans}-channel images, or build both models with "
-                f"in_chans={input.shape[1]}."
+                f"({{option:{self.in_chans}}}); feed {self.in_chans}-channel images, or build both models with "
+                f"{{option:{input.shape[1]}}}.", option='in_chans',
             )
         hw = tuple(input.shape[-2:])
         if self.auto_img_size is not None and hw != self.auto_img_size:
             paired = f'{self.auto_img_size[0]}x{self.auto_img_size[1]}'
-            given = f'img_size={paired}' if self.img_size_given else f"input size {paired} (the student's default: no img_size given)"
+            given = (f'{{option:{paired}}}' if self.img_size_given
+                     else f"input size {paired} (the student's default: no {{option}} given)")
             raise UsageError(
                 f"'auto' chose the stage pairs at {given}, but the input is {hw[0]}x{hw[1]}: "
-                f"pass img_size={hw[0] if hw[0] == hw[1] else hw} to create the task, so that auto keeps only maps "
-                f"of at least 4x4 at that size, or name the stages."
+                f"pass {{option:{hw[0] if hw[0] == hw[1] else hw}}} to create the task, so that auto keeps only maps "
+                f"of at least 4x4 at that size, or name the stages.", option='img_size',
             )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -6,11 +6,8 @@ from timm.task import DistillationTeacher
 
 from ..losses import get_distill_loss_class
 from .distill_task import DistillTask
-from .sa_task import SADistillTask
 
 __all__ = ['create_distill_task']
-
-_TASK_CLASSES = {'sa': SADistillTask}
 
 
 def create_distill_task(
@@ -20,11 +17,10 @@ def create_distill_task(
         **kwargs,
 ) -> DistillTask:
     """The distillation task for a registered loss name (``tsd.list_distill_losses()``), e.g.
-    ``create_distill_task('sa', student, teacher)``: what every benchmark table calls "SA".
+    ``create_distill_task('sa', student, teacher)``: what every benchmark table calls "SA". One task class serves
+    every loss: what a loss needs from the models it declares itself (see `DistillLoss`).
 
     ``kwargs`` are `DistillTask`'s (weights, stages, img_size, teacher checkpoint, ...) and the loss's own options.
     """
     get_distill_loss_class(name)  # an unknown name fails here, listing the registered ones
-    if name in _TASK_CLASSES:
-        return _TASK_CLASSES[name](student_model, teacher_model, **kwargs)
     return DistillTask(student_model, teacher_model, loss=name, **kwargs)

@@ -12,7 +12,8 @@ __all__ = ['SADistillTask']
 
 class SADistillTask(DistillTask):
     """Spatial-attention-map distillation (`SADistillLoss`, registered as ``'sa'``) as a `timm.task.TrainingTask`:
-    ``DistillTask(..., loss='sa')``.
+    ``DistillTask(..., loss='sa')``, kept as a named class for Python callers. ``create_distill_task('sa', ...)`` and
+    the command line build a plain `DistillTask`, as for every loss.
 
     ``loss = task_loss_weight * CE + distill_loss_weight * (sa_dist + sa_att + sa_kd)``; see `SADistillLoss` for the
     formulas, the shapes and SA's options (its ``Args:``; ``tsd.loss_options('sa').options`` lists them), which this

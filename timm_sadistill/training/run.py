@@ -39,7 +39,7 @@ from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, sta
 from .._device_and_size_checks import check_device, check_img_size
 from ..errors import UsageError
 from ..features import check_input_size, default_img_size, input_size_kwargs
-from ..losses import loss_options
+from ..losses import get_distill_loss_class, list_distill_losses, loss_options
 from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
 from ..tasks import create_distill_task
 from .checkpoint_saver import AtomicCheckpointSaver
@@ -74,6 +74,13 @@ class _Request:
     saved_args: Optional[argparse.Namespace]
 
 
+def _drawn_maps_words() -> str:
+    """The refusal of --save-attention-maps for a method whose maps are not drawn, naming those that are."""
+    drawn = list_distill_losses(lambda cls: cls.draws_attention_maps)
+    return (f"--save-attention-maps draws {' and '.join(name.upper() for name in drawn)}'s attention maps; use it "
+            f"with --distill {' or '.join(drawn)}.")
+
+
 def _check_distill_args(args: argparse.Namespace) -> ModelName:
     """Refuse inconsistent model/teacher flags before anything is loaded; what ``--model`` names."""
     student = resolve_model_name(args.model, '--model', allow_download=args.pretrained, download_option='--pretrained')
@@ -83,15 +90,15 @@ def _check_distill_args(args: argparse.Namespace) -> ModelName:
         if args.teacher or args.teacher_checkpoint:
             raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
         if args.save_attention_maps:
-            raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
+            raise UsageError(_drawn_maps_words())
         return student
     if not args.teacher:
         raise UsageError(f"--distill {args.distill} needs a teacher: add --teacher NAME --teacher-checkpoint FILE.")
     if args.kd_temperature is not None and 'temperature' not in loss_options(args.distill).defaults:
         raise UsageError(f"--kd-temperature does not apply to --distill {args.distill}; drop it.")
     if args.save_attention_maps:
-        if args.distill != 'sa':
-            raise UsageError("--save-attention-maps draws SA's attention maps; use it with --distill sa.")
+        if not get_distill_loss_class(args.distill).draws_attention_maps:
+            raise UsageError(_drawn_maps_words())
         from ..attention_maps import require_matplotlib
         require_matplotlib()  # before training, not after it
     return student
@@ -159,7 +166,7 @@ def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str
         return ''
     # the stages the stage flags name: the pair of the maps the heads take, last when the loss takes it, follows
     # from the loss's options, so that --distill-stages given the recorded names builds the same task
-    named = len(task.student_stages) - (1 if getattr(task.distill_loss, 'head_maps', False) else 0)
+    named = len(task.student_stages) - (1 if task.distill_loss.head_maps else 0)
     recorded = dict(
         distill_options=dict(task.distill_loss.option_values),
         distill_stages_resolved=[s.name for s in task.student_stages[:named]],
