@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 import timm_sadistill as tsd
 from timm_sadistill.cli import main as cli_main
+from timm_sadistill.cli._common import run_command
 
 from test_losses import FEATURE_ONLY, FEATURE_ONLY_IDS
 
@@ -149,3 +150,68 @@ def test_inputs_of_another_channel_count_are_refused_naming_both(channels):
                                    timm.create_model('resnet18', num_classes=4), img_size=64, verbose=False)
     with pytest.raises(tsd.UsageError, match=f'input has {channels} channels but the student and teacher take 3'):
         task(torch.randn(2, channels, 64, 64), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize('method', tsd.list_distill_losses())
+def test_an_empty_batch_is_refused_for_every_loss_in_the_task_and_called_alone(method):
+    student, teacher = timm.create_model('test_resnet', num_classes=4), timm.create_model('resnet18', num_classes=4)
+    task = tsd.create_distill_task(method, student, teacher, img_size=32, verbose=False)
+    with pytest.raises(tsd.UsageError, match=r'shape \(0, 3, 32, 32\); pass a batch of images \(B, C, H, W\) with '
+                                             r'B >= 1 \(skip empty batches'):
+        task(torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    loss = task.distill_loss
+    empty = [torch.zeros(0, c, 4, 4) for c in loss.student_channels]
+    with pytest.raises(tsd.UsageError, match=rf'{type(loss).__name__} got an empty batch \(0 samples\)'):
+        loss(empty, [torch.zeros(0, c, 4, 4) for c in loss.teacher_channels], torch.zeros(0, 4), torch.zeros(0, 4),
+             torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize('target, expected', [
+    (torch.tensor([0.0, 1.0]), r'class indices of dtype torch.float32; class indices are integers: pass target.long\(\)'),
+    (torch.tensor([0, 1, 2]), r'3 class indices for a batch of 2 images'),
+    (torch.tensor([0, 4]), r'class indices from 0 to 4, outside 0..3 of the student\'s 4 classes'),
+    (torch.tensor([-1, 1]), r'class indices from -1 to 1, outside 0..3'),
+    (torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0]]), r'soft targets of dtype torch.int64; soft targets are probabilities'),
+    (torch.full((2, 3), 1 / 3), r'soft targets of shape \(2, 3\) for 2 images and 4 classes; pass \(2, 4\)'),
+    (torch.zeros(2, 4, 1), r'The labels have shape \(2, 4, 1\)'),
+])
+def test_labels_of_the_wrong_dtype_shape_or_range_are_refused_naming_the_fix(target, expected):
+    student, teacher = timm.create_model('test_resnet', num_classes=4), timm.create_model('resnet18', num_classes=4)
+    task = tsd.create_distill_task('kd', student, teacher, img_size=32, verbose=False)
+    with pytest.raises(tsd.UsageError, match=expected):
+        task(torch.randn(2, 3, 32, 32), target)
+    assert torch.isfinite(task(torch.randn(2, 3, 32, 32), torch.tensor([0, 3]))['loss'])
+    assert torch.isfinite(task(torch.randn(2, 3, 32, 32), torch.full((2, 4), 0.25))['loss'])  # mixup's soft targets
+
+
+def test_a_student_in_another_dtype_or_on_another_device_than_the_task_is_refused_at_creation():
+    teacher = timm.create_model('resnet18', num_classes=4)
+    with pytest.raises(tsd.UsageError, match=r"The student's parameters are float64, but the task builds the teacher "
+                                             r"and the connectors in float32; create the task with dtype=torch.float64"):
+        tsd.create_distill_task('sa', timm.create_model('test_resnet', num_classes=4).double(), teacher, img_size=32,
+                                verbose=False)
+    with pytest.raises(tsd.UsageError, match=r"The student's parameters are on cpu, but the task puts the teacher and "
+                                             r"the connectors on meta; move the student there first"):
+        tsd.create_distill_task('sa', timm.create_model('test_resnet', num_classes=4), teacher, img_size=32,
+                                device=torch.device('meta'), verbose=False)
+    # a task built in the student's dtype puts the teacher and the connectors there too, and trains
+    task = tsd.create_distill_task('sa', timm.create_model('test_resnet', num_classes=4).double(), teacher,
+                                   img_size=32, dtype=torch.float64, verbose=False)
+    assert {p.dtype for p in task.trainable_module.parameters()} == {torch.float64}
+    out = task(torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1]))
+    out['loss'].backward()
+    assert torch.isfinite(out['loss'])
+
+
+@pytest.mark.parametrize('side, stages', [('student_stages', ['layer4', 'layer4']), ('teacher_stages', [-1, 'layer4'])])
+def test_a_stage_named_twice_is_refused(side, stages, capsys):
+    student, teacher = timm.create_model('test_resnet', num_classes=4), timm.create_model('resnet18', num_classes=4)
+    other = 'teacher_stages' if side == 'student_stages' else 'student_stages'
+    with pytest.raises(tsd.UsageError, match=rf"{side} names stage 'layer4' twice \(layer4, layer4\); name each "
+                                             "stage once"):
+        tsd.create_distill_task('at', student, teacher, img_size=32, verbose=False,
+                                **{side: stages, other: ['layer3', 'layer4']})
+    flag = '--distill-stages' if side == 'student_stages' else '--teacher-stages'
+    assert run_command('timm-sadistill train', lambda: tsd.create_distill_task(
+        'at', student, teacher, img_size=32, verbose=False, **{side: stages, other: ['layer3', 'layer4']})) == 2
+    assert _error_lines(capsys)[0].startswith(f"timm-sadistill train: error: {flag} names stage 'layer4' twice")

@@ -50,6 +50,18 @@ def _auto_pairs(
     return pairs
 
 
+def _named_once(stages: List[StageInfo], option: str) -> List[StageInfo]:
+    """``stages`` as given, refused when one stage is named twice (by name, or by a name and an index): its pair would
+    be distilled twice, weighing it double without a word."""
+    seen = set()
+    for stage in stages:
+        if stage.name in seen:
+            raise UsageError(f"{{option}} names stage '{stage.name}' twice ({', '.join(x.name for x in stages)}); "
+                             "name each stage once.", option=option)
+        seen.add(stage.name)
+    return stages
+
+
 def pair_stages(
         student: nn.Module,
         teacher: nn.Module,
@@ -99,12 +111,12 @@ def pair_stages(
             pairs = [pairs[(len(pairs) - 1) // 2]]
         return [s for s, _ in pairs], [t for _, t in pairs]
     if student_auto:
-        t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
+        t = _named_once(FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages, 'teacher_stages')
         return _match_by_reduction(t, student, 'student'), t
-    s = FeatureTaps(student, student_stages, **taps_kwargs).stages
+    s = _named_once(FeatureTaps(student, student_stages, **taps_kwargs).stages, 'student_stages')
     if teacher_auto:
         return s, _match_by_reduction(s, teacher, 'teacher')
-    t = FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages
+    t = _named_once(FeatureTaps(teacher, teacher_stages, **taps_kwargs).stages, 'teacher_stages')
     if len(s) != len(t):
         raise UsageError(
             f"{{option}} and {{option.teacher_stages}} must have equal length to pair them, got {len(s)} "

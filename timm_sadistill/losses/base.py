@@ -13,6 +13,16 @@ __all__ = ['DistillLoss', 'TASK_FILLED']
 TASK_FILLED = ('student_channels', 'teacher_channels', 'head_maps')
 
 
+def _refuse_an_empty_batch(loss: 'DistillLoss', inputs: tuple) -> None:
+    """A forward pre-hook of every loss: a batch of no samples has no mean (the logit losses would return NaN), so it
+    is refused before any term runs."""
+    student_feats, _, student_logits, *_ = inputs
+    first = student_logits if student_logits is not None else next(iter(student_feats), None)
+    if first is not None and first.shape[0] == 0:
+        raise UsageError(f"{type(loss).__name__} got an empty batch (0 samples), whose mean is undefined; skip empty "
+                         "batches (e.g. drop_last=True in the DataLoader).")
+
+
 class DistillLoss(nn.Module):
     """Base of all distillation losses.
 
@@ -66,6 +76,7 @@ class DistillLoss(nn.Module):
             )
         self.student_channels: List[int] = [int(c) for c in student_channels]
         self.teacher_channels: List[int] = [int(c) for c in teacher_channels]
+        self.register_forward_pre_hook(_refuse_an_empty_batch)
 
     @classmethod
     def uses_final_pair(cls, **options) -> bool:

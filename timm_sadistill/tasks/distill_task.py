@@ -74,6 +74,57 @@ def resolve_loss_weights(
     return 1.0, 1.0
 
 
+def _check_student_placement(student: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a student whose parameters are not all on the task's ``device`` in its ``dtype``, where the task puts
+    the teacher and the connectors: the first forward would fail deep inside torch."""
+    parameters = [p for p in student.parameters() if p.is_floating_point()]
+    devices = sorted({str(p.device) for p in parameters})
+    dtypes = sorted({str(p.dtype).replace('torch.', '') for p in parameters})
+    same_place = all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
+                     for p in parameters)
+    if not same_place:
+        raise UsageError(
+            f"The student's parameters are on {' and '.join(devices)}, but the task puts the teacher and the "
+            f"connectors on {device}; move the student there first (student.to('{device}')), or create the task with "
+            f"device=torch.device('{devices[0]}').")
+    if any(p.dtype != dtype for p in parameters):
+        wanted = str(dtype).replace('torch.', '')
+        raise UsageError(
+            f"The student's parameters are {' and '.join(dtypes)}, but the task builds the teacher and the "
+            f"connectors in {wanted}; create the task with dtype=torch.{dtypes[0]}, or cast the student "
+            f"(student.to(torch.{wanted})). For mixed precision keep float32 weights and use torch.autocast.")
+
+
+def _check_labels(target: torch.Tensor, batch: int, num_classes: Optional[int], check_range: bool) -> None:
+    """Refuse labels the criterion would take wrongly or fail on deep inside torch: class indices (B,) of an integer
+    dtype in [0, num_classes), or soft targets (B, num_classes) of a float dtype (``num_classes`` None: a student
+    without a head, whose labels' classes are not checked). The range needs the values, so it is checked where that
+    costs no device sync (``check_range``)."""
+    if not isinstance(target, torch.Tensor):
+        raise UsageError(f"The labels are a {type(target).__name__}; pass a tensor of class indices (B,) or soft "
+                         "targets (B, K).")
+    if target.dim() == 1:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise UsageError(f"The labels are class indices of dtype {target.dtype}; class indices are integers: "
+                             "pass target.long(), or soft targets of shape (B, K).")
+        if target.shape[0] != batch:
+            raise UsageError(f"The labels hold {target.shape[0]} class indices for a batch of {batch} images; pass "
+                             "one label an image.")
+        if check_range and num_classes and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+            raise UsageError(f"The labels hold class indices from {int(target.min())} to {int(target.max())}, "
+                             f"outside 0..{num_classes - 1} of the student's {num_classes} classes; build the models "
+                             "with as many classes as the data has, or map the labels into that range.")
+    elif target.dim() == 2:
+        if not target.is_floating_point():
+            raise UsageError(f"The labels are (B, K) soft targets of dtype {target.dtype}; soft targets are "
+                             "probabilities: pass a float tensor, or class indices of shape (B,).")
+        if target.shape[0] != batch or (num_classes and target.shape[1] != num_classes):
+            raise UsageError(f"The labels are soft targets of shape {tuple(target.shape)} for {batch} images and "
+                             f"{num_classes} classes; pass ({batch}, {num_classes}).")
+    else:
+        raise UsageError(f"The labels have shape {tuple(target.shape)}; pass class indices (B,) or soft targets (B, K).")
+
+
 def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
     """'the student has 10 classes and the teacher 100' when the two models' class counts differ, else ''."""
     s_classes = getattr(unwrap_model(student), 'num_classes', None)
@@ -188,6 +239,7 @@ class DistillTask(TrainingTask):
             **loss_kwargs,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        _check_student_placement(student_model, self.device, self.dtype)
         loss = default_distill_loss() if loss is None else loss
         options = _requested_options(loss, temperature, loss_kwargs)  # a mistake fails here, before the teacher loads
         self.teacher = resolve_teacher(
@@ -217,8 +269,10 @@ class DistillTask(TrainingTask):
                 **options, **({'head_maps': True} if head_maps is not None else {}),
             )
         loss.bind(unwrap_model(student_model), self.teacher.model)
-        self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device))
+        # connectors are built on the CPU in the default dtype, and a built loss may live anywhere: the student's
+        self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device, dtype=self.dtype))
         self._set_input_statistics(student_model, input_mean, input_std)
+        self._labels_seen = False
         if self.verbose:
             self._log_setup(student_taps)
 
@@ -393,8 +447,17 @@ class DistillTask(TrainingTask):
             parameters = parameters[:-2]
         return parameters + list(trainable.distill_loss.parameters())
 
-    def _check_input(self, input: torch.Tensor) -> None:
-        """Refuse an input the models were not set up for, before it fails deep inside them (shape checks only)."""
+    def _check_input(self, input: torch.Tensor, target: torch.Tensor) -> None:
+        """Refuse an input or labels the models were not set up for, before they fail deep inside them: shapes and
+        dtypes every step, the labels' range where that costs no device sync (on the CPU; on a GPU, the first
+        batch)."""
+        if input.dim() != 4 or input.shape[0] == 0:
+            raise UsageError(f"The input has shape {tuple(input.shape)}; pass a batch of images (B, C, H, W) with B >= "
+                             "1 (skip empty batches, e.g. drop_last=True in the DataLoader).")
+        num_classes = getattr(unwrap_model(self.trainable_module).student, 'num_classes', None) or None
+        _check_labels(target, input.shape[0], num_classes, check_range=target.device.type == 'cpu' or
+                      not self._labels_seen)
+        self._labels_seen = True
         if input.shape[1] != self.in_chans:
             raise UsageError(
                 f"The input has {input.shape[1]} channels but the student and teacher take {self.in_chans} "
@@ -414,7 +477,7 @@ class DistillTask(TrainingTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """input (B, C, H, W), target (B,) or (B, K) -> {'loss', 'output', 'task_loss', 'kd_loss', terms...}."""
-        self._check_input(input)
+        self._check_input(input, target)
         # no_grad, not inference_mode: the loss's backward saves the teacher's features, which inference tensors
         # cannot be; under autocast the teacher runs in the autocast dtype like the student
         with torch.no_grad():

@@ -102,6 +102,7 @@ def resolve_teacher(
         resolved = DistillationTeacher(model, device=device, dtype=dtype)
     elif isinstance(teacher, nn.Module):
         resolved = DistillationTeacher(teacher, device=device, dtype=dtype)
+        resolved.model.to(device=device, dtype=dtype)  # timm moves only a teacher it builds by name
     else:
         raise UsageError(f"teacher must be a model name, an nn.Module or a DistillationTeacher, got {type(teacher).__name__}.")
     resolved.eval()
