@@ -402,3 +402,28 @@ def test_same_seed_gives_the_same_losses(workdir, teacher_run, tmp_path):
         check_ok(result)
         runs.append([{k: v for k, v in row.items() if k != 'lr'} for row in read_summary(tmp_path / name)])
     assert runs[0] == runs[1] and len(runs[0]) == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_rank_each_exits_143_with_one_line(workdir, teacher_run, tmp_path):
+    """torchrun forwards the SIGTERM a cluster sends to every rank: each cleans up and says how to go on."""
+    output = tmp_path / 'out'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--tee', '3',
+         '--log-dir', str(tmp_path / 'logs'), '-m', 'timm_sadistill',
+         'train', '--data-dir', str(workdir / 'data'), '--model', STUDENT, '--epochs', '3', '-b', '4',
+         '--output', str(output), '--experiment', 'ddp'] + COMMON_FLAGS,
+        cwd=tmp_path, env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline = time.monotonic() + 240
+    while not (output / 'ddp' / 'tmp.pth.tar').exists():  # rank 0 pauses in its first save; rank 1 waits for it
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    ranks = [line for line in out.splitlines() if line.startswith('[default')]  # --tee: '[default<rank>]:<line>'
+    assert not [line for line in ranks if 'Traceback' in line], out[-3000:]  # torchrun's own agent raises one
+    ends = [line for line in ranks if 'timm-sadistill train: terminated (SIGTERM)' in line]
+    assert sorted(line[:len('[default0]')] for line in ends) == ['[default0]', '[default1]'], out[-3000:]
+    assert any(f"'{output / 'ddp'}': rerun the same command" in line for line in ends), ends
+    assert not (output / 'ddp' / 'tmp.pth.tar').exists()
