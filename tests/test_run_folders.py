@@ -388,3 +388,67 @@ def test_sigterm_is_handled_as_ctrl_c_a_resumable_folder_the_resume_command_and_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert epochs(folder) == ['0', '1', '2']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Symlinks in the run folder are replaced, never written through; the run folder stays under --output
+
+
+def _link_elsewhere(folder: Path, elsewhere: Path, names: tuple) -> dict:
+    """Move ``names`` of ``folder`` to ``elsewhere`` and leave symlinks to them in their place; the moved files'
+    digests (what must never change)."""
+    elsewhere.mkdir()
+    for name in names:
+        (folder / name).rename(elsewhere / name)
+        (folder / name).symlink_to(elsewhere / name)
+    return _digests(elsewhere)
+
+
+def test_a_resume_replaces_symlinked_files_and_never_writes_through_them(finished, tmp_path, capsys):
+    command, folder = _copy(finished, tmp_path)
+    elsewhere = tmp_path / 'elsewhere'
+    (folder / '.lock').write_text('a file the lock must not truncate\n')
+    before = _link_elsewhere(folder, elsewhere, ('summary.csv', 'args.yaml', 'last.pth.tar', '.lock'))
+    (folder / 'tmp.pth.tar').symlink_to(elsewhere / 'planted')  # timm's temp checkpoint name, dangling
+    lines = run_main(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert _digests(elsewhere) == before  # nothing written through a link, nothing created at one
+    assert epochs(folder) == ['0', '1', '2']  # the rows read through the link, then its own file
+    for name in ('summary.csv', 'args.yaml', 'last.pth.tar', '.lock'):
+        assert not (folder / name).is_symlink() and (folder / name).is_file(), name
+        assert any(f"'{folder / name}' is a symbolic link to '{elsewhere / name}'" in line for line in lines), name
+    assert not (folder / 'tmp.pth.tar').exists()
+
+
+def test_a_symlinked_model_folder_is_replaced_and_the_folder_goes_on_resuming(finished, tmp_path, capsys):
+    command, folder = _copy(finished, tmp_path)
+    elsewhere = tmp_path / 'elsewhere'
+    (folder / 'model' / 'notes.txt').write_text('the user keeps more than a model folder here\n')
+    before = _link_elsewhere(folder, elsewhere, ('model',))
+    (folder / 'model.safetensors').unlink()  # a stale export: the resume exports again, replacing model/
+    for epochs_now in ('3', '4'):  # a symlinked model/ used to wedge every later resume (rmtree of a link)
+        run_main(command + ['--epochs', epochs_now, '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+        assert _digests(elsewhere) == before  # the link went, not what it points to
+        assert not (folder / 'model').is_symlink() and (folder / 'model' / 'config.json').is_file()
+        assert not [p.name for p in folder.iterdir() if p.name.endswith(('.new', '.old'))]
+    assert epochs(folder) == ['0', '1', '2', '3']
+
+
+def test_a_crash_while_a_symlinked_model_folder_was_aside_is_undone_without_touching_its_target(tmp_path):
+    import os
+
+    from timm_sadistill._atomic import remove_partial_writes
+
+    target = tmp_path / 'elsewhere'
+    target.mkdir()
+    (target / 'model.safetensors').write_bytes(b'weights')
+    (target / '.weights.tmp').write_bytes(b'the user\'s, not a partial write of the run')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / '.model.old').symlink_to(target)  # a kill between replace_folder's two renames
+    (run / '.model.new').mkdir()
+    remove_partial_writes(str(run))
+    assert (run / 'model').is_symlink() and not (run / '.model.new').exists()
+    (run / '.model.old').symlink_to(target)  # the same, after the new folder was swapped in
+    remove_partial_writes(str(run))
+    assert not os.path.lexists(run / '.model.old')
+    assert sorted(p.name for p in target.iterdir()) == ['.weights.tmp', 'model.safetensors']

@@ -34,7 +34,7 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 import yaml
 
-from .._atomic import remove_partial_writes, save_safetensors_atomic
+from .._atomic import atomic_write, remove_partial_writes, save_safetensors_atomic
 from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from .._device_and_size_checks import check_device, check_img_size
 from ..errors import UsageError
@@ -316,8 +316,10 @@ def _train_in_folder(
         return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
     _prepare_task(training, args, device)
     if utils.is_primary(args):
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        # replaced, not written through (a symlink there is replaced too)
+        with atomic_write(os.path.join(output_dir, 'args.yaml'), pause=False) as tmp_path:
+            with open(tmp_path, 'w') as f:
+                f.write(args_text)
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 

@@ -13,6 +13,10 @@ renamed run would leave them reading the old one. A folder without a completed c
 first save) holds nothing to continue: the same command restarts it. Without ``--experiment`` the name is timm's
 timestamp, and a taken name (also by a run started the same second) picks a fresh one (`run_name` says how each
 name is spelled), made atomically by ``os.mkdir``.
+
+Every file of the folder is replaced, never written through (`timm_sadistill._atomic`): the lock file is opened
+without following a symlink and summary.csv is rewritten, not appended to, so a symlink in the folder is replaced
+and its target never changes.
 """
 import csv
 import errno
@@ -20,20 +24,22 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from safetensors import SafetensorError
+from timm.utils import update_summary
 
-from .._atomic import atomic_write, remove_partial_writes
+from .._atomic import atomic_write, remove_partial_writes, warn_if_symlink
 from ..errors import UsageError
 from .run_name import run_folder_name
 
 __all__ = [
-    'LOCK_FILE', 'LAST_CHECKPOINT', 'CHECKPOINT_FILES', 'RunFolder', 'check_output_path', 'create_run_folder',
-    'continue_hint', 'present_files', 'trim_summary', 'disk_full_is_usage_error',
+    'LOCK_FILE', 'LAST_CHECKPOINT', 'CHECKPOINT_FILES', 'RunFolder', 'check_output_path',
+    'create_run_folder', 'continue_hint', 'present_files', 'append_summary', 'trim_summary', 'disk_full_is_usage_error',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -103,6 +109,19 @@ class RunFolder:
         self._lock_fd = None
 
 
+def _open_lock_file(path: str) -> int:
+    """Open (or create) the lock file ``path`` without following a symlink: writing the holder's name through one
+    would change its target, so a link in its place is replaced by a lock file of the run's own."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP or not os.path.islink(path):
+                raise
+            warn_if_symlink(path)
+            os.unlink(path)
+
+
 def _lock(folder: str) -> int:
     """Hold the ``flock`` of ``folder``'s lock file and write this process into it; the open file.
 
@@ -112,7 +131,7 @@ def _lock(folder: str) -> int:
     """
     path = os.path.join(folder, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -224,6 +243,18 @@ def continue_hint(folder: str, experiment: Optional[str]) -> str:
         again = '' if experiment else f' --experiment {os.path.basename(folder)}'
         return f'continue with{again} --resume {last}'
     return 'rerun the same command (nothing was checkpointed yet, so it starts over)'
+
+
+def append_summary(path: str, epoch: int, train_metrics: Dict[str, float], eval_metrics: Optional[Dict[str, float]],
+                   lr: float) -> None:
+    """Add timm's ``update_summary`` row of ``epoch`` to summary.csv, with the header in a new or empty file (also
+    when --resume starts a new --experiment). timm appends in place, which writes through a symlink and leaves a
+    torn row when killed: here a copy that ends in the row replaces the file."""
+    with atomic_write(path, pause=False) as tmp_path:
+        has_rows = os.path.isfile(path) and os.path.getsize(path) > 0
+        if has_rows:
+            shutil.copyfile(path, tmp_path)
+        update_summary(epoch, train_metrics, eval_metrics, filename=tmp_path, lr=lr, write_header=not has_rows)
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
