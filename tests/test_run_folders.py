@@ -452,3 +452,47 @@ def test_a_crash_while_a_symlinked_model_folder_was_aside_is_undone_without_touc
     remove_partial_writes(str(run))
     assert not os.path.lexists(run / '.model.old')
     assert sorted(p.name for p in target.iterdir()) == ['.weights.tmp', 'model.safetensors']
+
+
+@pytest.mark.parametrize('experiment, words', [
+    ('../x', "--experiment '../x' climbs out of --output with '..'"),
+    ('ablation/../../x', "--experiment 'ablation/../../x' climbs out of --output with '..'"),
+    ('{tmp_path}/abs', "--experiment '{tmp_path}/abs' is an absolute path"),
+    ('.', "--experiment '.' names --output itself"),
+])
+def test_an_experiment_outside_output_is_refused_before_anything_is_written(tmp_path, capsys, experiment, words):
+    write_folder(tmp_path / 'data')
+    experiment = experiment.format(tmp_path=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    lines = run_main(['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output',
+                      str(tmp_path / 'out'), '--experiment', experiment] + FLAGS, capsys)
+    assert lines[-1] == (f"timm-sadistill train: error: {words.format(tmp_path=tmp_path)}: a run folder is "
+                         "<output>/<experiment>; pass a name under --output (e.g. ablation/run1), and pick the place "
+                         "with --output.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --output, no folder beside it
+
+
+def test_a_nested_experiment_creates_locks_exports_and_resumes(tmp_path, capsys):
+    write_folder(tmp_path / 'data')
+    command = ['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output', str(tmp_path / 'out'),
+               '--experiment', 'ablation/run1'] + FLAGS
+    folder = tmp_path / 'out' / 'ablation' / 'run1'
+    run_main(command, capsys, status=0)
+    assert {'.lock', 'args.yaml', 'summary.csv', 'last.pth.tar', 'model'} <= {p.name for p in folder.iterdir()}
+    assert (folder / 'model' / 'config.json').is_file() and (folder / '.lock').read_text() == ''
+    line = run_main(command, capsys)[-1]  # the same name again: the hint names this folder's checkpoint
+    assert line.endswith(f"continue it with --resume {folder / 'last.pth.tar'}, or pass another --experiment.")
+    run_main(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert epochs(folder) == ['0', '1'] and _export_epoch(folder) in ('0', '1')
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar'):
+        (folder / name).unlink()
+    line = run_main(command + ['--resume', str(folder / 'last.pth.tar')], capsys)[-1]  # its rerun names it whole
+    assert line.endswith("drop --resume (and pass --experiment ablation/run1) to start it over there.")
+
+
+def test_a_nested_experiment_refused_during_setup_leaves_no_folder(tmp_path):
+    from timm_sadistill.training.run_folder import create_run_folder
+
+    (tmp_path / 'out').mkdir()
+    create_run_folder(str(tmp_path / 'out'), 'ablation/run1', 'stamp', '').release()
+    assert list((tmp_path / 'out').iterdir()) == []  # the folders it made for the name go with it

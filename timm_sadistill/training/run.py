@@ -48,7 +48,9 @@ from .data_loading import create_datasets, create_loaders
 from .export import export_student, exported_epoch, label_names_of
 from .loop import RunOutputs, Training, train_epochs, validate
 from .resume_checks import check_resume_distill, check_resume_matches, read_resume_checkpoint
-from .run_folder import check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary
+from .run_folder import (
+    check_experiment, check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary,
+)
 from .run_name import timestamp_name
 
 __all__ = ['train', 'RECORDED_ARGS']
@@ -221,10 +223,11 @@ def train(
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     saved_args = None
     if args.resume:
-        saved_args = read_resume_checkpoint(args.resume)
+        saved_args = read_resume_checkpoint(args.resume, args.output or './output/train')
         check_resume_matches(args.resume, saved_args, args)
     if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
         check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
+    check_experiment(args.experiment)
     check_output_path(args.output or './output/train')
     check_device('--device', args.device)
     device = utils.init_distributed_device(args)
