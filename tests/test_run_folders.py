@@ -388,3 +388,111 @@ def test_sigterm_is_handled_as_ctrl_c_a_resumable_folder_the_resume_command_and_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert epochs(folder) == ['0', '1', '2']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Symlinks in the run folder are replaced, never written through; the run folder stays under --output
+
+
+def _link_elsewhere(folder: Path, elsewhere: Path, names: tuple) -> dict:
+    """Move ``names`` of ``folder`` to ``elsewhere`` and leave symlinks to them in their place; the moved files'
+    digests (what must never change)."""
+    elsewhere.mkdir()
+    for name in names:
+        (folder / name).rename(elsewhere / name)
+        (folder / name).symlink_to(elsewhere / name)
+    return _digests(elsewhere)
+
+
+def test_a_resume_replaces_symlinked_files_and_never_writes_through_them(finished, tmp_path, capsys):
+    command, folder = _copy(finished, tmp_path)
+    elsewhere = tmp_path / 'elsewhere'
+    (folder / '.lock').write_text('a file the lock must not truncate\n')
+    before = _link_elsewhere(folder, elsewhere, ('summary.csv', 'args.yaml', 'last.pth.tar', '.lock'))
+    (folder / 'tmp.pth.tar').symlink_to(elsewhere / 'planted')  # timm's temp checkpoint name, dangling
+    lines = run_main(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert _digests(elsewhere) == before  # nothing written through a link, nothing created at one
+    assert epochs(folder) == ['0', '1', '2']  # the rows read through the link, then its own file
+    for name in ('summary.csv', 'args.yaml', 'last.pth.tar', '.lock'):
+        assert not (folder / name).is_symlink() and (folder / name).is_file(), name
+        assert any(f"'{folder / name}' is a symbolic link to '{elsewhere / name}'" in line for line in lines), name
+    assert not (folder / 'tmp.pth.tar').exists()
+
+
+def test_a_symlinked_model_folder_is_replaced_and_the_folder_goes_on_resuming(finished, tmp_path, capsys):
+    command, folder = _copy(finished, tmp_path)
+    elsewhere = tmp_path / 'elsewhere'
+    (folder / 'model' / 'notes.txt').write_text('the user keeps more than a model folder here\n')
+    before = _link_elsewhere(folder, elsewhere, ('model',))
+    (folder / 'model.safetensors').unlink()  # a stale export: the resume exports again, replacing model/
+    for epochs_now in ('3', '4'):  # a symlinked model/ used to wedge every later resume (rmtree of a link)
+        run_main(command + ['--epochs', epochs_now, '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+        assert _digests(elsewhere) == before  # the link went, not what it points to
+        assert not (folder / 'model').is_symlink() and (folder / 'model' / 'config.json').is_file()
+        assert not [p.name for p in folder.iterdir() if p.name.endswith(('.new', '.old'))]
+    assert epochs(folder) == ['0', '1', '2', '3']
+
+
+def test_a_crash_while_a_symlinked_model_folder_was_aside_is_undone_without_touching_its_target(tmp_path):
+    import os
+
+    from timm_sadistill._atomic import remove_partial_writes
+
+    target = tmp_path / 'elsewhere'
+    target.mkdir()
+    (target / 'model.safetensors').write_bytes(b'weights')
+    (target / '.weights.tmp').write_bytes(b'the user\'s, not a partial write of the run')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / '.model.old').symlink_to(target)  # a kill between replace_folder's two renames
+    (run / '.model.new').mkdir()
+    remove_partial_writes(str(run))
+    assert (run / 'model').is_symlink() and not (run / '.model.new').exists()
+    (run / '.model.old').symlink_to(target)  # the same, after the new folder was swapped in
+    remove_partial_writes(str(run))
+    assert not os.path.lexists(run / '.model.old')
+    assert sorted(p.name for p in target.iterdir()) == ['.weights.tmp', 'model.safetensors']
+
+
+@pytest.mark.parametrize('experiment, words', [
+    ('../x', "--experiment '../x' climbs out of --output with '..'"),
+    ('ablation/../../x', "--experiment 'ablation/../../x' climbs out of --output with '..'"),
+    ('{tmp_path}/abs', "--experiment '{tmp_path}/abs' is an absolute path"),
+    ('.', "--experiment '.' names --output itself"),
+])
+def test_an_experiment_outside_output_is_refused_before_anything_is_written(tmp_path, capsys, experiment, words):
+    write_folder(tmp_path / 'data')
+    experiment = experiment.format(tmp_path=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    lines = run_main(['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output',
+                      str(tmp_path / 'out'), '--experiment', experiment] + FLAGS, capsys)
+    assert lines[-1] == (f"timm-sadistill train: error: {words.format(tmp_path=tmp_path)}: a run folder is "
+                         "<output>/<experiment>; pass a name under --output (e.g. ablation/run1), and pick the place "
+                         "with --output.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --output, no folder beside it
+
+
+def test_a_nested_experiment_creates_locks_exports_and_resumes(tmp_path, capsys):
+    write_folder(tmp_path / 'data')
+    command = ['train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3', '--output', str(tmp_path / 'out'),
+               '--experiment', 'ablation/run1'] + FLAGS
+    folder = tmp_path / 'out' / 'ablation' / 'run1'
+    run_main(command, capsys, status=0)
+    assert {'.lock', 'args.yaml', 'summary.csv', 'last.pth.tar', 'model'} <= {p.name for p in folder.iterdir()}
+    assert (folder / 'model' / 'config.json').is_file() and (folder / '.lock').read_text() == ''
+    line = run_main(command, capsys)[-1]  # the same name again: the hint names this folder's checkpoint
+    assert line.endswith(f"continue it with --resume {folder / 'last.pth.tar'}, or pass another --experiment.")
+    run_main(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')], capsys, status=0)
+    assert epochs(folder) == ['0', '1'] and _export_epoch(folder) in ('0', '1')
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar'):
+        (folder / name).unlink()
+    line = run_main(command + ['--resume', str(folder / 'last.pth.tar')], capsys)[-1]  # its rerun names it whole
+    assert line.endswith("drop --resume (and pass --experiment ablation/run1) to start it over there.")
+
+
+def test_a_nested_experiment_refused_during_setup_leaves_no_folder(tmp_path):
+    from timm_sadistill.training.run_folder import create_run_folder
+
+    (tmp_path / 'out').mkdir()
+    create_run_folder(str(tmp_path / 'out'), 'ablation/run1', 'stamp', '').release()
+    assert list((tmp_path / 'out').iterdir()) == []  # the folders it made for the name go with it

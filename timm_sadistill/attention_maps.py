@@ -19,6 +19,7 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.model import unwrap_model
 
 from . import ops
+from ._atomic import atomic_write
 from ._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
@@ -190,7 +191,8 @@ def render_attention_maps(
                      '(student maps through the connector)', fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format='png')
+    with atomic_write(path) as tmp_path:  # replaces the picture (a symlink too), never writes through it
+        fig.savefig(tmp_path, format='png')
     return path
 
 

@@ -140,7 +140,8 @@ def save_model_folder(
 
     Args:
         model: a timm model (DDP, compile and EMA wrappers are looked through).
-        folder: the folder to write; created if missing, replaced as a whole if it holds a model folder.
+        folder: the folder to write; created if missing, replaced as a whole if it holds a model folder or is a
+            symlink (the link goes, the folder it points to stays as it is).
         data_config: the preprocessing the model was trained with (``timm.data.resolve_data_config`` output);
             None keeps the model's own pretrained_cfg.
         label_names: class names in classifier order (e.g. the class folders), stored as config.json label_names.
@@ -161,7 +162,9 @@ def save_model_folder(
     if label_names is not None and len(label_names) != model.num_classes:
         raise UsageError(f"{len(label_names)} label names for a model with {model.num_classes} classes; "
                          "pass one name per class, in classifier order.")
-    others = sorted(set(os.listdir(folder)) - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}) if os.path.isdir(folder) else []
+    # a symlink is replaced, not emptied: what the folder it points to holds is not lost
+    real_folder = os.path.isdir(folder) and not os.path.islink(folder)
+    others = sorted(set(os.listdir(folder)) - {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}) if real_folder else []
     if others:
         raise UsageError(f"'{folder}' holds other files than a model folder's ({', '.join(others[:3])}); save the "
                          "model folder into a new or empty folder.")

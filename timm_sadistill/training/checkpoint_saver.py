@@ -1,11 +1,13 @@
 """Checkpoints that survive a crash: timm's `CheckpointSaver` with the writes of `timm_sadistill._atomic` (temp file,
-fsync, atomic rename), so a run killed while saving leaves the previous checkpoint readable."""
+fsync, atomic rename), so a run killed while saving leaves the previous checkpoint readable, and a symlink in the run
+folder is replaced, never written through."""
 import os
 import shutil
+from contextlib import suppress
 
 from timm.utils import CheckpointSaver
 
-from .._atomic import atomic_write, fsync_dir, fsync_file, pause_for_tests, remove_partial_writes, save_safetensors_atomic
+from .._atomic import atomic_write, fsync_file, remove_partial_writes, rename_over, save_safetensors_atomic
 
 __all__ = ['atomic_write', 'AtomicCheckpointSaver', 'save_safetensors_atomic', 'remove_partial_writes']
 
@@ -19,13 +21,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
 
     def _save(self, save_path: str, epoch: int, metric=None) -> None:
+        # torch.save opens timm's fixed temp name (tmp.pth.tar): a symlink left there would be written through
+        with suppress(FileNotFoundError):
+            os.unlink(save_path)
         super()._save(save_path, epoch, metric)
         fsync_file(save_path)
 
     def _replace(self, src: str, dst: str) -> None:
-        pause_for_tests()
-        os.replace(src, dst)
-        fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        rename_over(src, dst)
 
     def _duplicate(self, src: str, dst: str) -> None:
         with atomic_write(dst) as tmp_path:

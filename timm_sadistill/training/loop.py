@@ -23,6 +23,7 @@ from ..tasks import guard_finite_loss
 from .checkpoint_saver import AtomicCheckpointSaver
 from .export import LEGACY_WEIGHTS_FILE
 from .progress import ProgressBar
+from .run_folder import append_summary
 
 __all__ = ['Training', 'RunOutputs', 'seed_epoch', 'train_epochs', 'train_one_epoch', 'validate']
 
@@ -334,9 +335,7 @@ def _save_epoch(
     its epoch)."""
     lrs = [group['lr'] for group in optimizer.param_groups]
     summary = os.path.join(outputs.path, 'summary.csv')
-    # the header goes into a new or empty file (also when --resume starts a new --experiment)
-    utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
-                         write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
+    append_summary(summary, epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
     best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=latest_metric)
     if best_epoch == epoch or not os.path.exists(os.path.join(outputs.path, LEGACY_WEIGHTS_FILE)):
         outputs.export(epoch, eval_metrics=eval_metrics)

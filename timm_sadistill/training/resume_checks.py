@@ -20,23 +20,27 @@ _RESUME_FLAGS = ('model', 'distill', 'teacher')
 _STAGE_FLAGS = (('distill_stages', 'distill_stages_resolved'), ('teacher_stages', 'teacher_stages_resolved'))
 
 
-def _check_exists(resume: str) -> None:
+def _check_exists(resume: str, output: Optional[str]) -> None:
     """Refuse a ``--resume`` checkpoint that a run never wrote, saying how to restart a run that stopped before its
-    first checkpoint (its folder is there, its ``last.pth.tar`` is not)."""
+    first checkpoint (its folder is there, its ``last.pth.tar`` is not); its ``--experiment`` is its path under
+    ``output`` (``ablation/run1``), else the folder's name."""
     folder = os.path.dirname(os.path.abspath(resume))
     if os.path.exists(resume) or not present_files(folder, ('args.yaml', LOCK_FILE)) or \
             present_files(folder, CHECKPOINT_FILES):
         return  # there, or not a run folder, or a run with other checkpoints: the readability check tells
+    under = os.path.join(os.path.abspath(output), '') if output else None
+    experiment = folder[len(under):] if under and folder.startswith(under) else os.path.basename(folder)
     raise UsageError(f"--resume '{resume}' does not exist: the run in '{folder}' stopped before its first checkpoint; "
-                     f"drop --resume (and pass --experiment {os.path.basename(folder)}) to start it over there.")
+                     f"drop --resume (and pass --experiment {experiment}) to start it over there.")
 
 
-def read_resume_checkpoint(path: str) -> Optional[argparse.Namespace]:
+def read_resume_checkpoint(path: str, output: Optional[str] = None) -> Optional[argparse.Namespace]:
     """The flags of the run that wrote the ``--resume`` checkpoint ``path`` (its 'args'; None when it has none),
     after refusing a file that is missing, unreadable or not a training checkpoint (last.pth.tar,
     checkpoint-N.pth.tar): model weights alone (a model folder's model.safetensors) have no epoch, optimizer or
-    connector state to continue from. The file is loaded once, here."""
-    _check_exists(path)
+    connector state to continue from. The file is loaded once, here. ``output`` (``--output``) names the run's
+    ``--experiment`` in the hint for a run that stopped before its first checkpoint."""
+    _check_exists(path, output)
     check_checkpoint_readable(path, '--resume checkpoint')
     checkpoint = None if path.endswith('.safetensors') else load_checkpoint(path)
     if not (isinstance(checkpoint, dict) and 'state_dict' in checkpoint and 'epoch' in checkpoint):

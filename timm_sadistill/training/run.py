@@ -34,7 +34,7 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler, get_state_dict, unwrap_model
 import yaml
 
-from .._atomic import remove_partial_writes, save_safetensors_atomic
+from .._atomic import atomic_write, remove_partial_writes, save_safetensors_atomic
 from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
 from .._device_and_size_checks import check_device, check_img_size
 from ..errors import UsageError
@@ -48,7 +48,9 @@ from .data_loading import create_datasets, create_loaders
 from .export import export_student, exported_epoch, label_names_of
 from .loop import RunOutputs, Training, train_epochs, validate
 from .resume_checks import check_resume_distill, check_resume_matches, read_resume_checkpoint
-from .run_folder import check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary
+from .run_folder import (
+    check_experiment, check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary,
+)
 from .run_name import timestamp_name
 
 __all__ = ['train', 'RECORDED_ARGS']
@@ -228,10 +230,11 @@ def train(
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     saved_args = None
     if args.resume:
-        saved_args = read_resume_checkpoint(args.resume)
+        saved_args = read_resume_checkpoint(args.resume, args.output or './output/train')
         check_resume_matches(args.resume, saved_args, args)
     if args.initial_checkpoint:  # before anything is created or written: a bad file must not cost the output folder
         check_checkpoint_readable(args.initial_checkpoint, '--initial-checkpoint checkpoint')
+    check_experiment(args.experiment)
     check_output_path(args.output or './output/train')
     check_device('--device', args.device)
     device = utils.init_distributed_device(args)
@@ -323,8 +326,10 @@ def _train_in_folder(
         return {'output_dir': output_dir, 'best_metric': best_metric, 'best_epoch': best_epoch}
     _prepare_task(training, args, device)
     if utils.is_primary(args):
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        # replaced, not written through (a symlink there is replaced too)
+        with atomic_write(os.path.join(output_dir, 'args.yaml'), pause=False) as tmp_path:
+            with open(tmp_path, 'w') as f:
+                f.write(args_text)
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, output in {output_dir}')
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 

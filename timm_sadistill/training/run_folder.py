@@ -12,7 +12,13 @@ and the README's teacher -> student recipe read ``<output>/<experiment>/model.sa
 renamed run would leave them reading the old one. A folder without a completed checkpoint (a run stopped before its
 first save) holds nothing to continue: the same command restarts it. Without ``--experiment`` the name is timm's
 timestamp, and a taken name (also by a run started the same second) picks a fresh one (`run_name` says how each
-name is spelled), made atomically by ``os.mkdir``.
+name is spelled), made atomically by ``os.mkdir``. A nested ``--experiment`` (``ablation/run1``) is a folder under
+``--output`` like any other; one that would leave ``--output`` (``..``, an absolute path) is refused first
+(`check_experiment`).
+
+Every file of the folder is replaced, never written through (`timm_sadistill._atomic`): the lock file is opened
+without following a symlink and summary.csv is rewritten, not appended to, so a symlink in the folder is replaced
+and its target never changes.
 """
 import csv
 import errno
@@ -20,20 +26,22 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from safetensors import SafetensorError
+from timm.utils import update_summary
 
-from .._atomic import atomic_write, remove_partial_writes
+from .._atomic import atomic_write, remove_partial_writes, warn_if_symlink
 from ..errors import UsageError
 from .run_name import run_folder_name
 
 __all__ = [
-    'LOCK_FILE', 'LAST_CHECKPOINT', 'CHECKPOINT_FILES', 'RunFolder', 'check_output_path', 'create_run_folder',
-    'continue_hint', 'present_files', 'trim_summary', 'disk_full_is_usage_error',
+    'LOCK_FILE', 'LAST_CHECKPOINT', 'CHECKPOINT_FILES', 'RunFolder', 'check_output_path', 'check_experiment',
+    'create_run_folder', 'continue_hint', 'present_files', 'append_summary', 'trim_summary', 'disk_full_is_usage_error',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -63,6 +71,25 @@ def check_output_path(output: str, flag: str = '--output') -> None:
         raise UsageError(f"{flag} '{output}': '{probe}' is a file, not a folder; pass a path in a folder.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} '{output}': no permission to write in '{probe}'; pass a folder you can write to.")
+
+
+def check_experiment(experiment: str) -> None:
+    """Refuse an ``--experiment`` that puts the run folder outside ``--output`` (an absolute path, a ``..``) or on it
+    (``.``), before anything is written: the run writes, cleans up and locks only its own ``<output>/<experiment>``,
+    and the resume hints name it so. A nested name (``ablation/run1``) is a folder under ``--output`` like any other.
+    """
+    if not experiment:
+        return
+    if os.path.isabs(experiment):
+        problem = 'is an absolute path'
+    elif '..' in experiment.replace(os.altsep or os.sep, os.sep).split(os.sep):
+        problem = "climbs out of --output with '..'"
+    elif os.path.normpath(experiment) == '.':
+        problem = 'names --output itself'
+    else:
+        return
+    raise UsageError(f"--experiment '{experiment}' {problem}: a run folder is <output>/<experiment>; pass a name under "
+                     "--output (e.g. ablation/run1), and pick the place with --output.")
 
 
 def present_files(folder: str, patterns: Sequence[str]) -> List[str]:
@@ -103,6 +130,19 @@ class RunFolder:
         self._lock_fd = None
 
 
+def _open_lock_file(path: str) -> int:
+    """Open (or create) the lock file ``path`` without following a symlink: writing the holder's name through one
+    would change its target, so a link in its place is replaced by a lock file of the run's own."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP or not os.path.islink(path):
+                raise
+            warn_if_symlink(path)
+            os.unlink(path)
+
+
 def _lock(folder: str) -> int:
     """Hold the ``flock`` of ``folder``'s lock file and write this process into it; the open file.
 
@@ -112,7 +152,7 @@ def _lock(folder: str) -> int:
     """
     path = os.path.join(folder, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,6 +179,26 @@ def _lock(folder: str) -> int:
     return fd
 
 
+def _make_parents(output: str, folder: str, experiment: str) -> List[str]:
+    """Create ``output`` and the folders a nested ``experiment`` puts above the run folder ``folder``; those this
+    call made, outermost first (a run that writes nothing removes them again)."""
+    made, parent = [], os.path.dirname(os.path.abspath(folder))
+    probe = parent
+    while not os.path.exists(probe):
+        made.insert(0, probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output: cannot create '{output}' ({e.strerror}); pass another --output.") from e
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--experiment '{experiment}': cannot create '{parent}' ({e.strerror}); pass another "
+                         "--experiment.") from e
+    return made
+
+
 def create_run_folder(output: str, experiment: str, default_name: str, resume: str) -> RunFolder:
     """Make (or reuse) the run folder and hold its lock; refuse one that holds another run unless ``resume``
     continues it, and clean what a crashed run left in it. Without ``experiment`` the folder is ``default_name``
@@ -148,20 +208,15 @@ def create_run_folder(output: str, experiment: str, default_name: str, resume: s
         UsageError: the folder is held by a running run, or holds a run's results and ``resume`` is not its
             checkpoint, or cannot be created.
     """
-    made, probe = [], os.path.abspath(output)
-    while not os.path.exists(probe):
-        made.insert(0, probe)
-        probe = os.path.dirname(probe)
-    try:
-        os.makedirs(output, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output: cannot create '{output}' ({e.strerror}); pass another --output.") from e
     name, number = experiment or default_name, 0
     while True:
         folder = os.path.join(output, run_folder_name(name, number))
+        made = _make_parents(output, folder, experiment)
         try:
             os.mkdir(folder)
             created = made + [folder]
+        except FileNotFoundError:  # a folder above it went away (a run that made it for its nested name, then left)
+            continue
         except FileExistsError:
             if not experiment:  # timm's timestamp name is taken: a fresh name is what the user asked for
                 number += 1
@@ -224,6 +279,18 @@ def continue_hint(folder: str, experiment: Optional[str]) -> str:
         again = '' if experiment else f' --experiment {os.path.basename(folder)}'
         return f'continue with{again} --resume {last}'
     return 'rerun the same command (nothing was checkpointed yet, so it starts over)'
+
+
+def append_summary(path: str, epoch: int, train_metrics: Dict[str, float], eval_metrics: Optional[Dict[str, float]],
+                   lr: float) -> None:
+    """Add timm's ``update_summary`` row of ``epoch`` to summary.csv, with the header in a new or empty file (also
+    when --resume starts a new --experiment). timm appends in place, which writes through a symlink and leaves a
+    torn row when killed: here a copy that ends in the row replaces the file."""
+    with atomic_write(path, pause=False) as tmp_path:
+        has_rows = os.path.isfile(path) and os.path.getsize(path) > 0
+        if has_rows:
+            shutil.copyfile(path, tmp_path)
+        update_summary(epoch, train_metrics, eval_metrics, filename=tmp_path, lr=lr, write_header=not has_rows)
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
