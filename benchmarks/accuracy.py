@@ -13,7 +13,7 @@ under ``--cache``, so an interrupted benchmark resumes where it stopped.
     python benchmarks/accuracy.py                    # main table -> benchmarks/results/superseded/accuracy.{md,csv,png}
     python benchmarks/accuracy.py --mode ablation    # SA/KD ablation -> benchmarks/results/superseded/ablation.{md,csv}
     python benchmarks/accuracy.py --seeds 0 --epochs 1 --methods none,sa --datasets lfw --pairs homo \\
-        --cache /tmp/c --results /tmp/r               # a smoke run (what tests/test_datasets.py does)
+        --cache /tmp/c --results /tmp/r               # a smoke run (what tests/training/test_datasets.py does)
 
 Ablation: the SA variants (each term alone, the logit term off, tau, p, connector, stages) and KD variants
 (temperature, weight: the same tuning budget) run on tuning seeds on digits with the homogeneous pair; the best

@@ -4,9 +4,9 @@
 #   0. kernel compile report: benchmarks/kernel_compile.py for this GPU's compute capability (registers, spills,
 #      occupancy of every launch the registered ops make); it fills triton's cache, so the steps after it spend
 #      their time measuring, not compiling, and benchmarks/kernels.py reads the registers from it
-#   1. op tests, Triton compiled on CUDA: tests/test_ops.py (every registered op, dtype and layout at small and odd
-#      shapes) and each kernel family's own tests/test_ops_<family>.py
-#   2. op tests at training scale: tests/test_ops_large.py (B 256, C 2048, 56x56; values and gradients)
+#   1. op tests, Triton compiled on CUDA: tests/ops/test_ops.py (every registered op, dtype and layout at small and odd
+#      shapes) and each kernel family's own tests/ops/test_ops_<family>.py
+#   2. op tests at training scale: tests/ops/test_ops_large.py (B 256, C 2048, 56x56; values and gradients)
 #   3. kernel benchmark: benchmarks/kernels.py (each registered op: eager / torch.compile / Triton, fwd+bwd, memory,
 #      % of HBM peak; the op of SA's step first)
 #   4. backend agreement: benchmarks/backend_agreement.py (50 SA steps, Triton vs torch backend, same seed)
@@ -110,8 +110,8 @@ fi
 pytest=("$PYTHON" -m pytest -q -rs -p no:cacheprovider)
 # the registry's op tests and each kernel family's own; not the dispatch tests (CPU tensors made to take the
 # interpreter) nor the large shapes (a step of their own)
-op_tests=(tests/test_ops.py)
-for file in tests/test_ops_*.py; do
+op_tests=(tests/ops/test_ops.py)
+for file in tests/ops/test_ops_*.py; do
     [[ $file == */test_ops_dispatch.py || $file == */test_ops_large.py ]] || op_tests+=("$file")
 done
 
@@ -119,8 +119,8 @@ if ((DRY)); then
     toy_pair=(--teacher test_resnet --student test_resnet --img-size 32 --num-classes 10 --batch-size 4)
     step "kernel compile report" 60 "$PYTHON" benchmarks/kernel_compile.py --arch 90 --shapes 'odd sizes' \
         --out "$OUT/kernel_compile-$gpu.md"
-    step "op tests" 50 "${pytest[@]}" tests/test_ops.py -k "op_matches_reference and shape1"
-    step "op tests, large shapes" 50 "${pytest[@]}" tests/test_ops_large.py
+    step "op tests" 50 "${pytest[@]}" tests/ops/test_ops.py -k "op_matches_reference and shape1"
+    step "op tests, large shapes" 50 "${pytest[@]}" tests/ops/test_ops_large.py
     step "kernel benchmark" 60 "$PYTHON" benchmarks/kernels.py --small --iters 2 --triton-on-cpu --out "$OUT/kernels-$gpu.md"
     # at 64 px: test_resnet's last map is 1x1 at 32 px, where the CAM term's position-normalised maps are +-1 and
     # the term moves in jumps of a tenth (a sign flip of one class) that no rounding-sized yardstick covers
@@ -143,7 +143,7 @@ else
         --out "$OUT/kernel_compile-$gpu.md"
     step "op tests" 45 "${pytest[@]}" "${parallel[@]}" "${op_tests[@]}"
     # the compile report compiled the training-shape kernels these launch, so their limits leave out the compiles
-    step "op tests, large shapes" 35 "${pytest[@]}" tests/test_ops_large.py
+    step "op tests, large shapes" 35 "${pytest[@]}" tests/ops/test_ops_large.py
     step "kernel benchmark" 40 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels-$gpu.md"
     step "backend agreement" 35 "$PYTHON" benchmarks/backend_agreement.py --amp --channels-last \
         --out "$OUT/backend_agreement-$gpu.md"

@@ -110,3 +110,11 @@ def test_sa_is_named_only_in_its_own_files(literal):
 
 def test_messages_are_not_rewritten_into_flag_words():
     assert not [p for p in PACKAGE.rglob('*.py') if 'in_flag_words' in p.read_text()]
+
+
+def test_the_readme_layout_map_names_every_module():
+    readme = (PACKAGE.parent / 'README.md').read_text()
+    layout = readme[readme.index('## Layout'):readme.index('## Documentation')]
+    missing = [path.relative_to(PACKAGE).as_posix() for path in sorted(PACKAGE.rglob('*.py'))
+               if path.name != '__init__.py' and path.name not in layout]
+    assert not missing, f"README.md's layout map does not name {missing}"

@@ -3,7 +3,7 @@
 Kept as timm writes them (timm's train.py is not installed with timm, so its parser cannot be imported); the
 distillation flags are `distill_options`'s and the training-loop flags `train`'s. The flags of train.py that this
 command does not implement are `NEEDS_TIMM_TRAIN`: each is refused with one line that points to ``timm-train``
-(tests/test_flag_parity.py holds train.py's flag list against both).
+(tests/cli/test_flag_parity.py holds train.py's flag list against both).
 """
 import argparse
 from typing import Any, Dict, Tuple

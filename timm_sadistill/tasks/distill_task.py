@@ -449,15 +449,17 @@ class DistillTask(TrainingTask):
 
     def _check_input(self, input: torch.Tensor, target: torch.Tensor) -> None:
         """Refuse an input or labels the models were not set up for, before they fail deep inside them: shapes and
-        dtypes every step, the labels' range where that costs no device sync (on the CPU; on a GPU, the first
-        batch)."""
+        dtypes every step, the labels' range where that costs no device sync and no graph break (on the CPU, eager;
+        on a GPU, the first eager batch)."""
         if input.dim() != 4 or input.shape[0] == 0:
             raise UsageError(f"The input has shape {tuple(input.shape)}; pass a batch of images (B, C, H, W) with B >= "
                              "1 (skip empty batches, e.g. drop_last=True in the DataLoader).")
         num_classes = getattr(unwrap_model(self.trainable_module).student, 'num_classes', None) or None
-        _check_labels(target, input.shape[0], num_classes, check_range=target.device.type == 'cpu' or
-                      not self._labels_seen)
-        self._labels_seen = True
+        # the range reads values: not inside a compiled graph (a graph break), and on a GPU only once (a sync)
+        reads_values = not torch.compiler.is_compiling() and (target.device.type == 'cpu' or not self._labels_seen)
+        _check_labels(target, input.shape[0], num_classes, check_range=reads_values)
+        if reads_values:
+            self._labels_seen = True
         if input.shape[1] != self.in_chans:
             raise UsageError(
                 f"The input has {input.shape[1]} channels but the student and teacher take {self.in_chans} "

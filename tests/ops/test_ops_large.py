@@ -9,7 +9,7 @@ gradient is the whole batch's gradient of its samples: `test_chunked_reference_i
 checks that on the CPU, and `test_compare_runs_at_a_small_shape` runs the very comparison of the GPU tests at a
 small shape (kernels in the interpreter), so the GPU-only tests hold no code that never ran.
 
-    TRITON_INTERPRET=0 python -m pytest -q tests/test_ops_large.py     # on a GPU (benchmarks/gpu_check.sh)
+    TRITON_INTERPRET=0 python -m pytest -q tests/ops/test_ops_large.py     # on a GPU (benchmarks/gpu_check.sh)
 """
 from typing import Callable, List, Sequence, Tuple
 

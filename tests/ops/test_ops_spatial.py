@@ -1,4 +1,4 @@
-"""The spatial ops' own claims (`timm_sadistill/ops/spatial_triton.py`), beyond what tests/test_ops.py checks of every
+"""The spatial ops' own claims (`timm_sadistill/ops/spatial_triton.py`), beyond what tests/ops/test_ops.py checks of every
 registered op: one term's gradient alone, general p, a large map, mixed and copied layouts, mixed dtypes, what the
 fused op saves for backward, the reference against finite differences, and the custom ops' registration (schema,
 fake implementations, autograd) that torch.compile relies on.

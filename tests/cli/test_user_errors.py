@@ -19,7 +19,7 @@ from PIL import Image
 import timm_sadistill as tsd
 from timm_sadistill.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STUDENT = 'test_resnet'
 FLAGS = ['--model', STUDENT, '--img-size', '32', '-b', '4', '-j', '0', '--epochs', '1', '--lr', '0.01',
          '--warmup-epochs', '0', '--device', 'cpu']

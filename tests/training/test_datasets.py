@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks.data import CLASS_NAMES, write_image_folder
 
 pytest.importorskip('sklearn')
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _count(root: Path, split: str) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
 import overhead  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module's FLOP counts trace whole training steps

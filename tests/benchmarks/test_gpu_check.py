@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
+SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'gpu_check.sh'
 BUDGET_S = 510  # a lent GPU machine gives 15 minutes in all: they must hold its start, this script and one rerun
 MAX_FILES = 8  # the device tool brings back at most 8 files from $OUT
 KILL_GRACE_S = 2  # timeout -k 2

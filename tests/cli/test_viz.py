@@ -18,7 +18,7 @@ from conftest import make_pattern_images, train_steps
 
 pytestmark = pytest.mark.slow  # a trained teacher or a CLI subprocess in nearly every test
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_cli(subcommand: str, *args: str, cwd=None, prelude: str = '') -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from timm_sadistill.cli.timm_flags import NEEDS_TIMM_TRAIN
 from timm_sadistill.cli.train import build_parser, parse_args
 from conftest import TIMM_TRAIN_PY
 
-FLAGS_FILE = Path(__file__).resolve().parent / 'data' / 'timm_train_py_flags.json'
+FLAGS_FILE = Path(__file__).resolve().parents[1] / 'data' / 'timm_train_py_flags.json'
 
 
 def timm_flags() -> list:

@@ -19,7 +19,7 @@ from timm_sadistill.cli.distill_flags import distill_task_kwargs, loss_flag, opt
 from timm_sadistill.cli.train import build_parser, parse_args
 from timm_sadistill.losses import _registry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SA_FLAGS = ['--sa-tau', '--sa-p', '--sa-alpha', '--sa-beta', '--sa-kd-weight', '--sa-logit-loss', '--sa-logit-weighting',
             '--sa-connector', '--sa-backend',
             '--sa-standardize', '--sa-warmup-steps', '--sa-cam-weight']

@@ -21,8 +21,8 @@ from conftest import TIMM_TRAIN_PY
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess (make test-fast leaves them out)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / 'fixtures'
 NUM_CLASSES = 3
 TEACHER = 'resnet18'
 STUDENT = 'test_resnet'

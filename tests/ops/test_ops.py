@@ -2,7 +2,7 @@
 and gradients over dtypes, layouts and odd shapes, the teacher taking no gradient, a deterministic forward, which
 path ``backend='auto'`` takes, and the dispatcher's errors. The ops and their arguments come from the registry and
 the formulas' declarations, so a new op is tested here with no edit; its own claims live in its
-``tests/test_ops_<family>.py``.
+``tests/ops/test_ops_<family>.py``.
 
 On a CPU machine the Triton kernels run in the interpreter (TRITON_INTERPRET=1, see conftest.py); with a GPU
 and TRITON_INTERPRET=0 the same tests run them compiled on CUDA tensors.
