@@ -138,6 +138,11 @@ def test_the_flags_reach_the_task_keywords_and_a_resume_may_change_them():
     ours, _ = _build_parser().parse_known_args(['--distill', 'kd', '--teacher-amp-dtype', 'float16'])
     assert distill_task_kwargs(ours)['teacher_amp_dtype'] == 'float16'
     assert distill_task_kwargs(ours)['compile_teacher'] is False
+    # the benchmarks' method specs (benchmarks/overhead.py --methods) take them too
+    assert tsd.parse_loss_spec('kd[teacher_amp_dtype=float16,compile_teacher=true]') == (
+        'kd', {'teacher_amp_dtype': 'float16', 'compile_teacher': True})
+    with pytest.raises(tsd.UsageError, match="expected true or false, got 'yes'"):
+        tsd.parse_loss_spec('kd[compile_teacher=yes]')
     # how the teacher runs, not what the run learns: a resume may change it
     then = argparse.Namespace(model='test_resnet', distill='kd', teacher='test_resnet', teacher_amp_dtype=None,
                               teacher_compile=False)
