@@ -9,7 +9,9 @@ A step is what ``timm-sadistill train`` does per batch: the task's forward (froz
 and an AdamW step; ``none`` is timm's ClassificationTask, as ``--distill none`` trains. Times: every method runs
 ``--steps`` steps in turn, and the rounds repeat ``--repeats`` times (interleaved, so a change in the machine's
 load hits every method alike); the median over rounds of the mean step time is reported, with ratios measured in
-the same process.
+the same process. ``--clock process`` times the CPU time of this process instead of the wall clock: on a CPU shared
+with other jobs, where the share of the cores a row gets changes from second to second, it counts the work each
+step does (with ``--threads 1``, whose one thread never waits for another).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one steady-state step minus the memory allocated
 before it (activations, gradients, temporaries; not the weights or the optimizer state). On the CPU, torch has no allocator counter, so each method runs in a fresh subprocess and the process's peak resident
@@ -143,6 +145,7 @@ def time_methods(args: argparse.Namespace, device: torch.device,
     """
     x, y = batch(args, device)
     autocast = autocast_of(args, device)
+    clock = time.process_time if args.clock == 'process' else time.perf_counter
     built = {}
     for label, method, compiled in rows:  # warm-up: first-call allocations, kernel selection, compiling
         start = time.perf_counter()
@@ -162,11 +165,11 @@ def time_methods(args: argparse.Namespace, device: torch.device,
     for _ in range(args.repeats):
         for label, (task, optimizer) in built.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(args.steps):
                 step(task, optimizer, x, y, autocast)
             sync(device)
-            times[label].append((time.perf_counter() - start) / args.steps)
+            times[label].append((clock() - start) / args.steps)
     memory: Dict[str, float] = {}
     if device.type == 'cuda':
         for label, (task, optimizer) in built.items():
@@ -323,7 +326,8 @@ def report(args: argparse.Namespace, device: torch.device, times: Dict[str, List
              f'`{args.teacher}` -> `{args.student}`, batch {args.batch_size}, {args.img_size} px, '
              f'{args.num_classes} classes, {setting}; {where}, torch {torch.__version__}, timm {timm.__version__}. '
              f'Median over {args.repeats} interleaved rounds of {args.steps} steps '
-             f'(after {args.warmup} warm-up steps). '
+             f'(after {args.warmup} warm-up steps)'
+             + (', CPU time of the process' if args.clock == 'process' else '') + '. '
              'A step: forward (teacher, student, loss), backward, AdamW.', '',
              f'Reproduce: `{command}`', '',
              f'| method | ms / step | × none | × kd | {memory_label} |', '|---|---|---|---|---|']
@@ -371,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--repeats', type=int, default=7, help='interleaved rounds')
     parser.add_argument('--warmup', type=int, default=2, help='warm-up steps per row (compiling happens in them)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (CPU)')
+    parser.add_argument('--clock', choices=['wall', 'process'], default='wall',
+                        help="'process': this process's CPU time, for a CPU shared with other jobs (see above)")
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for the forward')
     parser.add_argument('--channels-last', action='store_true', help='channels-last student and input (as the CLI)')
     parser.add_argument('--compile', choices=['off', 'on', 'both'], default='off',

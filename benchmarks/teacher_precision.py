@@ -12,8 +12,10 @@ runs it; each returns the final feature map (``forward_features``) and the logit
     fp32 (TF32 off)              the reference the others are compared with
     fp32, TF32                   PyTorch's default on CUDA: cuDNN convolutions in TF32 (CUDA only)
     fp32, TF32, channels-last    (CUDA only)
-    bf16 autocast                what ``--amp --amp-dtype bfloat16`` gives the teacher today
+    bf16 autocast                what ``--amp --amp-dtype bfloat16`` gives the teacher, and ``--teacher-amp-dtype
+                                 bfloat16`` without ``--amp``
     bf16 autocast, channels-last
+    fp16 autocast                ``--teacher-amp-dtype float16``
     bf16 weights, channels-last  the teacher cast to bfloat16 once (it is frozen): no per-call weight casts
     bf16 weights, channels-last, compiled   the same under ``torch.compile`` (compiled in the warm-up)
 
@@ -50,7 +52,7 @@ Forward = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 class Variant(NamedTuple):
     """How one copy of the teacher runs."""
-    precision: str  # 'fp32' (TF32 off), 'tf32', 'autocast' (bf16) or 'bf16' (bf16 weights)
+    precision: str  # 'fp32' (TF32 off), 'tf32', 'autocast' (bf16), 'autocast-fp16' or 'bf16' (bf16 weights)
     channels_last: bool
     compiled: bool
     cuda_only: bool = False
@@ -62,6 +64,7 @@ VARIANTS: Dict[str, Variant] = {
     'fp32, TF32, channels-last': Variant('tf32', True, False, cuda_only=True),
     'bf16 autocast': Variant('autocast', False, False),
     'bf16 autocast, channels-last': Variant('autocast', True, False),
+    'fp16 autocast': Variant('autocast-fp16', False, False),
     'bf16 weights, channels-last': Variant('bf16', True, False),
     'bf16 weights, channels-last, compiled': Variant('bf16', True, True),
 }
@@ -86,8 +89,8 @@ def make_forward(model: torch.nn.Module, variant: Variant, device: torch.device)
         model.to(memory_format=torch.channels_last)
     if variant.precision == 'bf16':
         model.to(torch.bfloat16)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if variant.precision == 'autocast' \
-        else nullcontext
+    autocast_dtype = {'autocast': torch.bfloat16, 'autocast-fp16': torch.float16}.get(variant.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
 
     def features_and_logits(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         feats = model.forward_features(x)

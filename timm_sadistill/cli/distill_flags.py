@@ -1,9 +1,10 @@
 """The distillation flags, defined once for ``train``, ``timm-train`` and (stages, SA's options) ``viz``.
 
-``--distill``, the teacher's weights (``--teacher-checkpoint``, ``--teacher-pretrained``), the stages
-(``--distill-stages``, ``--teacher-stages``) and one flag per option of every registered loss, ``--<loss>-<option>``
-(`loss_flag`, the one translation of an option to its flag), read from the loss's constructor by `loss_options`;
-and the translation of the parsed flags into ``create_distill_task`` keywords.
+``--distill``, the teacher's weights (``--teacher-checkpoint``, ``--teacher-pretrained``), its precision and
+compilation (``--teacher-amp-dtype``, ``--teacher-compile``), the stages (``--distill-stages``,
+``--teacher-stages``) and one flag per option of every registered loss, ``--<loss>-<option>`` (`loss_flag`, the one
+translation of an option to its flag), read from the loss's constructor by `loss_options`; and the translation of
+the parsed flags into ``create_distill_task`` keywords.
 """
 import argparse
 import re
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..losses import LossOption, get_distill_loss_class, list_distill_losses, load_loss_plugins, loss_options
 from ..model_folder import ModelName
 from ..tasks import check_teacher_weights
+from ..tasks.teacher_precision import TEACHER_AMP_DTYPES
 from ..errors import UsageError
 
 __all__ = [
@@ -50,6 +52,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser, include_timm_kd_flags
                        help='Teacher weights: .safetensors or timm .pth/.pth.tar (e.g. a teacher run\'s model.safetensors)')
     group.add_argument('--teacher-pretrained', action='store_true', default=False,
                        help='Download the teacher weights from the hub (only with this flag does anything download)')
+    group.add_argument('--teacher-amp-dtype', default=None, choices=list(TEACHER_AMP_DTYPES),
+                       help='Run the frozen teacher alone under this autocast dtype, its outputs cast back to float32 '
+                            'for the loss; the student keeps --amp/--amp-dtype (default: the student\'s precision)')
+    group.add_argument('--teacher-compile', action='store_true', default=False,
+                       help='Compile the frozen teacher\'s forward with torch.compile, without --torchcompile')
     add_stage_arguments(group)
     add_loss_arguments(parser)
 
@@ -111,10 +118,12 @@ def loss_flag(method: str, option: str) -> str:
 TASK_FLAGS = {
     'teacher_pretrained_path': '--teacher-checkpoint', 'teacher_pretrained': '--teacher-pretrained',
     'student_stages': '--distill-stages', 'teacher_stages': '--teacher-stages',
+    'teacher_amp_dtype': '--teacher-amp-dtype', 'compile_teacher': '--teacher-compile',
     # set from the training flags by the training run, beside these
     'img_size': '--img-size', 'num_classes': '--num-classes', 'in_chans': '--in-chans',
 }
-_DISTILL_TASK_KEYWORDS = ('teacher_pretrained_path', 'teacher_pretrained', 'student_stages', 'teacher_stages')
+_DISTILL_TASK_KEYWORDS = ('teacher_pretrained_path', 'teacher_pretrained', 'student_stages', 'teacher_stages',
+                          'teacher_amp_dtype', 'compile_teacher')
 
 
 def option_flag(option: str, loss: Optional[str] = None) -> str:

@@ -5,9 +5,9 @@
 
 timm's train.py builds ``LogitDistillationTask`` / ``FeatureDistillationTask`` / ``TokenDistillationTask`` (imported
 from ``timm.task``) when ``--kd-model-name`` is set. This command removes our flags (``--distill``,
-``--teacher-checkpoint``, ``--teacher-pretrained``, ``--distill-stages``, ``--teacher-stages``, the loss options'
-``--<loss>-<option>``) from the
-command line, replaces those task classes in ``timm.task`` with a factory that returns
+``--teacher-checkpoint``, ``--teacher-pretrained``, ``--teacher-amp-dtype``, ``--teacher-compile``,
+``--distill-stages``, ``--teacher-stages``, the loss options' ``--<loss>-<option>``) from the command line,
+replaces those task classes in ``timm.task`` with a factory that returns
 ``create_distill_task(<--distill>, student, <--kd-model-name>, teacher_pretrained_path=<--teacher-checkpoint>, ...)``,
 and runs the script as ``__main__``. The flags train.py knows itself (``--kd-model-name``, ``--distill-loss-weight``,
 ``--task-loss-weight``, ``--kd-temperature``) reach it untouched and are honoured by our task; the teacher loads from

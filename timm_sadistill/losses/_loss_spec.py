@@ -16,6 +16,12 @@ def _spec_stages(text: str) -> Union[int, str, List[Union[int, str]]]:
     return [one(item) for item in text.split('|')] if '|' in text else one(text)
 
 
+def _spec_bool(text: str) -> bool:
+    if text not in ('true', 'false'):
+        raise UsageError(f"expected true or false, got '{text}'.")
+    return text == 'true'
+
+
 # keywords of a spec that go to the task (`DistillTask`), not the loss, each with its reader
 SPEC_TASK_KEYWORDS: Dict[str, Callable[[str], Any]] = {
     'distill_loss_weight': float,
@@ -23,6 +29,8 @@ SPEC_TASK_KEYWORDS: Dict[str, Callable[[str], Any]] = {
     'temperature': float,
     'student_stages': _spec_stages,
     'teacher_stages': _spec_stages,
+    'teacher_amp_dtype': str,
+    'compile_teacher': _spec_bool,
 }
 
 
@@ -42,7 +50,8 @@ def parse_loss_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
     option types: ``'sa[cam_weight=1,standardize=true]'`` -> ``('sa', {'cam_weight': 1.0, 'standardize': True})``.
 
     The task's own keywords are read too (`SPEC_TASK_KEYWORDS`): ``distill_loss_weight``, ``task_loss_weight``,
-    ``temperature`` (floats) and the stages, ``teacher_stages=-2`` (one) or ``teacher_stages=-4|-3`` (a list).
+    ``temperature`` (floats), the stages, ``teacher_stages=-2`` (one) or ``teacher_stages=-4|-3`` (a list), and how
+    the teacher runs, ``teacher_amp_dtype=bfloat16`` and ``compile_teacher=true``.
     A name without options (``'sa'``, ``'none'``) gives ``{}``; an option a registered loss does not declare is a
     UsageError naming it.
     """

@@ -16,6 +16,7 @@ from ..losses import (
     list_distill_losses,
 )
 from .teacher import check_input_channels, resolve_teacher
+from .teacher_precision import resolve_teacher_amp_dtype
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
@@ -180,8 +181,9 @@ class DistillTask(TrainingTask):
     The teacher stays frozen (eval mode through ``train()``, no gradients); its input is renormalised when the two
     models' mean/std differ. ``task.to(memory_format=torch.channels_last)`` lays out the student, its connectors and
     the teacher channels-last (what ``--channels-last`` does), so the features the loss compares are channels-last
-    too; under autocast the teacher runs in the autocast dtype, without gradients. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built
-    from it trains both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
+    too; under autocast the teacher runs in the autocast dtype, without gradients, unless ``teacher_amp_dtype`` sets
+    its own. ``trainable_module`` holds the student and the loss's connectors, so an optimizer built from it trains
+    both; ``get_eval_model()`` is the bare student; connectors travel in ``get_task_state()``.
 
     What the loss needs from the models it declares (`DistillLoss`): which stage pairs ``auto`` gives it
     (``stage_policy``), whether it compares logits (then the class counts must match: ``compares_logits``), and
@@ -210,6 +212,13 @@ class DistillTask(TrainingTask):
         input_mean, input_std: the per-channel statistics the input batches are normalised with (a loader's
             ``mean``/``std``, as ``--mean``/``--std`` set them); the teacher's input is renormalised from them to the
             teacher's own. Default: the student's ``pretrained_cfg`` statistics, as timm's DistillationTask assumes.
+        teacher_amp_dtype: None (default): the teacher runs in the caller's precision, under the caller's autocast
+            like the student. ``torch.bfloat16``/``'bfloat16'`` or ``torch.float16``/``'float16'``: the teacher
+            alone runs under that autocast, inside the caller's if any, and its logits and features are cast back
+            to the task's dtype (float32), so the loss compares them in float32; the student keeps the caller's
+            autocast. Refused for a task that is not float32, or a dtype autocast on ``device`` cannot run in.
+        compile_teacher: compile the teacher's forward (``torch.compile``, default settings) at its first call, with
+            or without `compile` (which compiles it anew with its own settings, beside the student).
         device, dtype, verbose: as in timm's tasks; ``verbose`` also logs the task's `notices`.
         **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``; ``tsd.loss_options(name)``
             lists them); None keeps the loss's default, as an unset command-line flag does.
@@ -236,12 +245,15 @@ class DistillTask(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            teacher_amp_dtype: Union[None, str, torch.dtype] = None,
+            compile_teacher: bool = False,
             **loss_kwargs,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         _check_student_placement(student_model, self.device, self.dtype)
         loss = default_distill_loss() if loss is None else loss
         options = _requested_options(loss, temperature, loss_kwargs)  # a mistake fails here, before the teacher loads
+        self.teacher_amp_dtype = resolve_teacher_amp_dtype(teacher_amp_dtype, self.device, self.dtype)
         self.teacher = resolve_teacher(
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
             teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
@@ -262,7 +274,8 @@ class DistillTask(TrainingTask):
             s_stages, t_stages = [*s_stages, head_maps[0]], [*t_stages, head_maps[1]]
         student_taps = FeatureTaps(student_model, s_stages, img_size=hw)
         # The teacher's weights are registered once, under self.teacher; its taps only read them.
-        object.__setattr__(self, 'teacher_taps', FeatureTaps(self.teacher.model, t_stages, img_size=hw))
+        teacher_taps = FeatureTaps(self.teacher.model, t_stages, img_size=hw)
+        object.__setattr__(self, 'teacher_taps', torch.compile(teacher_taps) if compile_teacher else teacher_taps)
         if isinstance(loss, str):
             loss = create_distill_loss(
                 loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels,
@@ -362,6 +375,9 @@ class DistillTask(TrainingTask):
         _logger.info(
             f"{type(self).__name__}: loss={type(self.distill_loss).__name__}, stages [{pairs or 'logits only'}], "
             f"task_weight={self.task_loss_weight}, distill_weight={self.distill_loss_weight}"
+            + (f", teacher under {str(self.teacher_amp_dtype).replace('torch.', '')} autocast"
+               if self.teacher_amp_dtype is not None else '')
+            + (", teacher compiled" if hasattr(self.teacher_taps, '_orig_mod') else '')
         )
 
     @property
@@ -390,11 +406,13 @@ class DistillTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the student eval path, the trainable module and the teacher's taps; returns the eval model."""
+        """Compile the student eval path, the trainable module and the teacher's taps (anew with these settings where
+        ``compile_teacher`` compiled them); returns the eval model."""
         trainable = unwrap_model(self.trainable_module)
         self.eval_model = torch.compile(trainable.student, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        object.__setattr__(self, 'teacher_taps', torch.compile(self.teacher_taps, backend=backend, mode=mode, **compile_kwargs))
+        eager_taps = getattr(self.teacher_taps, '_orig_mod', self.teacher_taps)
+        object.__setattr__(self, 'teacher_taps', torch.compile(eager_taps, backend=backend, mode=mode, **compile_kwargs))
         return self.eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
@@ -481,11 +499,22 @@ class DistillTask(TrainingTask):
         """input (B, C, H, W), target (B,) or (B, K) -> {'loss', 'output', 'task_loss', 'kd_loss', terms...}."""
         self._check_input(input, target)
         # no_grad, not inference_mode: the loss's backward saves the teacher's features, which inference tensors
-        # cannot be; under autocast the teacher runs in the autocast dtype like the student
+        # cannot be
         with torch.no_grad():
-            teacher_logits, teacher_feats = self.teacher_taps(self.teacher_input(input))
+            teacher_logits, teacher_feats = self.teacher_outputs(self.teacher_input(input))
         logits, terms = self.trainable_module(input, teacher_feats, teacher_logits, target)
         return self.combine(logits, terms, target)
+
+    def teacher_outputs(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The teacher's (logits (B, K), [features of each stage]) of its input (`teacher_input`). Without
+        ``teacher_amp_dtype`` the teacher runs as the caller's autocast (if any) runs the student; with it, under its
+        own autocast, and its outputs come back in the task's dtype: the loss compares them in float32, as it would
+        the full-precision ones."""
+        if self.teacher_amp_dtype is None:
+            return self.teacher_taps(input)
+        with torch.autocast(input.device.type, dtype=self.teacher_amp_dtype):
+            logits, feats = self.teacher_taps(input)
+        return logits.to(self.dtype), [f.to(self.dtype) for f in feats]
 
     def teacher_input(self, input: torch.Tensor) -> torch.Tensor:
         """The student's input (B, C, H, W) renormalised from the student's mean/std to the teacher's."""

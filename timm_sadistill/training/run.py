@@ -91,6 +91,9 @@ def _check_distill_args(args: argparse.Namespace) -> ModelName:
     if args.distill == 'none':
         if args.teacher or args.teacher_checkpoint:
             raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
+        if args.teacher_amp_dtype or args.teacher_compile:  # without a teacher they would be ignored
+            raise UsageError("--teacher-amp-dtype/--teacher-compile apply to a teacher: add --distill sa (or kd, "
+                             "at, ...) and --teacher, or drop them.")
         if args.save_attention_maps:
             raise UsageError(_drawn_maps_words())
         return student
