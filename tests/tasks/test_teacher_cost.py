@@ -16,7 +16,7 @@ import yaml
 import timm_sadistill as tsd
 from timm_sadistill.tasks.teacher_precision import resolve_teacher_amp_dtype
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 X, Y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3])
 
 
