@@ -2,11 +2,16 @@
 partial temp file of a killed save survives a restart."""
 import csv
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from timm_sadistill.cli import main
+from test_cli import cli_env
 from test_user_errors import FLAGS, STUDENT, write_folder
 
 
@@ -20,6 +25,27 @@ def _keep_logging():
 def epochs(folder: Path) -> list:
     with open(folder / 'summary.csv', newline='') as f:
         return [row['epoch'] for row in csv.DictReader(f)]
+
+
+def train_command(tmp_path: Path) -> list:
+    """`timm-sadistill train` of one epoch on a folder of 3 classes, into ``<tmp_path>/out/run``, as a subprocess argv."""
+    write_folder(tmp_path / 'data')
+    return [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', str(tmp_path / 'data'), '--num-classes', '3',
+            '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS
+
+
+def paused_in_a_save(argv: list, folder: Path) -> subprocess.Popen:
+    """The run ``argv`` started, once it pauses in a checkpoint save (timm's temp file written, before its rename)."""
+    # a shell runs a background job (`make test &`, a CI script) with SIGINT ignored, and a child inherits that, so a
+    # Ctrl-C would be lost: the run starts with the default disposition, as from a terminal
+    process = subprocess.Popen(argv, env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while not (folder / 'tmp.pth.tar').exists():
+        assert process.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
+        time.sleep(0.1)
+    return process
 
 
 def test_resume_after_a_kill_mid_save_keeps_each_epoch_once_and_no_temp_file(tmp_path):
@@ -288,36 +314,16 @@ def test_ctrl_c_is_one_line_with_how_to_go_on(finished, tmp_path, capsys, monkey
 @pytest.mark.slow
 def test_a_busy_folder_refuses_a_second_run_and_a_kill_or_ctrl_c_leaves_a_folder_that_goes_on(tmp_path):
     import re
-    import signal
     import socket
-    import subprocess
-    import sys
-    import time
 
-    from test_cli import cli_env
-
-    write_folder(tmp_path / 'data')
-    command = [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', str(tmp_path / 'data'), '--num-classes',
-               '3', '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS
+    command = train_command(tmp_path)
     folder = tmp_path / 'out' / 'run'
-
-    def paused_in_a_save(argv: list) -> subprocess.Popen:
-        # a shell runs a background job (`make test &`, a CI script) with SIGINT ignored, and a child inherits
-        # that, so the Ctrl-C below would be lost: the run starts with the default disposition, as from a terminal
-        process = subprocess.Popen(argv, env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 240
-        while not (folder / 'tmp.pth.tar').exists():  # timm's temp checkpoint: the save pauses before its rename
-            assert process.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
-            time.sleep(0.1)
-        return process
 
     def last_line(result: subprocess.CompletedProcess, status: int) -> str:
         assert result.returncode == status and 'Traceback' not in result.stderr, result.stderr[-3000:]
         return result.stderr.strip().splitlines()[-1]
 
-    first = paused_in_a_save(command)
+    first = paused_in_a_save(command, folder)
     try:  # the same command again while the first runs: refused, nothing of the first touched
         second = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     finally:  # then the first dies in its first save
@@ -331,7 +337,7 @@ def test_a_busy_folder_refuses_a_second_run_and_a_kill_or_ctrl_c_leaves_a_folder
     last_line(subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300), 0)
     assert epochs(folder) == ['0'] and (folder / 'last.pth.tar').is_file()
 
-    resumed = paused_in_a_save(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')])
+    resumed = paused_in_a_save(command + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')], folder)
     resumed.send_signal(signal.SIGINT)  # Ctrl-C after the first checkpoint, while saving the second
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 130 and 'Traceback' not in err, err[-3000:]
@@ -359,25 +365,10 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
 @pytest.mark.slow
 def test_sigterm_is_handled_as_ctrl_c_a_resumable_folder_the_resume_command_and_exit_143(tmp_path):
     """What SLURM, Kubernetes and torchrun send before a kill: the save it lands in is undone, the folder resumes."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from test_cli import cli_env
-
-    write_folder(tmp_path / 'data')
-    command = [sys.executable, '-m', 'timm_sadistill', 'train', '--data-dir', str(tmp_path / 'data'), '--num-classes',
-               '3', '--output', str(tmp_path / 'out'), '--experiment', 'run'] + FLAGS
+    command = train_command(tmp_path)
     folder = tmp_path / 'out' / 'run'
     assert subprocess.run(command, env=cli_env(), capture_output=True, timeout=300).returncode == 0
-    resumed = subprocess.Popen(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')],
-                               env=cli_env(TSD_TEST_PAUSE_IN_SAVE='120'), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (folder / 'tmp.pth.tar').exists():  # epoch 1's checkpoint: the save pauses before its rename
-        assert resumed.poll() is None and time.monotonic() < deadline, 'no checkpoint save started'
-        time.sleep(0.1)
+    resumed = paused_in_a_save(command + ['--epochs', '3', '--resume', str(folder / 'last.pth.tar')], folder)
     resumed.send_signal(signal.SIGTERM)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 143 and 'Traceback' not in err, err[-3000:]
