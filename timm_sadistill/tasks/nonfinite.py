@@ -61,6 +61,7 @@ def _nonfinite_tensors(task, input: torch.Tensor, target: torch.Tensor) -> List[
         found.append(_describe('input', input))
     if isinstance(task, DistillTask):
         teacher_logits, teacher_feats = task.teacher_taps(task.teacher_input(input))
+        teacher_logits = task.restrict_teacher_logits(teacher_logits)  # those the loss reads
         for stage, feat in zip(task.teacher_stages, teacher_feats):
             if not torch.isfinite(feat).all():
                 found.append(_describe(f"teacher stage '{stage.name}'", feat))
