@@ -200,8 +200,10 @@ def _teacher_classes(args: argparse.Namespace, teacher: ModelName, classes: Opti
         raise UsageError(f"--num-classes {args.num_classes}: the teacher is distilled on the {len(classes)} class "
                          f"folders of '{root}', so the student has as many classes; drop --num-classes.")
     if utils.is_primary(args):
-        _logger.info(f"--teacher {teacher.name} has {count} classes ({known.source}): distilling on the "
-                     f"{len(classes)} of them the class folders of '{root}' name ({describe_mapping(classes, indices)}).")
+        which = (f"its classes in the order of the class folders of '{root}'" if count == len(classes) else
+                 f"the {len(classes)} of them the class folders of '{root}' name")
+        _logger.info(f"--teacher {teacher.name} has {count} classes ({known.source}): distilling on {which} "
+                     f"({describe_mapping(classes, indices)}).")
     return indices
 
 
