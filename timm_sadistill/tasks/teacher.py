@@ -106,7 +106,7 @@ def resolve_teacher(
             if not pretrained_path:
                 raise
             raise UsageError(
-                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {num_classes} classes; "
+                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {num_classes or 'its default'} classes; "
                 f"check --teacher / the student's {{option}}. Details: {state_dict_mismatch(e)}", option='num_classes',
             ) from e
         resolved = DistillationTeacher(model, device=device, dtype=dtype)

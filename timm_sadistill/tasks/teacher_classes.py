@@ -82,25 +82,23 @@ def match_teacher_classes(classes: Sequence[str], known: ClassNames) -> Tuple[Li
     """
     index = {name: k for k, name in enumerate(known.names)}
     descriptions = _by_description(known.imagenet_subset) if known.imagenet_subset else {}
-    found, unknown, ambiguous = [], [], []
+    found: Dict[int, str] = {}  # teacher class -> the name that matched it, in the order of ``classes``
+    unknown, ambiguous = [], []
     for name in classes:
         matches = [index[name]] if name in index else descriptions.get(_normal(name), [])
-        if len(matches) == 1:
-            found.append(matches[0])
-        elif matches:
+        if len(matches) > 1:
             ambiguous.append(f"'{name}' ({' or '.join(known.names[k] for k in matches)})")
-        else:
+        elif not matches:
             unknown.append(name)
+        elif matches[0] in found:
+            raise UsageError(f"Classes '{found[matches[0]]}' and '{name}' are both the teacher's class {matches[0]} "
+                             f"({known.names[matches[0]]}); merge them into one class.")
+        else:
+            found[matches[0]] = name
     if ambiguous:
         raise UsageError(f"Class name {', '.join(ambiguous[:3])} describes more than one {known.imagenet_subset} "
                          "class; name such classes by their synset (rename the folder, or its --class-map line).")
-    first: Dict[int, str] = {}
-    for name, k in zip([n for n in classes if n not in unknown], found):
-        if k in first:
-            raise UsageError(f"Classes '{first[k]}' and '{name}' are both the teacher's class {k} "
-                             f"({known.names[k]}); merge them into one class.")
-        first[k] = name
-    return found, unknown
+    return list(found), unknown
 
 
 def describe_mapping(classes: Sequence[str], indices: Sequence[int], limit: Optional[int] = 4) -> str:
