@@ -225,3 +225,15 @@ def test_the_class_count_of_a_teachers_weights_is_read_before_it_is_built(tmp_pa
     assert teacher_num_classes(ModelName('resnet50.a1_in1k', 'resnet50.a1_in1k'), None, True) == 1000
     assert teacher_num_classes(ModelName('convnext_base.fb_in22k', 'convnext_base.fb_in22k'), None, True) == 21841
     assert teacher_num_classes(name, None, False) is None
+
+
+def test_resuming_with_other_teacher_classes_is_refused():
+    from timm_sadistill.training.resume_checks import check_resume_distill
+    then = Namespace(distill_options={}, teacher_classes=[491, 0, 217])
+    check_resume_distill('last.pth.tar', then, Namespace(distill='kd', distill_options={}, teacher_classes=[491, 0, 217]))
+    check_resume_distill('last.pth.tar', Namespace(distill_options={}), Namespace(distill='kd', distill_options={},
+                                                                                 teacher_classes=None))  # older run
+    with pytest.raises(tsd.UsageError, match=re.escape("--resume 'last.pth.tar' is a run that distilled the teacher's "
+                                                       "classes 491,0,217 (args.yaml teacher_classes), this command "
+                                                       "its classes 0,217,491; resume with the run's data")):
+        check_resume_distill('last.pth.tar', then, Namespace(distill='kd', distill_options={}, teacher_classes=[0, 217, 491]))
