@@ -263,8 +263,10 @@ BAD_INPUTS = {
     'unknown distill': (['--distill', 'no_such_method', '--teacher', TEACHER], "invalid choice: 'no_such_method'"),
     'unknown stage': (['--distill', 'sa', '--teacher', TEACHER, '--teacher-checkpoint', '{teacher}',
                        '--distill-stages', 'layer9'], "Unknown stage 'layer9'"),
+    # the checkpoint's classifier is read before any model is built
     'teacher class count': (['--distill', 'sa', '--teacher', TEACHER, '--teacher-checkpoint', '{wrong_classes}'],
-                            'does not fit'),
+                            f"--teacher {TEACHER} has {NUM_CLASSES + 2} classes and the data 'data/train' "
+                            f"{NUM_CLASSES} class folders; distil on data of the teacher's classes"),
     'missing data dir': (['--data-dir', 'no_such_dir'], "Data folder 'no_such_dir' does not exist"),
     'undecodable image': (['--data-dir', '{broken_data}'], 'Cannot decode image'),
     'teacher without weights': (['--distill', 'sa', '--teacher', TEACHER], '--teacher-checkpoint'),

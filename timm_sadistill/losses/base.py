@@ -49,7 +49,8 @@ class DistillLoss(nn.Module):
       its options for a pair of models whose heads take no maps.
     * ``draws_attention_maps``: whether its stage pairs can be drawn as attention-map pictures
       (`timm_sadistill.attention_maps`: ``--save-attention-maps``, ``timm-sadistill viz``).
-    * `bind`: called once with the two models, for a loss that runs them (their heads).
+    * `bind`: called once with the two models, for a loss that runs them (their heads), and the teacher's classes
+      that are the student's when the teacher knows more.
 
     ``loss_name`` is the registry name, set by `register_distill_loss`.
 
@@ -109,8 +110,13 @@ class DistillLoss(nn.Module):
         refusal of other class counts names these losses."""
         return None if cls.compares_logits() else {}
 
-    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Called once by the task with the bare student and teacher, before any optimizer exists (no-op here)."""
+    def bind(self, student: nn.Module, teacher: nn.Module, teacher_classes: Optional[torch.Tensor] = None) -> None:
+        """Called once by the task with the bare student and teacher, before any optimizer exists (no-op here).
+
+        ``teacher_classes``: for a teacher distilled on some of its classes (the task's ``teacher_classes``), the (K,)
+        long indices of its classes that are the student's, in the student's order; the task passes it only then. The
+        teacher logits a loss is given are restricted to them already; a loss that runs the teacher's head itself
+        restricts what the head gives, as the task does (indices into its last dimension of classes)."""
 
     def check_features(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when the features do not match the channels this loss was built for."""

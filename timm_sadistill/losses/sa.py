@@ -144,6 +144,8 @@ class SADistillLoss(DistillLoss):
         spatial = len(self.student_channels) - (1 if head_maps else 0)
         self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
         self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
+        # the teacher's classes that are the student's, set by bind for a teacher that knows more (None: the same)
+        self.register_buffer('teacher_classes', None, persistent=False)
 
     @classmethod
     def uses_final_pair(cls, **options) -> bool:
@@ -173,14 +175,17 @@ class SADistillLoss(DistillLoss):
         values = {**loss_options(cls.loss_name).defaults, **options}
         return bool(values['kd_weight'] or values['cam_weight'])
 
-    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Keep the two models' heads and the layout each takes its maps in (`head_layout`) for the CAM term.
+    def bind(self, student: nn.Module, teacher: nn.Module, teacher_classes: Optional[torch.Tensor] = None) -> None:
+        """Keep the two models' heads and the layout each takes its maps in (`head_layout`) for the CAM term, and the
+        teacher's classes that are the student's (``teacher_classes`` (K,), for a teacher that knows more): the
+        teacher's CAMs are restricted to them.
 
         The task has checked that both heads take the final pair's maps (`head_map_stage`). The teacher is held
         outside the module tree: it is frozen and saved with its own checkpoint, not here.
         """
         if not self.head_maps:
             return
+        self.teacher_classes = teacher_classes
         object.__setattr__(self, '_teacher', teacher)
         object.__setattr__(self, '_student', student)
         self.head_layouts = (head_layout(student), head_layout(teacher))
@@ -191,6 +196,7 @@ class SADistillLoss(DistillLoss):
 
         CAT-KD (Guo et al., CVPR 2023): CAM_X(b, k, i) = head_X(X_{b,:,i}) evaluated at every position i (for a
             linear head after average pooling, sum_c W_kc X_{b,c,i} + bias, whose mean over i is the logit);
+            the teacher's restricted to the student's classes (``teacher_classes``) for a teacher that knows more;
             both CAMs are pooled to the smaller grid and L2-normalised over positions;
             L_cam = mean_{b,k} || cam_S - cam_T ||^2 * (number of positions).
         """
@@ -202,6 +208,8 @@ class SADistillLoss(DistillLoss):
         cam_s = _class_activation_maps(self._student, s_final, s_layout)
         with torch.no_grad():
             cam_t = _class_activation_maps(self._teacher, t_final, t_layout)
+            if self.teacher_classes is not None:  # the rows of the teacher's head of the student's classes
+                cam_t = cam_t.index_select(1, self.teacher_classes)
         size = (min(cam_s.shape[-2], cam_t.shape[-2]), min(cam_s.shape[-1], cam_t.shape[-1]))
         cam_s = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_s.float(), size), 'b k h w -> b k (h w)'), dim=-1)
         cam_t = F.normalize(rearrange(F.adaptive_avg_pool2d(cam_t.float(), size), 'b k h w -> b k (h w)'), dim=-1)

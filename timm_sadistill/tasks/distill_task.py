@@ -17,6 +17,7 @@ from ..losses import (
 )
 from .teacher import check_input_channels, resolve_teacher
 from .teacher_precision import resolve_teacher_amp_dtype
+from .teacher_classes import resolve_teacher_classes
 
 try:  # timm >= 1.0.25 builds the task criterion from keyword arguments
     from timm.task.classification import resolve_classification_loss
@@ -126,10 +127,10 @@ def _check_labels(target: torch.Tensor, batch: int, num_classes: Optional[int], 
         raise UsageError(f"The labels have shape {tuple(target.shape)}; pass class indices (B,) or soft targets (B, K).")
 
 
-def _class_count_difference(student: nn.Module, teacher: nn.Module) -> str:
-    """'the student has 10 classes and the teacher 100' when the two models' class counts differ, else ''."""
+def _class_count_difference(student: nn.Module, t_classes: Optional[int]) -> str:
+    """'the student has 10 classes and the teacher 100' when the student's class count differs from the teacher's
+    ``t_classes`` (those it is distilled on), else ''."""
     s_classes = getattr(unwrap_model(student), 'num_classes', None)
-    t_classes = getattr(unwrap_model(teacher), 'num_classes', None)
     if s_classes is not None and t_classes is not None and s_classes != t_classes:
         return f"the student has {s_classes} classes and the teacher {t_classes}"
     return ''
@@ -160,14 +161,17 @@ def _feature_only_methods() -> str:
     return ', '.join(named[:-1]) + (', or ' if len(named) > 1 else '') + named[-1] if named else ''
 
 
-def _check_class_counts(student: nn.Module, teacher: nn.Module, loss_class: type) -> None:
-    """Refuse, for a loss that compares the two models' logits, models with different class counts."""
-    differ = _class_count_difference(student, teacher)
+def _check_class_counts(student: nn.Module, t_classes: Optional[int], loss_class: type) -> None:
+    """Refuse, for a loss that compares the two models' logits, models with different class counts (the teacher's:
+    ``t_classes``, those it is distilled on)."""
+    differ = _class_count_difference(student, t_classes)
     if differ:
         others = _feature_only_methods()
         raise UsageError(
             f"{loss_class.__name__} compares the student's and the teacher's logits, but {differ}; build both with "
-            f"the same {{option}}" + (f" (or use a feature-only method: {others})." if others else "."),
+            f"the same {{option}}, or pass {{option.teacher_classes}} (the teacher's class of each student class) "
+            "when the teacher's classes include the student's"
+            + (f" (or use a feature-only method: {others})." if others else "."),
             option='num_classes',
         )
 
@@ -220,6 +224,12 @@ class DistillTask(TrainingTask):
         compile_teacher: compile the teacher's forward (``torch.compile``, default settings) at its first call, with
             or without `compile` (which compiles it anew with its own settings, beside the student).
         device, dtype, verbose: as in timm's tasks; ``verbose`` also logs the task's `notices`.
+        teacher_classes: for a teacher that knows more classes than the student (a pretrained ImageNet model, data of
+            some of its classes): the teacher's class of each student class, in the student's order, as indices into
+            its logits or as class names it knows (its ``label_names``, else, for an ImageNet class count, the
+            synsets or the first names of the descriptions of ``timm.data.ImageNetInfo``). The teacher's logits are
+            restricted to them (`restrict_teacher_logits`), for every term that reads them, and a teacher given by
+            name is built with the classes of its weights. None: the teacher's classes are the student's.
         **loss_kwargs: the loss's own options (e.g. ``tau``, ``beta``, ``connector``; ``tsd.loss_options(name)``
             lists them); None keeps the loss's default, as an unset command-line flag does.
     """
@@ -247,6 +257,7 @@ class DistillTask(TrainingTask):
             verbose: bool = True,
             teacher_amp_dtype: Union[None, str, torch.dtype] = None,
             compile_teacher: bool = False,
+            teacher_classes: Optional[Sequence[Union[int, str]]] = None,
             **loss_kwargs,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
@@ -256,8 +267,9 @@ class DistillTask(TrainingTask):
         self.teacher_amp_dtype = resolve_teacher_amp_dtype(teacher_amp_dtype, self.device, self.dtype)
         self.teacher = resolve_teacher(
             teacher_model, student_model, teacher_pretrained_path, teacher_pretrained,
-            teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size,
+            teacher_pretrained_cfg_overlay, self.device, self.dtype, img_size, own_classes=teacher_classes is not None,
         )
+        self._set_teacher_classes(teacher_classes, student_model)
         hw = resolve_img_size(img_size, student_model)
         for role, model in (('student', student_model), ('teacher', self.teacher.model)):
             check_input_size(model, hw, role=role)
@@ -281,13 +293,27 @@ class DistillTask(TrainingTask):
                 loss, student_channels=student_taps.channels, teacher_channels=self.teacher_taps.channels,
                 **options, **({'head_maps': True} if head_maps is not None else {}),
             )
-        loss.bind(unwrap_model(student_model), self.teacher.model)
+        # teacher_classes only where there are some: a loss from before that keyword binds as it did
+        loss.bind(unwrap_model(student_model), self.teacher.model,
+                  **({'teacher_classes': self.teacher_class_index} if self.teacher_classes is not None else {}))
         # connectors are built on the CPU in the default dtype, and a built loss may live anywhere: the student's
         self.trainable_module = DistillTrainableModule(student_taps, loss.to(device=self.device, dtype=self.dtype))
         self._set_input_statistics(student_model, input_mean, input_std)
         self._labels_seen = False
         if self.verbose:
             self._log_setup(student_taps)
+
+    def _set_teacher_classes(self, teacher_classes: Optional[Sequence[Union[int, str]]], student: nn.Module) -> None:
+        """``teacher_classes`` as indices (`resolve_teacher_classes`) and the (K,) long buffer the teacher's logits are
+        restricted by (None without them), and the count of the teacher's classes the task distils on."""
+        self.teacher_classes: Optional[List[int]] = None
+        if teacher_classes is not None:
+            self.teacher_classes = resolve_teacher_classes(teacher_classes, self.teacher.model, student)
+        index = None if self.teacher_classes is None else torch.tensor(self.teacher_classes, device=self.device)
+        self.register_buffer('teacher_class_index', index, persistent=False)  # moves with the task
+        self.teacher_num_classes: Optional[int] = (
+            len(self.teacher_classes) if self.teacher_classes is not None
+            else getattr(unwrap_model(self.teacher.model), 'num_classes', None))
 
     def _fit_loss_to_pair(
             self,
@@ -306,7 +332,7 @@ class DistillTask(TrainingTask):
         head_maps, notice, fitted = None, '', declared
         if loss_class.uses_final_pair(**declared):
             # the terms on the heads' maps compare class by class, and a loss built on its own has no such pair
-            why = _class_count_difference(student, self.teacher.model) or (
+            why = _class_count_difference(student, self.teacher_num_classes) or (
                 '' if isinstance(loss, str) or loss.head_maps else
                 f"the {loss_class.__name__} passed in was built without the maps the heads take (head_maps=False)")
             if not why:
@@ -315,7 +341,7 @@ class DistillTask(TrainingTask):
                 fitted, notice = loss_class.without_final_pair(why, **declared)
         # the logit term still refuses other classes: only the terms on the heads' maps turn off for them
         if loss_class.compares_logits(**fitted):
-            _check_class_counts(student, self.teacher.model, loss_class)
+            _check_class_counts(student, self.teacher_num_classes, loss_class)
         if notice:
             if not isinstance(loss, str) and loss.head_maps:
                 changed = ', '.join(f'{k}={v}' for k, v in fitted.items() if declared.get(k) != v)
@@ -506,15 +532,24 @@ class DistillTask(TrainingTask):
         return self.combine(logits, terms, target)
 
     def teacher_outputs(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """The teacher's (logits (B, K), [features of each stage]) of its input (`teacher_input`). Without
-        ``teacher_amp_dtype`` the teacher runs as the caller's autocast (if any) runs the student; with it, under its
-        own autocast, and its outputs come back in the task's dtype: the loss compares them in float32, as it would
-        the full-precision ones."""
+        """The teacher's (logits (B, K), [features of each stage]) of its input (`teacher_input`), its logits those
+        of the student's classes (`restrict_teacher_logits`). Without ``teacher_amp_dtype`` the teacher runs as the
+        caller's autocast (if any) runs the student; with it, under its own autocast, and its outputs come back in
+        the task's dtype: the loss compares them in float32, as it would the full-precision ones."""
         if self.teacher_amp_dtype is None:
-            return self.teacher_taps(input)
-        with torch.autocast(input.device.type, dtype=self.teacher_amp_dtype):
             logits, feats = self.teacher_taps(input)
-        return logits.to(self.dtype), [f.to(self.dtype) for f in feats]
+        else:
+            with torch.autocast(input.device.type, dtype=self.teacher_amp_dtype):
+                logits, feats = self.teacher_taps(input)
+            logits, feats = logits.to(self.dtype), [f.to(self.dtype) for f in feats]
+        return self.restrict_teacher_logits(logits), feats
+
+    def restrict_teacher_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (B, K_teacher) of the student's classes, (B, K) in the student's order
+        (``teacher_classes``); all of them without."""
+        if self.teacher_class_index is None:
+            return logits
+        return logits.index_select(-1, self.teacher_class_index)
 
     def teacher_input(self, input: torch.Tensor) -> torch.Tensor:
         """The student's input (B, C, H, W) renormalised from the student's mean/std to the teacher's."""

@@ -13,6 +13,7 @@ from .._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from ..errors import UsageError
 from ..features import input_size_kwargs, resolve_img_size
 from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
+from .teacher_classes import teacher_num_classes
 
 __all__ = ['check_teacher_weights', 'resolve_teacher', 'check_input_channels']
 
@@ -57,13 +58,16 @@ def resolve_teacher(
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         img_size: Optional[Union[int, Sequence[int]]] = None,
+        own_classes: bool = False,
 ) -> DistillationTeacher:
     """A frozen `DistillationTeacher` from a model name, a module or a teacher.
 
     A name loads its weights from ``pretrained_path`` (safetensors or a timm checkpoint), a ``local-dir:<folder>``
     name from its folder (config.json and weights, as `timm_sadistill.model_folder` writes them); only
-    ``pretrained=True`` lets timm fetch them from the hub. The number of classes and input channels follow the student,
-    and a fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's input size).
+    ``pretrained=True`` lets timm fetch them from the hub. The number of classes follows the student, or with
+    ``own_classes`` (a teacher distilled on some of its classes) that of its weights (`teacher_num_classes`); the input
+    channels follow the student, and a fixed-size model (ViT, Swin) is built for ``img_size`` (default: the student's
+    input size).
     """
     given = teacher.model if isinstance(teacher, DistillationTeacher) else teacher
     if isinstance(given, nn.Module) and unwrap_model(given) is unwrap_model(student):
@@ -75,15 +79,21 @@ def resolve_teacher(
         source = check_teacher_weights(teacher, pretrained_path, pretrained)
         base = unwrap_model(student)
         folder_classes = source.num_classes
-        if folder_classes is not None and folder_classes != base.num_classes:
+        # None: the architecture's default, that of its published weights
+        num_classes = teacher_num_classes(source, pretrained_path, pretrained) if own_classes else base.num_classes
+        if folder_classes is not None and folder_classes != num_classes:
             raise UsageError(f"Teacher '{teacher}' has {folder_classes} classes and the student {base.num_classes}; "
-                             f"create the student with {{option:{folder_classes}}}.", option='num_classes')
+                             f"create the student with {{option:{folder_classes}}}, or pass {{option.teacher_classes}} "
+                             "(the teacher's class of each student class) to distil on some of its classes.",
+                             option='num_classes')
         # DistillationTeacher(name) as timm builds it, plus the input size that a fixed-size model needs
-        overlay = {**(dict(file=pretrained_path, num_classes=base.num_classes) if pretrained_path else {}),
+        overlay = {**({'file': pretrained_path} if pretrained_path else {}),
+                   **({'num_classes': num_classes} if pretrained_path and num_classes is not None else {}),
                    **(pretrained_cfg_overlay or {})}
         try:
             model = create_model(
-                source.load_name, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=base.num_classes,
+                source.load_name, pretrained=True, pretrained_cfg_overlay=overlay or None,
+                **({'num_classes': num_classes} if num_classes is not None else {}),
                 in_chans=getattr(base, 'in_chans', 3), device=device, dtype=dtype,
                 **input_size_kwargs(source.architecture, resolve_img_size(img_size, base)),
             )
@@ -96,7 +106,7 @@ def resolve_teacher(
             if not pretrained_path:
                 raise
             raise UsageError(
-                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {base.num_classes} classes; "
+                f"Teacher checkpoint '{pretrained_path}' does not fit '{teacher}' with {num_classes or 'its default'} classes; "
                 f"check --teacher / the student's {{option}}. Details: {state_dict_mismatch(e)}", option='num_classes',
             ) from e
         resolved = DistillationTeacher(model, device=device, dtype=dtype)

@@ -14,6 +14,7 @@ from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
 from .._atomic import atomic_write, save_safetensors_atomic
+from ..tasks.teacher_classes import describe_mapping
 from ..model_folder import (
     CARD_FILE, CONFIG_FILE, MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights,
     save_model_folder,
@@ -60,15 +61,23 @@ def label_names_of(dataset, num_classes: int) -> Optional[List[str]]:
     return sorted(class_to_idx, key=class_to_idx.get)
 
 
-def _teacher_details(args: argparse.Namespace) -> Dict[str, Any]:
-    """Teacher, where its weights came from and their sha256."""
+def _teacher_details(task: TrainingTask, args: argparse.Namespace,
+                     label_names: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """Teacher, where its weights came from and their sha256, and, for a teacher distilled on the data's classes
+    among its own, each class and its class of the teacher."""
     folder = model_folder_of(args.teacher)
     weights = model_folder_weights(folder) if folder is not None else args.teacher_checkpoint
     if weights:
         source = f'`{weights}` (sha256 `{_sha256(weights)}`)'
     else:
         source = "the Hugging Face Hub (`--teacher-pretrained`)"
-    return {'Teacher': f'`{args.teacher}`', 'Teacher weights': source}
+    details = {'Teacher': f'`{args.teacher}`', 'Teacher weights': source}
+    indices = getattr(args, 'teacher_classes', None)
+    if indices:
+        of = getattr(unwrap_model(task.teacher.model), 'num_classes', '?')
+        mapping = describe_mapping(label_names, indices, limit=None) if label_names else ', '.join(map(str, indices))
+        details['Teacher classes'] = f'{len(indices)} of its {of} (class -> teacher class: {mapping})'
+    return details
 
 
 def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, Any]:
@@ -98,7 +107,7 @@ def _model_card(
     classes = f'{args.num_classes}' + (f" ({', '.join(label_names)})" if label_names else '')
     details: Dict[str, Any] = {'Architecture': f'`{args.model}`', 'Classes': classes}
     if args.distill != 'none':
-        details.update(_teacher_details(args))
+        details.update(_teacher_details(task, args, label_names))
         details.update(_distill_details(task, args))
         description = (f"A `{args.model}` student distilled from a `{args.teacher}` teacher with timm-sadistill "
                        f"(`--distill {args.distill}`).")

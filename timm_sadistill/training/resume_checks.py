@@ -71,8 +71,9 @@ def _spelled(value: Any) -> str:
 
 
 def check_resume_distill(path: str, saved_args: Optional[argparse.Namespace], args: argparse.Namespace) -> None:
-    """Refuse ``--resume`` of a run distilled with other loss options or other stages than this command's task
-    (``args`` with the records of ``training.run.RECORDED_ARGS``): resuming would change the loss half-way. Values
+    """Refuse ``--resume`` of a run distilled with other loss options, other stages or other teacher classes
+    (`check_classes`) than this command's task (``args`` with the records of ``training.run.RECORDED_ARGS``):
+    resuming would change the loss half-way. Values
     are compared, not spellings: a default given explicitly, or stages named as ``auto`` picked them, pass.
 
     Raises:
@@ -103,3 +104,10 @@ def check_resume_distill(path: str, saved_args: Optional[argparse.Namespace], ar
             raise UsageError(f"--resume '{path}' is a run with {flag} {_spelled(then)}, this command has {flag} "
                              f"{_spelled(now)}; resume with the run's {flag}, or start a new --experiment without "
                              "--resume.")
+    # the teacher's classes the run distilled on follow from its data and teacher, which may have changed since
+    then, now = getattr(saved_args, 'teacher_classes', None), getattr(args, 'teacher_classes', None)
+    if hasattr(saved_args, 'teacher_classes') and then != now:
+        then, now = (_spelled(v) if v else "all (the data's)" for v in (then, now))
+        raise UsageError(f"--resume '{path}' is a run that distilled the teacher's classes {then} (args.yaml "
+                         f"teacher_classes), this command its classes {now}; resume with the run's data "
+                         "(--data-dir, --class-map) and --teacher, or start a new --experiment without --resume.")

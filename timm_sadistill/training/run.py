@@ -62,7 +62,7 @@ _logger = logging.getLogger('timm_sadistill.train')
 DUMP_PARAMS_ENV = 'TSD_TEST_DUMP_PARAMS'
 
 # what a distillation run records beside its flags (args.yaml, the checkpoints' args): derived from them, not flags
-RECORDED_ARGS = ('distill_options', 'distill_stages_resolved', 'teacher_stages_resolved')
+RECORDED_ARGS = ('distill_options', 'distill_stages_resolved', 'teacher_stages_resolved', 'teacher_classes')
 
 
 @dataclass
@@ -160,13 +160,14 @@ def _create_task(args, model, train_loss, device, data_config, task_kwargs: Dict
         args.distill, model, args.teacher, criterion=train_loss, img_size=tuple(data_config['input_size'][1:]),
         input_mean=data_config['mean'], input_std=data_config['std'],
         distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-        device=device, verbose=utils.is_primary(args), **task_kwargs,
+        teacher_classes=args.teacher_classes, device=device, verbose=utils.is_primary(args), **task_kwargs,
     )
 
 
 def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str:
     """Set `RECORDED_ARGS` on ``args`` (so the checkpoints hold them) and return them as args.yaml lines: every
-    option of the loss as it was built (defaults spelled out) and the stage names ``auto`` resolved to."""
+    option of the loss as it was built (defaults spelled out), the stage names ``auto`` resolved to and the teacher's
+    class of each class folder (`check_classes`: None for a teacher of the data's classes)."""
     if args.distill == 'none':
         return ''
     # the stages the stage flags name: the pair of the maps the heads take, last when the loss takes it, follows
@@ -176,17 +177,20 @@ def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str
         distill_options=dict(task.distill_loss.option_values),
         distill_stages_resolved=[s.name for s in task.student_stages[:named]],
         teacher_stages_resolved=[t.name for t in task.teacher_stages[:named]],
+        teacher_classes=task.teacher_classes,
     )
     vars(args).update(recorded)
     return yaml.safe_dump(recorded, default_flow_style=False)
 
 
 def _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast) -> None:
-    """Log the teacher's validation top-1: a teacher that does not know the task cannot teach it."""
+    """Log the teacher's validation top-1, over the logits it is distilled with (those of the data's classes, for a
+    teacher that knows more): a teacher that does not know the task cannot teach it."""
     teacher = task.teacher
 
     def predict(input: torch.Tensor) -> torch.Tensor:
-        return teacher.model(teacher.normalize_input(input, task.student_mean, task.student_std))
+        return task.restrict_teacher_logits(teacher.model(teacher.normalize_input(input, task.student_mean,
+                                                                                  task.student_std)))
 
     metrics = validate(predict, loader_eval, args, device, amp_autocast, log_name='Teacher')
     if utils.is_primary(args):

@@ -14,6 +14,9 @@ from timm import utils
 
 from ..errors import UsageError
 from ..model_folder import ModelName
+from ..tasks.teacher_classes import (
+    describe_mapping, match_teacher_classes, preview_names, teacher_class_names, teacher_num_classes,
+)
 
 __all__ = [
     'check_train_flags', 'check_classes', 'check_batch_of_one', 'check_normalisation', 'NON_FOLDER_DATASETS',
@@ -114,8 +117,7 @@ def _data_classes(dataset) -> Optional[List[str]]:
     return sorted(class_to_idx, key=class_to_idx.get) if class_to_idx else None
 
 
-def _preview(names: List[str], limit: int = 4) -> str:
-    return ', '.join(names[:limit]) + (f', ... ({len(names)})' if len(names) > limit else '')
+_preview = preview_names
 
 
 def _check_label_names(flag: str, model: ModelName, classes: List[str], root: str) -> None:
@@ -130,22 +132,22 @@ def _check_label_names(flag: str, model: ModelName, classes: List[str], root: st
             f"'{classes[k]}' in the data); pass --class-map FILE with its label_names, one per line in its order, "
             "so that the indices agree.")
     missing, extra = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
-    fix = ('distil on data of its classes, or pass another teacher' if flag == '--teacher' else
-           f'train it on data of its classes, or start from its architecture: --model {model.architecture}')
     raise UsageError(
         f"{flag} {model.name} knows other classes than the class folders of '{root}' (only {flag}'s: "
-        f"{_preview(missing) or '-'}; only the data's: {_preview(extra) or '-'}); {fix}.")
+        f"{_preview(missing) or '-'}; only the data's: {_preview(extra) or '-'}); train it on data of its classes, "
+        f"or start from its architecture: --model {model.architecture}.")
 
 
 def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, teacher: Optional[ModelName]) -> None:
-    """Settle ``args.num_classes`` and refuse student, teacher and data that disagree on the classes, before any model
-    is built.
+    """Settle ``args.num_classes`` and ``args.teacher_classes``, and refuse student, teacher and data that disagree on
+    the classes, before any model is built.
 
     Without ``--num-classes`` the head has the data's class folders (else the teacher folder's or the student
     folder's classes; else the model's default). ``--num-classes`` below the class folders is refused (labels past
-    the head fail deep in the loss, or corrupt memory on a GPU); so is a teacher of another class count, and a
-    model folder whose label names are not the class folders in their order. A teacher without label names can
-    only be trusted: one line says so.
+    the head fail deep in the loss, or corrupt memory on a GPU); so is a student model folder whose label names are
+    not the class folders in their order. A teacher whose classes include the class folders is distilled on them
+    (`_teacher_classes`); one of other classes is refused. A teacher without label names, of the data's class
+    count, can only be trusted: one line says so.
     """
     classes = _data_classes(dataset_train)
     root = getattr(getattr(dataset_train, 'reader', None), 'root', None) or args.data_dir
@@ -158,24 +160,51 @@ def check_classes(args: argparse.Namespace, dataset_train, student: ModelName, t
     if classes and args.num_classes is not None and len(classes) > args.num_classes:
         raise UsageError(f"--num-classes {args.num_classes} is below the {len(classes)} class folders of "
                          f"'{root}'; pass --num-classes {len(classes)}.")
-    if teacher is not None and teacher.num_classes is not None and teacher.num_classes != args.num_classes:
-        if given and (not classes or len(classes) == teacher.num_classes):  # the flag is what disagrees
-            raise UsageError(f"--num-classes {args.num_classes} disagrees with --teacher {teacher.name}, which has "
-                             f"{teacher.num_classes} classes{f' as the data {root!r} has' if classes else ''}; drop "
-                             f"--num-classes or pass --num-classes {teacher.num_classes}.")
-        data = f"the data '{root}' {len(classes)} class folders" if classes else f"--num-classes is {args.num_classes}"
-        raise UsageError(f"--teacher {teacher.name} has {teacher.num_classes} classes and {data}; distil on data "
-                         "of the teacher's classes, or train a teacher on these.")
-    checked = [('--model', student)] if student.num_classes == args.num_classes else []  # a new head: nothing to check
-    checked += [('--teacher', teacher)] if teacher is not None else []
-    for flag, model in checked:
-        if not classes or len(classes) != args.num_classes:
-            continue
-        if model.label_names:
-            _check_label_names(flag, model, classes, root)
-        elif flag == '--teacher' and utils.is_primary(args):
-            _logger.warning(f"--teacher {model.name} names no classes (no label_names in a config.json), so whether "
+    args.teacher_classes = _teacher_classes(args, teacher, classes, root, given) if teacher is not None else None
+    if student.num_classes == args.num_classes and student.label_names and classes and \
+            len(classes) == args.num_classes:  # a model folder that keeps its head: its classes must be the data's
+        _check_label_names('--model', student, classes, root)
+
+
+def _teacher_classes(args: argparse.Namespace, teacher: ModelName, classes: Optional[List[str]], root: str,
+                     given: bool) -> Optional[List[int]]:
+    """The teacher's class of each class folder, in their order, for a teacher that knows other classes than the
+    data's (its label_names, or the ImageNet synsets of its class count: `teacher_class_names`) and among them every
+    class folder; None for a teacher of the data's classes. Refuses a teacher of other classes, naming the class
+    folders it does not know."""
+    count = teacher_num_classes(teacher, args.teacher_checkpoint, args.teacher_pretrained)
+    if count in (None, args.num_classes) and (not classes or teacher.label_names in (None, classes)):
+        if not teacher.label_names and classes and len(classes) == args.num_classes and utils.is_primary(args):
+            _logger.warning(f"--teacher {teacher.name} names no classes (no label_names in a config.json), so whether "
                             f"its class k is the k-th class folder of '{root}' could not be checked.")
+        return None
+    if given and (not classes or len(classes) == count) and count != args.num_classes:  # the flag disagrees
+        raise UsageError(f"--num-classes {args.num_classes} disagrees with --teacher {teacher.name}, which has "
+                         f"{count} classes{f' as the data {root!r} has' if classes else ''}; drop "
+                         f"--num-classes or pass --num-classes {count}.")
+    data = f"the data '{root}' {len(classes)} class folders" if classes else f"--num-classes is {args.num_classes}"
+    known = teacher_class_names(teacher.label_names, count) if classes else None
+    if known is None:
+        raise UsageError(f"--teacher {teacher.name} has {count} classes and {data}; distil on data of the teacher's "
+                         "classes, or train a teacher on these.")
+    indices, unknown = match_teacher_classes(classes, known)
+    if unknown and count == len(classes):
+        raise UsageError(f"--teacher {teacher.name} knows other classes than the class folders of '{root}' (it does "
+                         f"not know {_preview(unknown)}; its classes are {known.source}); distil on data of its "
+                         "classes, or pass another teacher.")
+    if unknown:
+        raise UsageError(f"--teacher {teacher.name} has {count} classes and {data}, {len(unknown)} of which it does "
+                         f"not know ({_preview(unknown)}; its classes are {known.source}); distil on data of the "
+                         "teacher's classes, or train a teacher on these.")
+    if args.num_classes != len(classes):
+        raise UsageError(f"--num-classes {args.num_classes}: the teacher is distilled on the {len(classes)} class "
+                         f"folders of '{root}', so the student has as many classes; drop --num-classes.")
+    if utils.is_primary(args):
+        which = (f"its classes in the order of the class folders of '{root}'" if count == len(classes) else
+                 f"the {len(classes)} of them the class folders of '{root}' name")
+        _logger.info(f"--teacher {teacher.name} has {count} classes ({known.source}): distilling on {which} "
+                     f"({describe_mapping(classes, indices)}).")
+    return indices
 
 
 def check_batch_of_one(model: nn.Module, img_size: Tuple[int, int]) -> None:
