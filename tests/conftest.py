@@ -1,3 +1,4 @@
+import logging
 import os
 
 # Before anything imports triton (timm does): run the kernels on the CPU (a GPU run sets TRITON_INTERPRET=0
@@ -22,6 +23,15 @@ def timm_script(variable: str, name: str) -> str:
 
 TIMM_TRAIN_PY = timm_script('TSD_TIMM_TRAIN_PY', 'train.py')
 TIMM_VALIDATE_PY = timm_script('TSD_TIMM_VALIDATE_PY', 'validate.py')
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging():
+    """`train`'s main adds a root log handler bound to the test's captured stderr: every test leaves the root
+    handlers as it found them, so that no later test logs to a closed stream."""
+    handlers = list(logging.root.handlers)
+    yield
+    logging.root.handlers[:] = handlers
 
 
 def make_pattern_images(num_classes: int = 4, per_class: int = 8, size: int = 64, seed: int = 0):

@@ -7,7 +7,6 @@ list, so a new timm flag cannot go unnoticed.
 """
 import argparse
 import json
-import logging
 import os
 import runpy
 import sys
@@ -67,12 +66,6 @@ def test_timm_config_keys_are_read_as_timm_writes_them(tmp_path):
     with pytest.raises(ValueError, match="sets kd_distill_type: --kd-distill-type is a flag of timm's train.py"):
         parse_args(['-c', str(config)])
 
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    handlers = list(logging.root.handlers)
-    yield
-    logging.root.handlers[:] = handlers
 
 
 def test_common_timm_flags_reach_the_optimizer_loss_and_model(tmp_path, monkeypatch):

@@ -41,13 +41,6 @@ def digests(folder: Path) -> Dict[str, str]:
             for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """train's main adds a root log handler bound to this test's captured stderr: drop it afterwards."""
-    handlers = list(logging.root.handlers)
-    yield
-    logging.root.handlers[:] = handlers
-
 
 def run_main(argv: List[str], capsys) -> str:
     """Run ``timm-sadistill argv`` in-process; the error line (asserted to be the only one, and the last)."""

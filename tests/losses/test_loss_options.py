@@ -2,7 +2,6 @@
 against them, and the command line derives a flag per option (for third-party losses too), the records of a run
 and what ``--resume`` compares."""
 import importlib
-import logging
 import math
 import re
 import sys
@@ -270,15 +269,9 @@ def test_a_runs_args_yaml_reads_back_with_its_records(tmp_path):
     assert args.distill == 'sa' and args.sa_tau == 2.0 and not hasattr(args, 'distill_options')
 
 
-@pytest.fixture
-def _keep_logging():
-    handlers = list(logging.root.handlers)
-    yield
-    logging.root.handlers[:] = handlers
-
 
 @pytest.mark.slow
-def test_resume_compares_the_loss_options_and_stages_the_run_used(tmp_path, capsys, _keep_logging):
+def test_resume_compares_the_loss_options_and_stages_the_run_used(tmp_path, capsys):
     from safetensors.torch import save_file
     from test_user_errors import FLAGS, run_main, write_folder
     from timm_sadistill.cli import main

@@ -59,13 +59,6 @@ def _train_one_step(task):
     return out
 
 
-@pytest.fixture
-def _keep_logging():
-    """The logging handlers the command line installs go after the test."""
-    handlers = list(logging.root.handlers)
-    yield
-    logging.root.handlers[:] = handlers
-
 
 def _cam_notices(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and 'cam_weight' in r.getMessage()]
@@ -155,7 +148,7 @@ def test_the_head_input_is_forward_features_output_through_either_tap(name, subm
 
 
 @pytest.mark.slow
-def test_a_run_with_the_cam_term_off_records_it_and_resumes(tmp_path, _keep_logging):
+def test_a_run_with_the_cam_term_off_records_it_and_resumes(tmp_path):
     import yaml
     from safetensors.torch import save_file
     from test_user_errors import FLAGS, write_folder

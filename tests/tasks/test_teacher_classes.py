@@ -24,7 +24,7 @@ from timm_sadistill.model_folder import ModelName, resolve_model_name, save_mode
 from timm_sadistill.tasks.teacher_classes import teacher_num_classes
 from timm_sadistill.training.run_checks import check_classes
 
-from test_user_errors import FLAGS, _keep_logging, run_main  # noqa: F401
+from test_user_errors import FLAGS, run_main  # noqa: F401
 
 # ImageNet-1k classes 0 (tench), 217 (English springer) and 491 (chain saw)
 SYNSETS = ['n01440764', 'n02102040', 'n03000684']

@@ -16,7 +16,7 @@ from timm_sadistill.cli import main
 from timm_sadistill.cli._common import run_command
 from timm_sadistill.features import resolve_img_size
 
-from test_user_errors import FLAGS, STUDENT, _keep_logging, digests, run, run_main, write_folder  # noqa: F401
+from test_user_errors import FLAGS, STUDENT, digests, run, run_main, write_folder  # noqa: F401
 
 
 @pytest.fixture(scope='module')

@@ -15,12 +15,6 @@ from test_cli import cli_env
 from test_user_errors import FLAGS, STUDENT, write_folder
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    handlers = list(logging.root.handlers)
-    yield
-    logging.root.handlers[:] = handlers
-
 
 def epochs(folder: Path) -> list:
     with open(folder / 'summary.csv', newline='') as f:
