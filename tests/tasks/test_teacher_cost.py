@@ -159,7 +159,7 @@ def test_bad_flag_values_are_one_line_naming_the_flag(capsys, tmp_path):
     assert "--teacher-amp-dtype: invalid choice: 'fp8'" in line
     line = run_main(common + FLAGS + ['--teacher-compile'], capsys)
     assert line == ('timm-sadistill train: error: --teacher-amp-dtype/--teacher-compile apply to a teacher: add '
-                    '--distill sa (or kd, at, ...) and --teacher, or drop them.')
+                    '--distill sa (or at, cwd, dist, dkd, fitnet, kd) and --teacher, or drop them.')
     logging.root.handlers.clear()
 
 

@@ -39,7 +39,7 @@ from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint, sta
 from .._device_and_size_checks import check_device, check_img_size
 from ..errors import UsageError
 from ..features import check_input_size, default_img_size, input_size_kwargs
-from ..losses import get_distill_loss_class, list_distill_losses, loss_options
+from ..losses import default_distill_loss, get_distill_loss_class, list_distill_losses, loss_options
 from ..model_folder import ModelName, check_pretrained_available, resolve_model_name
 from ..tasks import create_distill_task
 from .checkpoint_saver import AtomicCheckpointSaver
@@ -89,11 +89,13 @@ def _check_distill_args(args: argparse.Namespace) -> ModelName:
     if args.pretrained and not student.has_weights and ':' not in args.model:
         check_pretrained_available(args.model, '--pretrained')
     if args.distill == 'none':
+        default = default_distill_loss()
+        methods = f"--distill {default} (or {', '.join(m for m in list_distill_losses() if m != default)})"
         if args.teacher or args.teacher_checkpoint:
-            raise UsageError("--teacher/--teacher-checkpoint need a method: add --distill sa (or kd, at, ...).")
+            raise UsageError(f"--teacher/--teacher-checkpoint need a method: add {methods}.")
         if args.teacher_amp_dtype or args.teacher_compile:  # without a teacher they would be ignored
-            raise UsageError("--teacher-amp-dtype/--teacher-compile apply to a teacher: add --distill sa (or kd, "
-                             "at, ...) and --teacher, or drop them.")
+            raise UsageError(f"--teacher-amp-dtype/--teacher-compile apply to a teacher: add {methods} and --teacher, "
+                             "or drop them.")
         if args.save_attention_maps:
             raise UsageError(_drawn_maps_words())
         return student
