@@ -100,6 +100,23 @@ def test_lskd_ignores_a_per_sample_shift_and_scale_of_either_models_logits():
     assert not torch.allclose(kd(s, t, sl, tl * scale + shift)['kd'], kd(s, t, sl, tl)['kd'], rtol=1e-3)
 
 
+@pytest.mark.parametrize('weighting', ['none', 'teacher_confidence'])
+def test_sa_logit_term_can_be_lskd(weighting):
+    shape = SHAPES[1]
+    s, t, sl, tl, y = _inputs(shape)
+    options = dict(**_channels(shape), temperature=2.0, kd_weight=0.5, logit_weighting=weighting)
+    torch.manual_seed(0)
+    terms = tsd.create_distill_loss('sa', logit_loss='lskd', **options)(s, t, sl, tl, y)
+    torch.manual_seed(0)
+    with_kd = tsd.create_distill_loss('sa', logit_loss='kd', **options)(s, t, sl, tl, y)
+    assert set(terms) == set(with_kd) - {'sa_kd'} | {'sa_lskd'}
+    w = torch.softmax(tl, -1).gather(1, y[:, None])[:, 0] if weighting == 'teacher_confidence' else None
+    _assert_same({'sa_lskd': terms['sa_lskd']}, 0.5 * _lskd(sl, tl, 2.0, w), [sl])
+    # the feature terms do not depend on the logit term's choice
+    for key in set(terms) - {'sa_lskd'}:
+        torch.testing.assert_close(terms[key], with_kd[key])
+
+
 def _at_map(f):
     a = f.pow(2).mean(1).view(f.shape[0], -1)
     return a / a.norm(dim=1, keepdim=True)
