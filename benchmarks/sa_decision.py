@@ -41,12 +41,13 @@ VIEWS = 30
 
 
 def tuning_specs(path: str = os.path.join(RESULTS, 'tuning-specs.txt')) -> Dict[str, List[str]]:
-    """{'none', 'kd', 'dist', 'sa'} -> the specs of tuning-specs.txt of that method, in the file's order."""
+    """{'none', 'kd', 'dist', 'sa'} and any other method the file lists (another baseline's grid, e.g. 'lskd') ->
+    the specs of tuning-specs.txt of that method, in the file's order."""
     with open(path) as f:
         specs = f.read().strip().split(';')
     groups: Dict[str, List[str]] = {'none': [], 'kd': [], 'dist': [], 'sa': []}
     for spec in specs:
-        groups[spec.partition('[')[0]].append(spec)
+        groups.setdefault(spec.partition('[')[0], []).append(spec)
     return groups
 
 

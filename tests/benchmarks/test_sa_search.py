@@ -88,6 +88,27 @@ def test_select_best_pools_the_settings_means_breaks_ties_by_list_order_and_refu
         sa_search.select_best(str(tmp_path), settings, ['a'], [100, 102], 30)
 
 
+def test_the_baseline_grids_are_the_second_searchs_and_lskd_has_as_many_cells_as_kd(tmp_path):
+    import timm_sadistill as tsd
+    from benchmarks import sa_decision
+    grids = sa_search.BASELINE_GRIDS
+    ran = sa_decision.tuning_specs()
+    assert list(grids['kd']) == ran['kd'] and list(grids['dist']) == ran['dist']
+    assert len(grids['lskd']) == len(grids['kd']) == 8 and len(set(grids['lskd'])) == 8
+    for spec in grids['lskd']:
+        name, options = tsd.parse_loss_spec(spec)
+        assert name == 'lskd' and tsd.create_distill_loss(name, **options).option_values == options
+    # the temperatures rise first, then the weight: the order ties are broken by
+    assert [tsd.parse_loss_spec(spec)[1]['temperature'] for spec in grids['lskd']] == [1, 1, 2, 2, 3, 3, 4, 4]
+    # a grid in --specs is its cells, and a tuning-specs.txt that lists LSKD's grid reads it as its own group
+    expanded = sa_search.expand_specs('none;grid:lskd;sa')
+    assert expanded.split(';') == ['none', *grids['lskd'], 'sa']
+    (tmp_path / 'specs.txt').write_text(sa_search.expand_specs('none;grid:kd;grid:lskd;sa'))
+    assert sa_decision.tuning_specs(str(tmp_path / 'specs.txt'))['lskd'] == list(grids['lskd'])
+    with pytest.raises(SystemExit, match="unknown grid 'grid:kdd'; the grids are kd, dist, lskd"):
+        sa_search.expand_specs('grid:kdd')
+
+
 @pytest.mark.slow
 def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_path, monkeypatch):
     tiny = sa_search.Setting('tiny', 'digits', 'test_resnet', 'test_resnet', per_class=2, teacher_per_class=4,

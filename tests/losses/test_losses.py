@@ -57,6 +57,66 @@ def test_kd_matches_hinton(shape, temperature):
     _assert_same(loss(s, t, sl, tl), expected, [sl])
 
 
+def _zscore(z):
+    """Each row minus its mean, over its sample standard deviation (K - 1) plus 1e-7, written out."""
+    k = z.shape[-1]
+    mean = z.sum(-1, keepdim=True) / k
+    std = ((z - mean) ** 2).sum(-1, keepdim=True).div(k - 1).sqrt()
+    return (z - mean) / (std + 1e-7)
+
+
+def _lskd(sl, tl, temperature, sample_weight=None):
+    """Sun et al.'s KD on z-scored logits: tau^2 * mean_b w_b KL(softmax(Z(t)/tau) || softmax(Z(s)/tau))."""
+    per_sample = _kl_rows(torch.softmax(_zscore(tl) / temperature, -1), torch.softmax(_zscore(sl) / temperature, -1))
+    w = torch.ones_like(per_sample) if sample_weight is None else sample_weight
+    return temperature ** 2 * (w * per_sample).mean()
+
+
+def test_lskd_is_registered_with_the_authors_defaults():
+    assert tsd.loss_options('lskd').defaults == {'student_channels': (), 'teacher_channels': (), 'temperature': 2.0,
+                                                 'weight': 9.0}
+    cls = tsd.get_distill_loss_class('lskd')
+    assert cls.stage_policy == 'none' and cls.compares_logits() and cls.feature_only_options() is None
+    assert 'Logit Standardization in Knowledge Distillation' in cls.__doc__
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('temperature,weight', [(2.0, 9.0), (1.0, 1.0), (4.0, 0.5)])
+def test_lskd_matches_kd_on_z_scored_logits(shape, temperature, weight):
+    s, t, sl, tl, y = _inputs(shape)
+    loss = tsd.create_distill_loss('lskd', temperature=temperature, weight=weight)
+    _assert_same(loss(s, t, sl, tl), weight * _lskd(sl, tl, temperature), [sl])
+
+
+def test_lskd_ignores_a_per_sample_shift_and_scale_of_either_models_logits():
+    s, t, sl, tl, y = _inputs(SHAPES[1])
+    g = torch.Generator().manual_seed(1)
+    scale, shift = torch.rand(3, 1, generator=g) * 5 + 0.1, torch.randn(3, 1, generator=g) * 10
+    lskd, kd = tsd.create_distill_loss('lskd'), tsd.create_distill_loss('kd', temperature=2.0)
+    base = lskd(s, t, sl, tl)['lskd']
+    torch.testing.assert_close(lskd(s, t, sl, tl * scale + shift)['lskd'], base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lskd(s, t, sl * scale + shift, tl)['lskd'], base, rtol=1e-5, atol=1e-6)
+    # KD on the raw logits is not: the standardisation is what takes the scale away
+    assert not torch.allclose(kd(s, t, sl, tl * scale + shift)['kd'], kd(s, t, sl, tl)['kd'], rtol=1e-3)
+
+
+@pytest.mark.parametrize('weighting', ['none', 'teacher_confidence'])
+def test_sa_logit_term_can_be_lskd(weighting):
+    shape = SHAPES[1]
+    s, t, sl, tl, y = _inputs(shape)
+    options = dict(**_channels(shape), temperature=2.0, kd_weight=0.5, logit_weighting=weighting)
+    torch.manual_seed(0)
+    terms = tsd.create_distill_loss('sa', logit_loss='lskd', **options)(s, t, sl, tl, y)
+    torch.manual_seed(0)
+    with_kd = tsd.create_distill_loss('sa', logit_loss='kd', **options)(s, t, sl, tl, y)
+    assert set(terms) == set(with_kd) - {'sa_kd'} | {'sa_lskd'}
+    w = torch.softmax(tl, -1).gather(1, y[:, None])[:, 0] if weighting == 'teacher_confidence' else None
+    _assert_same({'sa_lskd': terms['sa_lskd']}, 0.5 * _lskd(sl, tl, 2.0, w), [sl])
+    # the feature terms do not depend on the logit term's choice
+    for key in set(terms) - {'sa_lskd'}:
+        torch.testing.assert_close(terms[key], with_kd[key])
+
+
 def _at_map(f):
     a = f.pow(2).mean(1).view(f.shape[0], -1)
     return a / a.norm(dim=1, keepdim=True)

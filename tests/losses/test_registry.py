@@ -42,7 +42,7 @@ def test_third_party_loss_registers_and_duplicates_are_refused():
 
 
 def test_unknown_names_and_bad_classes_are_clear_errors():
-    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'nope'; registered: at, cwd, dist, dkd, fitnet, kd, sa"):
+    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'nope'; registered: at, cwd, dist, dkd, fitnet, kd, lskd, sa"):
         tsd.create_distill_loss('nope')
     with pytest.raises(tsd.UsageError, match='DistillLoss subclasses'):
         tsd.register_distill_loss('plain')(torch.nn.MSELoss)

@@ -243,7 +243,7 @@ def test_teacher_by_name_loads_its_checkpoint_and_never_the_hub(tmp_path, monkey
 def test_unknown_method_and_options_are_clear_errors():
     student = timm.create_model('test_resnet', num_classes=4)
     teacher = timm.create_model('resnet18', num_classes=4)
-    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'sax'; registered: at, cwd, dist, dkd, fitnet, kd, sa"):
+    with pytest.raises(tsd.UsageError, match="Unknown distillation loss 'sax'; registered: at, cwd, dist, dkd, fitnet, kd, lskd, sa"):
         tsd.create_distill_task('sax', student, teacher)
     with pytest.raises(tsd.UsageError, match="'cwd' takes no option 'tua'; it takes student_channels, teacher_channels, tau"):
         tsd.create_distill_task('cwd', student, teacher, img_size=64, tua=2.0)

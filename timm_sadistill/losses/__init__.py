@@ -14,13 +14,15 @@ from .fitnet import FitNetLoss
 from .cwd import CWDLoss
 from .dkd import DKDLoss
 from .dist import DISTLoss, dist_relations
+from .lskd import LSKDLoss, lskd_divergence, standardize_logits
 from .sa import SADistillLoss
 
 __all__ = [
-    'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'DISTLoss', 'SADistillLoss',
+    'DistillLoss', 'KDLoss', 'ATLoss', 'FitNetLoss', 'CWDLoss', 'DKDLoss', 'DISTLoss', 'LSKDLoss', 'SADistillLoss',
     'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'get_distill_loss_class',
     'default_distill_loss',
     'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'HowNotWhat', 'REQUIRED',
     'check_loss_options', 'load_loss_plugins', 'parse_loss_spec',
-    'kd_divergence', 'dist_relations', 'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
+    'kd_divergence', 'lskd_divergence', 'standardize_logits', 'dist_relations',
+    'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
 ]

@@ -20,10 +20,13 @@ from .base import DistillLoss
 from .connectors import ConnectorList, ConnectorName
 from .dist import dist_relations
 from .kd import kd_divergence
+from .lskd import lskd_divergence
 
 __all__ = ['SADistillLoss']
 
-LOGIT_LOSSES = ('kd', 'dist')  # SA's logit term: Hinton's KD, or DIST's inter + intra relations (losses/dist.py)
+# SA's logit term: Hinton's KD, DIST's inter + intra relations (losses/dist.py), or KD on standardised logits
+# (losses/lskd.py)
+LOGIT_LOSSES = ('kd', 'dist', 'lskd')
 LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
 
 
@@ -56,7 +59,9 @@ class SADistillLoss(DistillLoss):
         L_att,k  = 1/B * sum_b || a(S')_b - a(T)_b ||_2^2,   a(X)_b = normalize_i(mean_c |X_{b,c,i}|^p)
         SA       = mean_k (alpha * L_dist,k + beta * L_att,k)  (+ kd_weight * logit term(logits, temperature))
 
-    The logit term is KD (``logit_loss='kd'``) or DIST's L_inter + L_intra (``logit_loss='dist'``, beta = gamma = 1).
+    The logit term is KD (``logit_loss='kd'``), DIST's L_inter + L_intra (``logit_loss='dist'``, beta = gamma = 1),
+    or LSKD, KD on each sample's z-scored logits (``logit_loss='lskd'``, `lskd_divergence`; temperature is its base
+    temperature).
     ``logit_weighting='teacher_confidence'`` weights sample b's KD divergence (DIST: its inter term; the intra term
     spans the batch) by w_b = softmax(t_b)[y_b], the teacher's probability of the label at temperature 1 (for soft
     targets, sum_k softmax(t_b)_k y_bk), so samples the teacher gets wrong teach less: the reliability weighting of
@@ -74,7 +79,7 @@ class SADistillLoss(DistillLoss):
         beta: weight of the attention-map term.
         kd_weight: weight of the logit term (0: off).
         temperature: temperature of the logit term.
-        logit_loss: the logit term, 'kd' (KL divergence) or 'dist' (DIST's correlations; sensible at temperature 1).
+        logit_loss: the logit term, 'kd' (KL), 'dist' (DIST's correlations, at T 1) or 'lskd' (KL of z-scored logits, T 2).
         logit_weighting: per-sample weight of the logit term: 'none', or 'teacher_confidence' (the teacher's p of the label).
         connector: student->teacher connector.
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
@@ -88,8 +93,8 @@ class SADistillLoss(DistillLoss):
 
     Reference: Wang & Liu, "Knowledge distillation algorithm based on spatial attention map", Application Research
     of Computers 41(6), 2024; built from CWD (Shu 2021), AT (Zagoruyko 2017) and a SimKD-style connector.
-    Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd') or ``'sa_dist_logits'``
-    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term); ``'sa_cam'`` when the loss has the heads'
+    Terms: ``{'sa_dist', 'sa_att'}`` and, when kd_weight > 0, ``'sa_kd'`` (logit_loss 'kd'), ``'sa_dist_logits'``
+    (logit_loss 'dist'; ``sa_dist`` is the spatial-distribution term) or ``'sa_lskd'`` (logit_loss 'lskd'); ``'sa_cam'`` when the loss has the heads'
     maps (``head_maps``, which needs cam_weight > 0; `cam_terms`).
 
     The CAM term takes an extra last stage pair, the maps each model's head takes (a task taps them:
@@ -260,7 +265,9 @@ class SADistillLoss(DistillLoss):
                 inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
                 terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
             else:
-                terms['sa_kd'] = self.kd_weight * kd_divergence(student_logits, teacher_logits, self.temperature, weight)
+                divergence = lskd_divergence if self.logit_loss == 'lskd' else kd_divergence
+                terms[f'sa_{self.logit_loss}'] = self.kd_weight * divergence(
+                    student_logits, teacher_logits, self.temperature, weight)
         return terms
 
     def sample_weights(self, teacher_logits: torch.Tensor, target: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
