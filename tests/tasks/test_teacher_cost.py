@@ -158,8 +158,10 @@ def test_bad_flag_values_are_one_line_naming_the_flag(capsys, tmp_path):
                     capsys)
     assert "--teacher-amp-dtype: invalid choice: 'fp8'" in line
     line = run_main(common + FLAGS + ['--teacher-compile'], capsys)
+    default = tsd.losses.default_distill_loss()
+    others = ', '.join(name for name in tsd.list_distill_losses() if name != default)
     assert line == ('timm-sadistill train: error: --teacher-amp-dtype/--teacher-compile apply to a teacher: add '
-                    '--distill sa (or at, cwd, dist, dkd, fitnet, kd) and --teacher, or drop them.')
+                    f'--distill {default} (or {others}) and --teacher, or drop them.')
     logging.root.handlers.clear()
 
 
