@@ -23,8 +23,9 @@ class CheckpointReadError(UsageError):
     """A checkpoint file is missing, truncated or not a checkpoint: the user's file, so a `UsageError`."""
 
 
-def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
-    """Raise `CheckpointReadError` unless ``path`` is a complete safetensors file or torch zip archive.
+def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> Any:
+    """Raise `CheckpointReadError` unless ``path`` is a complete safetensors file or torch zip archive; the torch
+    checkpoint's contents as `load_checkpoint` reads them (None for safetensors), so a caller reads it once.
 
     Reads only headers (the safetensors metadata, the zip central directory and the pickled structure, which must
     be weights only: a pickle that could run code is refused), never the tensors; a legacy (non-zip) torch pickle
@@ -51,8 +52,9 @@ def check_checkpoint_readable(path: str, what: str = 'Checkpoint') -> None:
             f"{str(e).splitlines()[0][:160]}). Pass another file, e.g. model_best.pth.tar or an earlier "
             "checkpoint-N.pth.tar from the same folder."
         ) from e
-    if not path.endswith('.safetensors'):  # timm and torch.load would refuse a pickle with code in it as a traceback
-        load_checkpoint(path, what)
+    if path.endswith('.safetensors'):
+        return None
+    return load_checkpoint(path, what)  # timm and torch.load would refuse a pickle with code in it as a traceback
 
 
 def _is_zip(path: str) -> bool:

@@ -20,7 +20,7 @@ from timm.utils.model import unwrap_model
 
 from . import ops
 from ._atomic import atomic_write
-from ._checkpoint_checks import check_checkpoint_readable, load_checkpoint, state_dict_mismatch
+from ._checkpoint_checks import check_checkpoint_readable, state_dict_mismatch
 from .errors import MissingExtraError, UsageError
 from .losses.sa import SADistillLoss
 from .tasks.distill_task import DistillTask
@@ -266,11 +266,10 @@ def load_images(paths: List[str], model: torch.nn.Module, img_size: Optional[int
 
 def _read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     """(student state_dict, task_state or None) from a ``train`` checkpoint or a bare student file."""
-    check_checkpoint_readable(path, 'Student checkpoint')
+    checkpoint = check_checkpoint_readable(path, 'Student checkpoint')
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         return load_file(path), None
-    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UsageError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a train run's "
                          "last.pth.tar or model.safetensors")

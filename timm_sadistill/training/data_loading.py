@@ -60,15 +60,19 @@ def _skip_hidden(reader: ReaderImageFolder, class_map: str) -> None:
 
     def hidden(path: str) -> str:
         """The part of ``path`` below the root up to its first hidden name, or ''."""
-        parts = path[prefix:].split(os.sep)
-        first = next((i for i, part in enumerate(parts) if part.startswith('.')), None)
-        return '' if first is None else '/'.join(parts[:first + 1])
+        below = path[prefix:]
+        if not below.startswith('.') and os.sep + '.' not in below:  # nearly every path: no split needed
+            return ''
+        parts = below.split(os.sep)
+        first = next(i for i, part in enumerate(parts) if part.startswith('.'))
+        return '/'.join(parts[:first + 1])
 
-    skipped = sorted({hidden(path) for path, _ in reader.samples} - {''})
+    marks = [hidden(path) for path, _ in reader.samples]
+    skipped = sorted(set(marks) - {''})
     if not skipped:
         return
     index_to_class = {index: name for name, index in reader.class_to_idx.items()}
-    samples = [(path, index_to_class[target]) for path, target in reader.samples if not hidden(path)]
+    samples = [(path, index_to_class[target]) for (path, target), mark in zip(reader.samples, marks) if not mark]
     if not class_map:  # timm's own numbering: the sorted names of the folders that hold images
         names = sorted({name for _, name in samples}, key=natural_key)
         reader.class_to_idx = {name: index for index, name in enumerate(names)}
@@ -77,14 +81,14 @@ def _skip_hidden(reader: ReaderImageFolder, class_map: str) -> None:
                     f"{', '.join(skipped)}.")
 
 
-def _check_class_map(class_map: str, data_dir: str) -> None:
-    """A ``--class-map`` text file names each class once, one a line, none blank: timm's reader would number a
-    duplicate twice (leaving an index no folder has) and make a class of a blank line."""
-    path = class_map if os.path.exists(class_map) else os.path.join(data_dir, class_map)
-    if not class_map.lower().endswith('.txt') or not os.path.isfile(path):
-        return  # a missing file and timm's other formats are refused by the checks of the flags
+def _check_class_map(class_map: str) -> None:
+    """A ``--class-map`` text file (its existence is `check_train_flags`'s) names each class once, one a line, none
+    blank: timm's reader would number a duplicate twice (leaving an index no folder has) and make a class of a blank
+    line."""
+    if not class_map.lower().endswith('.txt'):
+        return  # timm's pickled maps are dicts: a name cannot repeat
     seen: Dict[str, int] = {}
-    with open(path, encoding='utf-8') as f:
+    with open(class_map, encoding='utf-8') as f:
         for number, line in enumerate(f, 1):
             name = line.strip()
             if not name:
@@ -164,7 +168,7 @@ def create_datasets(args: argparse.Namespace, in_chans: int = 3) -> Tuple[Datase
         if not os.path.exists(args.data_dir):
             raise UsageError(f"Data folder '{args.data_dir}' does not exist; pass an existing --data-dir.")
     if args.class_map:
-        _check_class_map(args.class_map, args.data_dir or '')
+        _check_class_map(args.class_map)
     input_img_mode = 'RGB' if in_chans == 3 else 'L'
     common = dict(class_map=args.class_map, batch_size=args.batch_size, input_img_mode=input_img_mode)
     dataset_eval = None

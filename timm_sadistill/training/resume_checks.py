@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any, Optional
 
-from .._checkpoint_checks import check_checkpoint_readable, load_checkpoint
+from .._checkpoint_checks import check_checkpoint_readable
 from ..errors import UsageError
 from ..losses import loss_options
 from .run_folder import CHECKPOINT_FILES, LOCK_FILE, present_files
@@ -41,8 +41,7 @@ def read_resume_checkpoint(path: str, output: Optional[str] = None) -> Optional[
     connector state to continue from. The file is loaded once, here. ``output`` (``--output``) names the run's
     ``--experiment`` in the hint for a run that stopped before its first checkpoint."""
     _check_exists(path, output)
-    check_checkpoint_readable(path, '--resume checkpoint')
-    checkpoint = None if path.endswith('.safetensors') else load_checkpoint(path)
+    checkpoint = check_checkpoint_readable(path, '--resume checkpoint')
     if not (isinstance(checkpoint, dict) and 'state_dict' in checkpoint and 'epoch' in checkpoint):
         raise UsageError(f"--resume '{path}' holds model weights, not a training checkpoint (no epoch or optimizer "
                          "state); continue a run with its last.pth.tar, or start from these weights with "

@@ -186,13 +186,11 @@ def _record_distill_choices(args: argparse.Namespace, task: TrainingTask) -> str
 
 
 def _log_teacher_accuracy(task, loader_eval, args, device, amp_autocast) -> None:
-    """Log the teacher's validation top-1, over the logits it is distilled with (those of the data's classes, for a
-    teacher that knows more): a teacher that does not know the task cannot teach it."""
-    teacher = task.teacher
-
+    """Log the teacher's validation top-1, over the logits it is distilled with (`DistillTask.teacher_outputs`: those
+    of the data's classes for a teacher that knows more, in its autocast dtype): a teacher that does not know the task
+    cannot teach it."""
     def predict(input: torch.Tensor) -> torch.Tensor:
-        return task.restrict_teacher_logits(teacher.model(teacher.normalize_input(input, task.student_mean,
-                                                                                  task.student_std)))
+        return task.teacher_outputs(task.teacher_input(input))[0]
 
     metrics = validate(predict, loader_eval, args, device, amp_autocast, log_name='Teacher')
     if utils.is_primary(args):
