@@ -138,3 +138,40 @@ def test_teacher_confidence_weights_each_samples_logit_term_by_the_teachers_prob
     assert torch.allclose(loss([s_feat], [t_feat], s, t, soft)[key], got[key])
     with pytest.raises(tsd.UsageError, match='needs the labels'):
         loss([s_feat], [t_feat], s, t)
+
+
+def _sa_logit_term(y, **options):
+    """SA's KD logit term at T 2 on fixed logits where the teacher's top class is the label for samples 0 and 2 only."""
+    g = torch.Generator().manual_seed(4)
+    s_feat, t_feat = torch.randn(4, 8, 4, 4, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+    s = torch.randn(4, 5, generator=g) * 2
+    t = torch.tensor([[4.0, 1, 0, -1, 2], [3.0, 0, 1, 2, -2], [0.0, 1, 5, 2, 1], [1.0, 2, 0, 0, 3]])
+    loss = tsd.create_distill_loss('sa', student_channels=[8], teacher_channels=[16], temperature=2.0, **options)
+    return s, t, loss([s_feat], [t_feat], s, t, y)['sa_kd'], lambda target: loss([s_feat], [t_feat], s, t, target)
+
+
+def _kd_rows(s, t, temperature):
+    p_s, p_t = _softmax(s.double().numpy() / temperature), _softmax(t.double().numpy() / temperature)
+    return temperature ** 2 * (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+
+
+def test_teacher_correct_turns_the_logit_term_off_where_the_teachers_top_class_is_not_the_label():
+    y = torch.tensor([0, 2, 2, 1])  # the teacher's top classes are 0, 0, 2, 4
+    s, t, got, call = _sa_logit_term(y, logit_weighting='teacher_correct')
+    per_sample = _kd_rows(s, t, 2.0)
+    assert float(got) == pytest.approx((per_sample[0] + per_sample[2]) / 4, rel=1e-5)  # still divided by B
+    assert torch.allclose(call(torch.nn.functional.one_hot(y, 5).float() * 0.9 + 0.02)['sa_kd'], got)  # soft: its top class
+    with pytest.raises(tsd.UsageError, match='needs the labels'):
+        call(None)
+
+
+def test_swap_trades_the_teachers_logits_of_its_top_class_and_the_label_where_they_differ():
+    y = torch.tensor([0, 2, 2, 1])
+    s, t, got, call = _sa_logit_term(y, teacher_correction='swap')
+    corrected = t.clone()
+    corrected[1, [0, 2]] = torch.tensor([1.0, 3.0])  # top class 0 (3.0) and label 2 (1.0) trade
+    corrected[3, [4, 1]] = torch.tensor([2.0, 3.0])  # top class 4 (3.0) and label 1 (2.0) trade
+    assert float(got) == pytest.approx(_kd_rows(s, corrected, 2.0).mean(), rel=1e-5)
+    assert float(got) != pytest.approx(_kd_rows(s, t, 2.0).mean(), rel=1e-3)
+    with pytest.raises(tsd.UsageError, match='needs the labels'):
+        call(None)

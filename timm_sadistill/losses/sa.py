@@ -27,7 +27,8 @@ __all__ = ['SADistillLoss']
 # SA's logit term: Hinton's KD, DIST's inter + intra relations (losses/dist.py), or KD on standardised logits
 # (losses/lskd.py)
 LOGIT_LOSSES = ('kd', 'dist', 'lskd')
-LOGIT_WEIGHTINGS = ('none', 'teacher_confidence')  # how each sample's logit term is weighted
+LOGIT_WEIGHTINGS = ('none', 'teacher_confidence', 'teacher_correct')  # how each sample's logit term is weighted
+TEACHER_CORRECTIONS = ('none', 'swap')  # what the logit term does with the teacher's logits where it is wrong
 
 
 def _class_activation_maps(model: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -51,6 +52,16 @@ def spatial_attention_distance(s: torch.Tensor, t: torch.Tensor, p: float, backe
     return (ops.spatial_attention(s, p, backend=backend) - ops.spatial_attention(t, p, backend=backend)).pow(2).sum(-1).mean()
 
 
+def swap_label_and_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits with, in each row b whose top class a differs from labels[b] = y, z_ba and z_by traded (knowledge
+    adjustment, Wen et al. 2021): y becomes the top class, every other logit stays; rows already right are unchanged."""
+    top = logits.argmax(dim=-1, keepdim=True)
+    label = labels.view(-1, 1)
+    z_top, z_label = logits.gather(-1, top), logits.gather(-1, label)
+    # where top == label both writes put back the value already there
+    return logits.scatter(-1, top, z_label).scatter(-1, label, z_top)
+
+
 @register_distill_loss('sa', default=True)
 class SADistillLoss(DistillLoss):
     """SA: per stage pair k, with S'_k = g_k(S_k) the student map through a conv connector, resized to (Ht, Wt):
@@ -66,7 +77,13 @@ class SADistillLoss(DistillLoss):
     spans the batch) by w_b = softmax(t_b)[y_b], the teacher's probability of the label at temperature 1 (for soft
     targets, sum_k softmax(t_b)_k y_bk), so samples the teacher gets wrong teach less: the reliability weighting of
     weighted soft labels (Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
-    Perspective", ICLR 2021) and confidence-aware KD, in its simplest form. It needs the labels.
+    Perspective", ICLR 2021) and confidence-aware KD, in its simplest form. ``logit_weighting='teacher_correct'``
+    is its hard form, w_b = [argmax_k t_bk == y_b]: the logit term is off for the samples whose label the teacher
+    gets wrong, where it would teach the student to contradict the label. ``teacher_correction='swap'`` keeps every
+    sample and corrects the teacher instead: where argmax_k t_bk = a != y_b, the logits t_ba and t_by trade places
+    (`swap_label_and_argmax`), so the label is the teacher's top class and the rest of its distribution is kept
+    (knowledge adjustment: Wen, Lai & Qian, "Preparing Lessons: Improve Knowledge Distillation with Better
+    Supervision", Neurocomputing 454, 2021). All three need the labels (soft targets: their top class).
 
     Shapes: student features (B, Cs_k, Hs_k, Ws_k), teacher features (B, Ct_k, Ht_k, Wt_k), logits (B, K).
     Both terms of a stage come from one fused pass (``ops.spatial_kl_and_attention``: Triton on CUDA, PyTorch otherwise).
@@ -80,7 +97,10 @@ class SADistillLoss(DistillLoss):
         kd_weight: weight of the logit term (0: off).
         temperature: temperature of the logit term.
         logit_loss: the logit term, 'kd' (KL), 'dist' (DIST's correlations, at T 1) or 'lskd' (KL of z-scored logits, T 2).
-        logit_weighting: per-sample weight of the logit term: 'none', or 'teacher_confidence' (the teacher's p of the label).
+        logit_weighting: per-sample weight of the logit term: 'none', 'teacher_confidence' (the teacher's p of the
+            label) or 'teacher_correct' (1 where the teacher's top class is the label, else 0).
+        teacher_correction: 'none', or 'swap' (the teacher's logits of its top class and of the label trade places
+            where they differ).
         connector: student->teacher connector.
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
@@ -119,6 +139,7 @@ class SADistillLoss(DistillLoss):
             temperature: Annotated[float, Positive] = 16.0,
             logit_loss: Literal[LOGIT_LOSSES] = 'kd',
             logit_weighting: Literal[LOGIT_WEIGHTINGS] = 'none',
+            teacher_correction: Literal[TEACHER_CORRECTIONS] = 'none',
             connector: ConnectorName = 'conv1x1',
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
@@ -136,6 +157,7 @@ class SADistillLoss(DistillLoss):
         self.temperature = temperature
         self.logit_loss = logit_loss
         self.logit_weighting = logit_weighting
+        self.teacher_correction = teacher_correction
         self.backend = backend
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
@@ -261,6 +283,8 @@ class SADistillLoss(DistillLoss):
                                  "pass them, or {option:0} to distil features only.", option='kd_weight',
                                  loss=self.loss_name)
             weight = self.sample_weights(teacher_logits, target)
+            if self.teacher_correction == 'swap':
+                teacher_logits = swap_label_and_argmax(teacher_logits, self.hard_labels(target, 'teacher_correction'))
             if self.logit_loss == 'dist':
                 inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
                 terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
@@ -274,6 +298,9 @@ class SADistillLoss(DistillLoss):
         """(B,) weights of the logit term's samples, or None for uniform ones (``logit_weighting='none'``)."""
         if self.logit_weighting == 'none':
             return None
+        if self.logit_weighting == 'teacher_correct':
+            y = self.hard_labels(target, 'logit_weighting')
+            return (teacher_logits.detach().argmax(dim=-1) == y).float()
         if target is None:
             raise UsageError("{option:'teacher_confidence'} needs the labels: pass target (the task does), "
                              "or {option:'none'}.", option='logit_weighting', loss=self.loss_name)
@@ -281,3 +308,10 @@ class SADistillLoss(DistillLoss):
         if target.dim() == 2:
             return (p_t * target.float()).sum(-1)
         return p_t.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+
+    def hard_labels(self, target: Optional[torch.Tensor], option: str) -> torch.Tensor:
+        """(B,) class indices of ``target``: the labels, or the top class of soft targets (mixup, label smoothing)."""
+        if target is None:
+            raise UsageError(f"{{option:{getattr(self, option)!r}}} needs the labels: pass target (the task does), "
+                             "or {option:'none'}.", option=option, loss=self.loss_name)
+        return target.argmax(dim=-1) if target.dim() == 2 else target.long()
