@@ -219,9 +219,9 @@ SETTINGS = {
                                teacher_sees_student_images=False, teacher_label_bias=0.3, teacher_epochs=20,
                                epochs=30),
     # natural photographs, a real teacher from elsewhere (resnet18 on the 64 train tiles a class that are not the
-    # student's): 66.1 top-1 against 64.7 for the plain student on 20 tiles a class (tuning seeds 100-103), the
-    # issue's "barely better"; and the same teacher on 30 of those tiles, 56.9, below the student: where logit KD
-    # and SA cost the student (-0.7 and -1.7 on those seeds). Calibration: benchmarks/results/sa-search-v3/rule.md
+    # student's) and the student on 20 tiles a class: the teacher is at 63.6 top-1 against 64.8 for the plain
+    # student (tuning seeds 100-105), and KD at its defaults costs the student 1.1; the same teacher on 30 of those
+    # tiles is at 60.6. Calibration and why: benchmarks/results/weak-teacher/rule.md (and its Amendment 1)
     'photos-weak': Setting('photos-weak', 'photos', 'resnet18', 'test_resnet', per_class=20,
                            teacher_sees_student_images=False, teacher_epochs=20, epochs=30),
     'photos-worse': Setting('photos-worse', 'photos', 'resnet18', 'test_resnet', per_class=20, teacher_per_class=30,
