@@ -124,6 +124,7 @@ def test_sa_student_logs_teacher_accuracy_and_every_loss_term(student_run):
     rows = read_summary(folder)
     assert [r['epoch'] for r in rows] == ['0', '1']
     for column in ('train_loss', 'train_task_loss', 'train_kd_loss', 'train_sa_dist', 'train_sa_att', 'train_sa_kd',
+                   'train_teacher_top1',
                    'eval_top1', 'lr'):
         assert column in rows[0], column
     checkpoint = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)

@@ -49,7 +49,10 @@ def test_result_holds_every_term_and_the_weighted_sum(pattern_data):
     teacher = timm.create_model('resnet18', num_classes=4)
     task = tsd.SADistillTask(student, teacher, img_size=64, distill_loss_weight=0.5, task_loss_weight=2.0, verbose=False)
     out = task(images[:4], labels[:4])
-    assert set(out) == {'loss', 'output', 'task_loss', 'kd_loss', 'sa_dist', 'sa_att', 'sa_kd', 'sa_cam'}
+    assert set(out) == {'loss', 'output', 'task_loss', 'kd_loss', 'sa_dist', 'sa_att', 'sa_kd', 'sa_cam', 'teacher_top1'}
+    with torch.no_grad():
+        right = (teacher(images[:4]).argmax(-1) == labels[:4]).float().mean() * 100
+    torch.testing.assert_close(out['teacher_top1'], right)  # not a term: outside kd_loss
     torch.testing.assert_close(out['kd_loss'], out['sa_dist'] + out['sa_att'] + out['sa_kd'] + out['sa_cam'])
     torch.testing.assert_close(out['loss'], 2.0 * out['task_loss'] + 0.5 * out['kd_loss'])
     assert out['output'].shape == (4, 4)

@@ -87,6 +87,8 @@ def test_model_card_has_the_hub_header_the_recipe_and_the_results(workdir, stude
     for option in ('tau', 'alpha', 'beta', 'kd_weight', 'connector', 'cam_weight'):
         assert f'  - {option}: `' in body, option
     assert '  - beta: `5.0`' in body and '  - epochs: `2`' in body and '  - model_ema: `True`' in body
+    # how often the teacher was right on the training batches of the exported epoch, as summary.csv has it
+    assert f"- **Teacher top-1 on the training batches:** {float(row['train_teacher_top1']):.1f}% (epoch {row['epoch']}," in body
     command = body.split('## Reproduce\n\n```bash\n', 1)[1].split('\n', 1)[0]
     assert command.startswith('timm-sadistill train ') and '--teacher local-dir:out/teacher/model' in command
 

@@ -63,6 +63,14 @@ class DistillTrainableModule(nn.Module):
         return logits, self.distill_loss(feats, teacher_feats, logits, teacher_logits, target)
 
 
+def teacher_top1(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The teacher's top-1 (%) on a training batch, logits (B, K) against labels (B,) or the top class of soft
+    targets (B, K): a teacher from elsewhere is wrong on a share of the student's own images, and there every logit
+    term teaches against the label (docs/results.md#the-weak-teacher-search); each epoch's mean is in summary.csv."""
+    labels = target.argmax(dim=-1) if target.dim() == 2 else target
+    return (teacher_logits.detach().argmax(dim=-1) == labels).float().mean() * 100.0
+
+
 def resolve_loss_weights(
         distill_loss_weight: Optional[float],
         task_loss_weight: Optional[float],
@@ -529,7 +537,10 @@ class DistillTask(TrainingTask):
         with torch.no_grad():
             teacher_logits, teacher_feats = self.teacher_outputs(self.teacher_input(input))
         logits, terms = self.trainable_module(input, teacher_feats, teacher_logits, target)
-        return self.combine(logits, terms, target)
+        result = self.combine(logits, terms, target)
+        if teacher_logits.shape[-1] == logits.shape[-1]:
+            result['teacher_top1'] = teacher_top1(teacher_logits, target)
+        return result
 
     def teacher_outputs(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The teacher's (logits (B, K), [features of each stage]) of its input (`teacher_input`), its logits those

@@ -1,6 +1,7 @@
 """The student a ``train`` run exports: ``<output>/<experiment>/model/`` (a timm model folder with its model card,
 see `timm_sadistill.model_folder`) and, for one more release, the bare ``<output>/<experiment>/model.safetensors``."""
 import argparse
+import csv
 import hashlib
 import logging
 import os
@@ -95,9 +96,24 @@ def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, 
     return details
 
 
+def _teacher_on_training_batches(output_dir: str, epoch: int) -> Dict[str, Any]:
+    """The teacher's top-1 on the training batches of the exported epoch, from its summary.csv row."""
+    path = os.path.join(output_dir, 'summary.csv')
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline='') as f:
+        row = next((r for r in csv.DictReader(f) if r.get('epoch') == str(epoch)), {})
+    value = row.get('train_teacher_top1')
+    if not value:
+        return {}
+    return {'Teacher top-1 on the training batches': f'{float(value):.1f}% (epoch {epoch}, as augmented; the share of '
+            "the student's images whose label the teacher gets right)"}
+
+
 def _model_card(
         task: TrainingTask,
         args: argparse.Namespace,
+        output_dir: str,
         epoch: int,
         data_config: Dict[str, Any],
         label_names: Optional[Sequence[str]],
@@ -109,6 +125,7 @@ def _model_card(
     if args.distill != 'none':
         details.update(_teacher_details(task, args, label_names))
         details.update(_distill_details(task, args))
+        details.update(_teacher_on_training_batches(output_dir, epoch))
         description = (f"A `{args.model}` student distilled from a `{args.teacher}` teacher with timm-sadistill "
                        f"(`--distill {args.distill}`).")
     else:
@@ -153,7 +170,7 @@ def export_student(
                         f"only {LEGACY_WEIGHTS_FILE} is written.")
         save_safetensors_atomic(model.state_dict(), legacy_path, metadata)
         return
-    card = _model_card(task, args, epoch, data_config, label_names, eval_metrics, command)
+    card = _model_card(task, args, output_dir, epoch, data_config, label_names, eval_metrics, command)
     folder = save_model_folder(model, os.path.join(output_dir, MODEL_FOLDER), data_config, label_names, card, metadata)
     with atomic_write(legacy_path) as tmp_path:
         shutil.copyfile(os.path.join(folder, WEIGHTS_FILE), tmp_path)
