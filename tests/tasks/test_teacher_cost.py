@@ -81,6 +81,7 @@ def test_without_the_options_the_step_is_the_one_before_them():
                 teacher_logits, teacher_feats = task.teacher_taps(task.teacher_input(X))
             logits, terms = task.trainable_module(X, teacher_feats, teacher_logits, Y)
             before = task.combine(logits, terms, Y)
+            before['teacher_top1'] = (teacher_logits.argmax(-1) == Y).float().mean() * 100
         assert task.teacher_amp_dtype is None and not hasattr(task.teacher_taps, '_orig_mod')
         assert out.keys() == before.keys()
         for key in out:

@@ -97,10 +97,8 @@ class SADistillLoss(DistillLoss):
         kd_weight: weight of the logit term (0: off).
         temperature: temperature of the logit term.
         logit_loss: the logit term, 'kd' (KL), 'dist' (DIST's correlations, at T 1) or 'lskd' (KL of z-scored logits, T 2).
-        logit_weighting: per-sample weight of the logit term: 'none', 'teacher_confidence' (the teacher's p of the
-            label) or 'teacher_correct' (1 where the teacher's top class is the label, else 0).
-        teacher_correction: 'none', or 'swap' (the teacher's logits of its top class and of the label trade places
-            where they differ).
+        logit_weighting: per-sample weight of the logit term: 'none', 'teacher_confidence' (p of the label) or 'teacher_correct'.
+        teacher_correction: 'none', or 'swap' (where the teacher is wrong, its top class and the label trade logits).
         connector: student->teacher connector.
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
