@@ -51,13 +51,23 @@ def tuning_specs(path: str = os.path.join(RESULTS, 'tuning-specs.txt')) -> Dict[
     return groups
 
 
-def top1(cache: str, setting: str, spec: str, seeds: Sequence[int]) -> Dict[int, float]:
-    """seed -> top-1 of the cached runs; refuses a missing run (a decision on part of the seeds is another one)."""
+def every_run(cache: str, setting: str, spec: str, seeds: Sequence[int]) -> Dict[int, Dict]:
+    """seed -> the cached run; refuses a missing run (a decision on part of the seeds is another one)."""
     runs = sa_search.load_runs(cache, setting, spec, seeds, VIEWS, None)
     if len(runs) < len(seeds):
         missing = sorted(set(seeds) - set(runs))
         raise SystemExit(f'{setting} {spec}: no run for seeds {missing}; run them with benchmarks/sa_search.py first.')
-    return {seed: run['top1'] for seed, run in runs.items()}
+    return runs
+
+
+def top1(cache: str, setting: str, spec: str, seeds: Sequence[int]) -> Dict[int, float]:
+    """seed -> top-1 of the cached runs (`every_run`)."""
+    return {seed: run['top1'] for seed, run in every_run(cache, setting, spec, seeds).items()}
+
+
+def seeds_cell(seeds: Optional[Sequence[int]]) -> str:
+    """A selection table's tuning-seeds cell: the range, or where a setting without tuning runs takes its cells."""
+    return f'{seeds[0]}-{seeds[-1]}' if seeds else f'none: the pooled {" and ".join(POOLED)} selection'
 
 
 def tuned(cache: str, grid: Sequence[str]) -> Dict[str, str]:
@@ -163,9 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     selection = ['## Selection (tuning runs only)', '', '| setting | tuning seeds | tuned KD | tuned DIST |',
                  '|---|---|---|---|']
     for s in HELD_OUT_SEEDS:
-        seeds = TUNING_SEEDS.get(s)
-        where = f'{seeds[0]}-{seeds[-1]}' if seeds else f'none: the pooled {" and ".join(POOLED)} selection'
-        selection.append(f'| {s} | {where} | `{kd[s]}` | `{dist[s]}` |')
+        selection.append(f'| {s} | {seeds_cell(TUNING_SEEDS.get(s))} | `{kd[s]}` | `{dist[s]}` |')
     selection += ['', 'SA configurations for the held-out runs: ' + ', '.join(f'`{c}`' for c in [REFERENCE, *candidates])]
     text = '\n'.join(selection)
     if not args.select:

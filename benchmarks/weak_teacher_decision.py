@@ -11,6 +11,7 @@ import argparse
 import csv
 import os
 import sys
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,10 +34,11 @@ BASELINES = ('kd', 'dist', 'lskd')  # the tuned ones, grids in sa_search.BASELIN
 MAX_COST = sa_decision.MAX_COST
 
 
-def second_search_runs() -> Dict[Tuple[str, str], Dict[int, float]]:
-    """(setting, spec) -> seed -> top-1 of the second search's tuning runs."""
+@lru_cache(maxsize=None)
+def second_search_runs(paths: Tuple[str, ...]) -> Dict[Tuple[str, str], Dict[int, float]]:
+    """(setting, spec) -> seed -> top-1 of the second search's tuning runs in the csv files ``paths``."""
     runs: Dict[Tuple[str, str], Dict[int, float]] = {}
-    for path in SECOND_SEARCH_TUNING:
+    for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
                 runs.setdefault((row['setting'], row['spec']), {})[int(row['seed'])] = float(row['top1'])
@@ -48,7 +50,7 @@ def tuning_top1(cache: str, setting: str, spec: str) -> Dict[int, float]:
     kept, rule.md), everything else from the cache."""
     method = spec.partition('[')[0]
     if method in ('kd', 'dist') and setting in sa_decision.TUNING_SEEDS:
-        runs = second_search_runs().get((setting, spec), {})
+        runs = second_search_runs(tuple(SECOND_SEARCH_TUNING)).get((setting, spec), {})
         return {seed: runs[seed] for seed in TUNING_SEEDS[setting] if seed in runs}
     return sa_decision.top1(cache, setting, spec, TUNING_SEEDS[setting])
 
@@ -87,9 +89,8 @@ def chosen_mechanism(cache: str) -> Tuple[str, List[str]]:
 
 
 def held_out(cache: str, setting: str, spec: str) -> Dict[int, dict]:
-    """seed -> the held-out run (refuses a missing one, as `sa_decision.top1`)."""
-    sa_decision.top1(cache, setting, spec, HELD_OUT_SEEDS)
-    return sa_search.load_runs(cache, setting, spec, HELD_OUT_SEEDS, sa_decision.VIEWS, None)
+    """seed -> the held-out run (refuses a missing one)."""
+    return sa_decision.every_run(cache, setting, spec, HELD_OUT_SEEDS)
 
 
 def verdict(m: float, se: float) -> str:
@@ -236,9 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lines = ['## Selection (tuning runs only)', '', '| setting | tuning seeds | tuned KD | tuned DIST | tuned LSKD |',
              '|---|---|---|---|---|']
     for s in SETTINGS:
-        seeds = TUNING_SEEDS.get(s)
-        where = f'{seeds[0]}-{seeds[-1]}' if seeds else f'none: the pooled {" and ".join(POOLED)} selection'
-        lines.append(f'| {s} | {where} | ' + ' | '.join(f'`{baselines[b][s]}`' for b in BASELINES) + ' |')
+        lines.append(f'| {s} | {sa_decision.seeds_cell(TUNING_SEEDS.get(s))} | ' + ' | '.join(f'`{baselines[b][s]}`' for b in BASELINES) + ' |')
     lines += ['', 'Mechanisms on the tuning seeds, paired against none (mean ± SE (wins/n)):', '', *table, '',
               f'**Chosen mechanism:** `{mechanism}`.']
     if not args.select:

@@ -6,11 +6,17 @@ import torch.nn as nn
 
 from ..errors import UsageError
 
-__all__ = ['DistillLoss', 'TASK_FILLED']
+__all__ = ['DistillLoss', 'TASK_FILLED', 'label_indices']
 
 # the keywords a task fills in from its taps (the channels of each stage pair, and whether the last pair is the maps
 # the heads take, for a loss that `uses_final_pair`): not options, so no flag, not recorded, not compared on resume
 TASK_FILLED = ('student_channels', 'teacher_channels', 'head_maps')
+
+
+def label_indices(target: torch.Tensor) -> torch.Tensor:
+    """(B,) class indices of a target: labels (B,) as they are, soft targets (B, K) (mixup, label smoothing) their top
+    class."""
+    return target.argmax(dim=-1) if target.dim() == 2 else target.long()
 
 
 def _refuse_an_empty_batch(loss: 'DistillLoss', inputs: tuple) -> None:

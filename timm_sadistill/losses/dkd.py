@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ._loss_options import NonNegative, Positive
 from ._registry import register_distill_loss
-from .base import DistillLoss
+from .base import DistillLoss, label_indices
 
 __all__ = ['DKDLoss']
 
@@ -48,7 +48,7 @@ class DKDLoss(DistillLoss):
                 target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         if target is None:
             raise UsageError("DKD needs the labels: pass target=(B,) class indices (the task passes its target).")
-        labels = target.argmax(dim=-1) if target.dim() == 2 else target
+        labels = label_indices(target)
         tau = self.temperature
         s = student_logits.float() / tau
         t = teacher_logits.float() / tau

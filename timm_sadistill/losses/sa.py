@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..features import head_layout
 from ._loss_options import HowNotWhat, NonNegative, Positive
 from ._registry import loss_options, register_distill_loss
-from .base import DistillLoss
+from .base import DistillLoss, label_indices
 from .connectors import ConnectorList, ConnectorName
 from .dist import dist_relations
 from .kd import kd_divergence
@@ -282,7 +282,8 @@ class SADistillLoss(DistillLoss):
                                  loss=self.loss_name)
             weight = self.sample_weights(teacher_logits, target)
             if self.teacher_correction == 'swap':
-                teacher_logits = swap_label_and_argmax(teacher_logits, self.hard_labels(target, 'teacher_correction'))
+                labels = label_indices(self.needed_target(target, 'teacher_correction'))
+                teacher_logits = swap_label_and_argmax(teacher_logits, labels)
             if self.logit_loss == 'dist':
                 inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
                 terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
@@ -296,20 +297,17 @@ class SADistillLoss(DistillLoss):
         """(B,) weights of the logit term's samples, or None for uniform ones (``logit_weighting='none'``)."""
         if self.logit_weighting == 'none':
             return None
+        target = self.needed_target(target, 'logit_weighting')
         if self.logit_weighting == 'teacher_correct':
-            y = self.hard_labels(target, 'logit_weighting')
-            return (teacher_logits.detach().argmax(dim=-1) == y).float()
-        if target is None:
-            raise UsageError("{option:'teacher_confidence'} needs the labels: pass target (the task does), "
-                             "or {option:'none'}.", option='logit_weighting', loss=self.loss_name)
+            return (teacher_logits.detach().argmax(dim=-1) == label_indices(target)).float()
         p_t = teacher_logits.detach().float().softmax(dim=-1)
         if target.dim() == 2:
             return (p_t * target.float()).sum(-1)
         return p_t.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
 
-    def hard_labels(self, target: Optional[torch.Tensor], option: str) -> torch.Tensor:
-        """(B,) class indices of ``target``: the labels, or the top class of soft targets (mixup, label smoothing)."""
+    def needed_target(self, target: Optional[torch.Tensor], option: str) -> torch.Tensor:
+        """``target``, which ``option``'s value (not 'none') needs: refused when missing."""
         if target is None:
             raise UsageError(f"{{option:{getattr(self, option)!r}}} needs the labels: pass target (the task does), "
                              "or {option:'none'}.", option=option, loss=self.loss_name)
-        return target.argmax(dim=-1) if target.dim() == 2 else target.long()
+        return target

@@ -1,7 +1,6 @@
 """The student a ``train`` run exports: ``<output>/<experiment>/model/`` (a timm model folder with its model card,
 see `timm_sadistill.model_folder`) and, for one more release, the bare ``<output>/<experiment>/model.safetensors``."""
 import argparse
-import csv
 import hashlib
 import logging
 import os
@@ -16,6 +15,7 @@ from timm.utils import unwrap_model
 
 from .._atomic import atomic_write, save_safetensors_atomic
 from ..tasks.teacher_classes import describe_mapping
+from .run_folder import summary_row
 from ..model_folder import (
     CARD_FILE, CONFIG_FILE, MODEL_FOLDER_SUPPORTED, WEIGHTS_FILE, ModelCard, model_folder_of, model_folder_weights,
     save_model_folder,
@@ -98,12 +98,7 @@ def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, 
 
 def _teacher_on_training_batches(output_dir: str, epoch: int) -> Dict[str, Any]:
     """The teacher's top-1 on the training batches of the exported epoch, from its summary.csv row."""
-    path = os.path.join(output_dir, 'summary.csv')
-    if not os.path.isfile(path):
-        return {}
-    with open(path, newline='') as f:
-        row = next((r for r in csv.DictReader(f) if r.get('epoch') == str(epoch)), {})
-    value = row.get('train_teacher_top1')
+    value = summary_row(output_dir, epoch).get('train_teacher_top1')
     if not value:
         return {}
     return {'Teacher top-1 on the training batches': f'{float(value):.1f}% (epoch {epoch}, as augmented; the share of '

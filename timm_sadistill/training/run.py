@@ -13,7 +13,6 @@ timm's: ``<output>/<experiment>/`` with args.yaml, summary.csv, last.pth.tar, mo
 teacher ``--teacher`` names, its weights checked, and the task's keyword arguments.
 """
 import argparse
-import csv
 import logging
 import os
 from contextlib import nullcontext, suppress
@@ -49,7 +48,8 @@ from .export import export_student, exported_epoch, label_names_of
 from .loop import RunOutputs, Training, train_epochs, validate
 from .resume_checks import check_resume_distill, check_resume_matches, read_resume_checkpoint
 from .run_folder import (
-    check_experiment, check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, trim_summary,
+    check_experiment, check_output_path, continue_hint, create_run_folder, disk_full_is_usage_error, summary_row,
+    trim_summary,
 )
 from .run_name import timestamp_name
 
@@ -482,12 +482,8 @@ def _reload(task: TrainingTask, checkpoint: str) -> None:
 
 def _eval_metrics_of(output_dir: str, epoch: int) -> Optional[Dict[str, float]]:
     """The validation top-1 and top-5 of ``epoch`` in the run's summary.csv; None without them."""
-    path = os.path.join(output_dir, 'summary.csv')
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline='') as f:
-        row = next((row for row in csv.DictReader(f) if row.get('epoch') == str(epoch)), None)
-    if not row or not row.get('eval_top1') or not row.get('eval_top5'):
+    row = summary_row(output_dir, epoch)
+    if not row.get('eval_top1') or not row.get('eval_top5'):
         return None
     return {'top1': float(row['eval_top1']), 'top5': float(row['eval_top5'])}
 

@@ -293,6 +293,15 @@ def append_summary(path: str, epoch: int, train_metrics: Dict[str, float], eval_
         update_summary(epoch, train_metrics, eval_metrics, filename=tmp_path, lr=lr, write_header=not has_rows)
 
 
+def summary_row(output_dir: str, epoch: int) -> Dict[str, str]:
+    """The summary.csv row of ``epoch`` in the run folder ``output_dir``: {} when the file or the row is missing."""
+    path = os.path.join(output_dir, 'summary.csv')
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline='') as f:
+        return next((row for row in csv.DictReader(f) if row.get('epoch') == str(epoch)), {})
+
+
 def trim_summary(path: str, start_epoch: int) -> None:
     """Keep the rows of ``summary.csv`` before ``start_epoch``: a run killed after writing an epoch's row but before
     its checkpoint repeats that epoch when resumed, and each epoch must appear once."""
