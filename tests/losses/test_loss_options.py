@@ -20,7 +20,7 @@ from timm_sadistill.losses import _registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SA_FLAGS = ['--sa-tau', '--sa-p', '--sa-alpha', '--sa-beta', '--sa-kd-weight', '--sa-logit-loss', '--sa-logit-weighting',
-            '--sa-teacher-correction', '--sa-connector', '--sa-backend',
+            '--sa-teacher-correction', '--sa-gate', '--sa-connector', '--sa-backend',
             '--sa-standardize', '--sa-warmup-steps', '--sa-cam-weight']
 
 
@@ -313,4 +313,10 @@ def test_resume_compares_what_the_loss_computes_not_how():
         check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 2.0, 'backend': 'triton'}))
     # the error carries the option, which the command line words with its flag
     assert '--sa-tau 4.0, this command has --sa-tau 2.0' in refused.value.worded(
+        option_flag(refused.value.option, refused.value.loss), ' ')
+    # a run from before an option existed ran as its default: the gate (whose state the run did not save) is refused
+    check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'tau': 4.0, 'gate': 'none'}))
+    with pytest.raises(UsageError) as refused:
+        check_resume_distill('last.pth.tar', then, Namespace(distill='sa', distill_options={'gate': 'while_ahead'}))
+    assert "--sa-gate none, this command has --sa-gate while_ahead" in refused.value.worded(
         option_flag(refused.value.option, refused.value.loss), ' ')

@@ -35,11 +35,12 @@ def teacher(workdir) -> Path:
 
 @pytest.fixture(scope='module')
 def student(workdir, teacher) -> Path:
-    """An SA student, with EMA, distilled from the teacher's folder: no --teacher-checkpoint, no --num-classes."""
+    """An SA student, with EMA and the teacher-lead gate, distilled from the teacher's folder: no
+    --teacher-checkpoint, no --num-classes."""
     check_ok(run_cli(['train', '--data-dir', 'data', '--model', STUDENT, '--distill', 'sa', '--teacher',
                       'local-dir:out/teacher/model', '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9',
-                      '--sa-beta', '5', '--output', 'out', '--experiment', 'student'] + FLAGS_WITHOUT_CLASSES
-                     + PREPROCESSING, workdir))
+                      '--sa-beta', '5', '--sa-gate', 'while_ahead', '--output', 'out', '--experiment', 'student']
+                     + FLAGS_WITHOUT_CLASSES + PREPROCESSING, workdir))
     return workdir / 'out' / 'student'
 
 
@@ -89,6 +90,11 @@ def test_model_card_has_the_hub_header_the_recipe_and_the_results(workdir, stude
     assert '  - beta: `5.0`' in body and '  - epochs: `2`' in body and '  - model_ema: `True`' in body
     # how often the teacher was right on the training batches of the exported epoch, as summary.csv has it
     assert f"- **Teacher top-1 on the training batches:** {float(row['train_teacher_top1']):.1f}% (epoch {row['epoch']}," in body
+    # and what the gate decided on them: the share of batches it let the distillation term on
+    gate = float(row['train_distill_gate'])
+    assert 0 <= gate <= 1 and '  - gate: `while_ahead`' in body
+    assert f"- **Distillation gate:** on for {100 * gate:.0f}% of the training batches of epoch {row['epoch']} (" \
+        in body
     command = body.split('## Reproduce\n\n```bash\n', 1)[1].split('\n', 1)[0]
     assert command.startswith('timm-sadistill train ') and '--teacher local-dir:out/teacher/model' in command
 

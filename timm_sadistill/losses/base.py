@@ -124,6 +124,12 @@ class DistillLoss(nn.Module):
         teacher logits a loss is given are restricted to them already; a loss that runs the teacher's head itself
         restricts what the head gives, as the task does (indices into its last dimension of classes)."""
 
+    def reports(self) -> Dict[str, torch.Tensor]:
+        """Scalars (0-dim tensors) that describe the last forward and are not terms of the loss (what a gate
+        decided): the task returns them beside the terms, outside ``kd_loss``, and a run logs them each epoch
+        (summary.csv ``train_<name>``). None here."""
+        return {}
+
     def check_features(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when the features do not match the channels this loss was built for."""
         got_s = [f.shape[1] for f in student_feats]

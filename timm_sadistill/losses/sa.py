@@ -21,6 +21,7 @@ from .connectors import ConnectorList, ConnectorName
 from .dist import dist_relations
 from .kd import kd_divergence
 from .lskd import lskd_divergence
+from .teacher_lead_gate import GATES, TeacherLeadGate
 
 __all__ = ['SADistillLoss']
 
@@ -99,6 +100,7 @@ class SADistillLoss(DistillLoss):
         logit_loss: the logit term, 'kd' (KL), 'dist' (DIST's correlations, at T 1) or 'lskd' (KL of z-scored logits, T 2).
         logit_weighting: per-sample weight of the logit term: 'none', 'teacher_confidence' (p of the label) or 'teacher_correct'.
         teacher_correction: 'none', or 'swap' (where the teacher is wrong, its top class and the label trade logits).
+        gate: distil only while the teacher's running train top-1 beats the student's: 'none', 'while_ahead', 'until_caught_up'.
         connector: student->teacher connector.
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
@@ -138,6 +140,7 @@ class SADistillLoss(DistillLoss):
             logit_loss: Literal[LOGIT_LOSSES] = 'kd',
             logit_weighting: Literal[LOGIT_WEIGHTINGS] = 'none',
             teacher_correction: Literal[TEACHER_CORRECTIONS] = 'none',
+            gate: Literal[GATES] = 'none',
             connector: ConnectorName = 'conv1x1',
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
@@ -156,6 +159,8 @@ class SADistillLoss(DistillLoss):
         self.logit_loss = logit_loss
         self.logit_weighting = logit_weighting
         self.teacher_correction = teacher_correction
+        self.gate = gate
+        self.teacher_lead = TeacherLeadGate(gate) if gate != 'none' else None
         self.backend = backend
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
@@ -280,18 +285,33 @@ class SADistillLoss(DistillLoss):
                 raise UsageError(f"SA's logit term ({{option:{self.kd_weight}}}) needs student and teacher logits; "
                                  "pass them, or {option:0} to distil features only.", option='kd_weight',
                                  loss=self.loss_name)
-            weight = self.sample_weights(teacher_logits, target)
-            if self.teacher_correction == 'swap':
-                labels = label_indices(self.needed_target(target, 'teacher_correction'))
-                teacher_logits = swap_label_and_argmax(teacher_logits, labels)
-            if self.logit_loss == 'dist':
-                inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
-                terms['sa_dist_logits'] = self.kd_weight * (inter + intra)
-            else:
-                divergence = lskd_divergence if self.logit_loss == 'lskd' else kd_divergence
-                terms[f'sa_{self.logit_loss}'] = self.kd_weight * divergence(
-                    student_logits, teacher_logits, self.temperature, weight)
+            terms.update(self.logit_terms(student_logits, teacher_logits, target))
+        if self.teacher_lead is not None:
+            if student_logits is None or teacher_logits is None:
+                raise UsageError(f"{{option:{self.gate!r}}} compares the student's and the teacher's top-1 on the "
+                                 "training batches, which needs both models' logits; pass them, or {option:'none'}.",
+                                 option='gate', loss=self.loss_name)
+            gate = self.teacher_lead(student_logits, teacher_logits, self.needed_target(target, 'gate'))
+            terms = {k: v * gate for k, v in terms.items()}
         return terms
+
+    def logit_terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    target: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The logit term of logits (B, K), weighted by kd_weight, by its name."""
+        weight = self.sample_weights(teacher_logits, target)
+        if self.teacher_correction == 'swap':
+            labels = label_indices(self.needed_target(target, 'teacher_correction'))
+            teacher_logits = swap_label_and_argmax(teacher_logits, labels)
+        if self.logit_loss == 'dist':
+            inter, intra = dist_relations(student_logits, teacher_logits, self.temperature, weight)
+            return {'sa_dist_logits': self.kd_weight * (inter + intra)}
+        divergence = lskd_divergence if self.logit_loss == 'lskd' else kd_divergence
+        return {f'sa_{self.logit_loss}': self.kd_weight * divergence(
+            student_logits, teacher_logits, self.temperature, weight)}
+
+    def reports(self) -> Dict[str, torch.Tensor]:
+        """The gate of the last training step (1 on, 0 off) as ``distill_gate`` when there is one."""
+        return {} if self.teacher_lead is None else {'distill_gate': self.teacher_lead.open.clone()}
 
     def sample_weights(self, teacher_logits: torch.Tensor, target: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """(B,) weights of the logit term's samples, or None for uniform ones (``logit_weighting='none'``)."""

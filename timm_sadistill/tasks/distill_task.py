@@ -539,6 +539,7 @@ class DistillTask(TrainingTask):
         result = self.combine(logits, terms, target)
         if teacher_logits.shape[-1] == logits.shape[-1]:
             result['teacher_top1'] = teacher_top1(teacher_logits, target)
+        result.update(self.distill_loss.reports())
         return result
 
     def teacher_outputs(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:

@@ -97,12 +97,19 @@ def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, 
 
 
 def _teacher_on_training_batches(output_dir: str, epoch: int) -> Dict[str, Any]:
-    """The teacher's top-1 on the training batches of the exported epoch, from its summary.csv row."""
-    value = summary_row(output_dir, epoch).get('train_teacher_top1')
-    if not value:
-        return {}
-    return {'Teacher top-1 on the training batches': f'{float(value):.1f}% (epoch {epoch}, as augmented; the share of '
-            "the student's images whose label the teacher gets right)"}
+    """The teacher's top-1 on the training batches of the exported epoch, and what a gate on the distillation term
+    decided then (the loss's ``distill_gate`` report), from its summary.csv row."""
+    row = summary_row(output_dir, epoch)
+    details = {}
+    if row.get('train_teacher_top1'):
+        details['Teacher top-1 on the training batches'] = (
+            f"{float(row['train_teacher_top1']):.1f}% (epoch {epoch}, as augmented; the share of the student's images "
+            "whose label the teacher gets right)")
+    if row.get('train_distill_gate'):
+        details['Distillation gate'] = (
+            f"on for {100 * float(row['train_distill_gate']):.0f}% of the training batches of epoch {epoch} (off: the "
+            "teacher's running top-1 on them was not above the student's, which then trained on its labels alone)")
+    return details
 
 
 def _model_card(

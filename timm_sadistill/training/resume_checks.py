@@ -73,7 +73,8 @@ def check_resume_distill(path: str, saved_args: Optional[argparse.Namespace], ar
     """Refuse ``--resume`` of a run distilled with other loss options, other stages or other teacher classes
     (`check_classes`) than this command's task (``args`` with the records of ``training.run.RECORDED_ARGS``):
     resuming would change the loss half-way. Values
-    are compared, not spellings: a default given explicitly, or stages named as ``auto`` picked them, pass.
+    are compared, not spellings: a default given explicitly, or stages named as ``auto`` picked them, pass. An option
+    the run's records lack (added to the loss since) is compared as its default.
 
     Raises:
         UsageError: another loss option carries it (``option``, ``loss``: the command line words it with its
@@ -86,8 +87,10 @@ def check_resume_distill(path: str, saved_args: Optional[argparse.Namespace], ar
     for name, now in getattr(args, 'distill_options', {}).items():
         if name in declared and not declared[name].changes_loss:  # a backend: the same loss, computed elsewhere
             continue
-        if name in then_options and then_options[name] != now:
-            then = then_options[name]
+        # an option the run did not record came after it, and ran as its default (new options default to the old
+        # behaviour): resuming with another value would change the loss half-way, and its state is not saved
+        then = then_options.get(name, declared[name].default if then_options and name in declared else now)
+        if then != now:
             raise UsageError(f"--resume '{path}' is a run with {{option:{then}}}, this command has {{option:{now}}}; "
                              f"resume with {{option:{then}}}, or start a new --experiment without --resume.",
                              option=name, loss=args.distill)
