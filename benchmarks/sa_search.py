@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -257,6 +258,20 @@ def expand_specs(specs: str) -> str:
     return ';'.join(expanded)
 
 
+FADE = re.compile(r'(?<=[\[,])fade_by=([0-9.]+),?')
+
+
+def parse_run_spec(spec: str) -> Tuple[str, Dict]:
+    """(method, options) of a run's spec: a loss spec (`tsd.parse_loss_spec`) that may also hold the benchmark's
+    own ``fade_by=F``, a schedule no loss option has (a loss does not know the run's length): the task's distill
+    weight falls linearly from its value to 0 at the fraction F of the run's steps, then stays 0."""
+    fade = FADE.search(spec)
+    if fade is None:
+        return tsd.parse_loss_spec(spec)
+    method, options = tsd.parse_loss_spec(FADE.sub('', spec).replace(',]', ']').replace('[]', ''))
+    return method, {**options, 'fade_by': float(fade.group(1))}
+
+
 def take_per_class(tr: np.ndarray, labels: np.ndarray, n: Optional[int]) -> np.ndarray:
     if n is None:
         return tr
@@ -390,6 +405,7 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
     options = dict(options)
     task_w = options.pop('task_loss_weight', None)
     distill_w = options.pop('distill_loss_weight', None)
+    fade_by = options.pop('fade_by', None)
     if method == 'none':
         module, task = student, None
     else:
@@ -404,11 +420,12 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(seed)
     offsets = torch.randint(0, views, (n,), generator=g)
-    wall, curve = 0.0, []
+    wall, curve, gate_open = 0.0, [], []
     for epoch in range(epochs):
         start = time.perf_counter()
         (task or module).train()
         order = torch.randperm(n, generator=g)
+        gate_sum = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * setting.batch_size:(i + 1) * setting.batch_size]
             v = (epoch + offsets[idx]) % views
@@ -418,15 +435,23 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
             else:
                 t_logits = bank.logits[v, idx]
                 t_feats = [bank.feats[j][v, idx] for j in t_indices]
+                if fade_by is not None:
+                    done = (epoch * steps_per_epoch + i) / (epochs * steps_per_epoch)
+                    task.distill_loss_weight = (1.0 if distill_w is None else distill_w) * max(0.0, 1 - done / fade_by)
                 loss = task.combine(*module(x, t_feats, t_logits, y), y)['loss']
+                gate_sum += float(task.distill_loss.reports().get('distill_gate', 1.0))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sched.step()
         wall += time.perf_counter() - start
+        gate_open.append(round(gate_sum / steps_per_epoch, 3))
         if (epoch + 1) % CURVE_EVERY == 0 or epoch + 1 == epochs:
             curve.append([epoch + 1, evaluate(student, bank.x_val, bank.y_val), round(wall, 3)])
-    return {'top1': curve[-1][1], 'wall_s': wall, 'teacher_top1': bank.teacher_top1, 'curve': curve}
+    result = {'top1': curve[-1][1], 'wall_s': wall, 'teacher_top1': bank.teacher_top1, 'curve': curve}
+    if task is not None and task.distill_loss.reports():
+        result['gate_open'] = gate_open  # the share of each epoch's steps whose distillation term the gate let on
+    return result
 
 
 def run_path(cache: str, setting: Setting, views: int, epochs: int, spec: str, seed: int) -> str:
@@ -441,7 +466,7 @@ def cached_run(setting: str, spec: str, seed: int, cache: str, views: int, epoch
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    method, options = tsd.parse_loss_spec(spec)
+    method, options = parse_run_spec(spec)
     result = run_student(s, method, options, seed, cache, views, epochs)
     result.update(setting=setting, spec=spec, seed=seed, views=views, epochs=ep)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -530,6 +555,16 @@ def select_best(cache: str, settings: Sequence[str], specs: Sequence[str], seeds
     return best
 
 
+def gate_summary(run: Dict) -> Dict:
+    """For a run with a gate on its distillation term: the share of its steps the gate let the term on
+    (``gate_on``) and the first epoch whose steps it kept off for the most part (``gate_off_from``, '' if none)."""
+    shares = run.get('gate_open')
+    if not shares:
+        return {}
+    off = [epoch for epoch, share in enumerate(shares, 1) if share < 0.5]
+    return {'gate_on': round(float(np.mean(shares)), 3), 'gate_off_from': off[0] if off else ''}
+
+
 def write_results(args: argparse.Namespace, seeds: Sequence[int], tables: Sequence[str]) -> None:
     """The markdown tables with the command that made them, and every run behind them as csv rows."""
     command = 'python benchmarks/sa_search.py ' + ' '.join(
@@ -543,11 +578,11 @@ def write_results(args: argparse.Namespace, seeds: Sequence[int], tables: Sequen
             '(mean ± standard error), wins = seeds where the row beats the reference.', '', *(t + '\n' for t in tables)]
     with open(args.out, 'w') as f:
         f.write('\n'.join(text))
-    rows = [run for setting in args.settings.split(',') for spec in args.specs.split(';')
+    rows = [{**run, **gate_summary(run)} for setting in args.settings.split(',') for spec in args.specs.split(';')
             for run in load_runs(args.cache, setting, spec, seeds, args.views, args.epochs).values()]
     with open(os.path.splitext(args.out)[0] + '.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['setting', 'spec', 'seed', 'top1', 'teacher_top1', 'views', 'epochs',
-                                               'wall_s'], extrasaction='ignore')
+                                               'wall_s', 'gate_on', 'gate_off_from'], extrasaction='ignore')
         writer.writeheader()
         writer.writerows(rows)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import timm_sadistill as tsd
 from benchmarks import sa_search
 
 
@@ -143,3 +144,36 @@ def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_pat
         torch.testing.assert_close(bank.teacher(bank.views[1]), bank.logits[1])
     # a cached run is read back, not retrained
     assert sa_search.cached_run('tiny', 'sa[cam_weight=1]', 0, cache, views=2, epochs=None) == sa
+
+
+def test_a_run_spec_may_hold_the_benchmarks_own_fade_beside_the_loss_options():
+    assert sa_search.parse_run_spec('sa[fade_by=0.5]') == ('sa', {'fade_by': 0.5})
+    assert sa_search.parse_run_spec('sa[fade_by=1.0,gate=while_ahead]') == \
+        sa_search.parse_run_spec('sa[gate=while_ahead,fade_by=1.0]') == ('sa', {'gate': 'while_ahead', 'fade_by': 1.0})
+    assert sa_search.parse_run_spec('kd[temperature=2.0]') == tsd.parse_loss_spec('kd[temperature=2.0]')
+    assert sa_search.gate_summary({'top1': 50.0}) == {}
+    assert sa_search.gate_summary({'gate_open': [1.0, 0.6, 0.4, 1.0, 0.0]}) == {'gate_on': 0.6, 'gate_off_from': 3}
+    assert sa_search.gate_summary({'gate_open': [1.0, 1.0]}) == {'gate_on': 1.0, 'gate_off_from': ''}
+
+
+@pytest.mark.slow
+def test_a_fade_takes_the_distill_weight_linearly_to_zero_and_a_gate_is_recorded_per_epoch(tmp_path, monkeypatch):
+    tiny = sa_search.Setting('tiny', 'digits', 'test_resnet', 'test_resnet', per_class=2, teacher_per_class=4,
+                             teacher_epochs=1, epochs=2, batch_size=8)
+    monkeypatch.setitem(sa_search.SETTINGS, 'tiny', tiny)
+    weights = []  # the distill weight of each step's loss
+    create_task = tsd.create_distill_task
+
+    def recording_create_task(*args, **kwargs):
+        task = create_task(*args, **kwargs)
+        combine = task.combine
+        task.combine = lambda *a: (weights.append(task.distill_loss_weight), combine(*a))[1]
+        return task
+
+    monkeypatch.setattr(sa_search.tsd, 'create_distill_task', recording_create_task)
+    sa_search.cached_run('tiny', 'kd[distill_loss_weight=2.0,fade_by=0.5]', 0, str(tmp_path), views=2, epochs=None)
+    steps = 2 * 3  # 20 images in batches of 8, two epochs
+    assert weights == pytest.approx([2.0 * max(0.0, 1 - (s / steps) / 0.5) for s in range(steps)])
+    gated = sa_search.cached_run('tiny', 'sa[gate=until_caught_up]', 0, str(tmp_path), views=2, epochs=None)
+    assert len(gated['gate_open']) == 2 and all(0 <= share <= 1 for share in gated['gate_open'])
+    assert 'gate_open' not in sa_search.cached_run('tiny', 'kd', 0, str(tmp_path), views=2, epochs=None)
