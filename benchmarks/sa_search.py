@@ -258,18 +258,28 @@ def expand_specs(specs: str) -> str:
     return ';'.join(expanded)
 
 
-FADE = re.compile(r'(?<=[\[,])fade_by=([0-9.]+),?')
+SCHEDULE = re.compile(r'(?<=[\[,])(fade_by|ramp_by)=([0-9.]+),?')
 
 
 def parse_run_spec(spec: str) -> Tuple[str, Dict]:
     """(method, options) of a run's spec: a loss spec (`tsd.parse_loss_spec`) that may also hold the benchmark's
-    own ``fade_by=F``, a schedule no loss option has (a loss does not know the run's length): the task's distill
-    weight falls linearly from its value to 0 at the fraction F of the run's steps, then stays 0."""
-    fade = FADE.search(spec)
-    if fade is None:
-        return tsd.parse_loss_spec(spec)
-    method, options = tsd.parse_loss_spec(FADE.sub('', spec).replace(',]', ']').replace('[]', ''))
-    return method, {**options, 'fade_by': float(fade.group(1))}
+    own schedules of the task's distill weight, which no loss option has (a loss does not know the run's length):
+    ``fade_by=F``, the weight falls linearly from its value to 0 at the fraction F of the run's steps, then stays 0;
+    ``ramp_by=F``, it rises linearly from 0 to its value at that fraction (`schedule_factor`)."""
+    schedules = {name: float(value) for name, value in SCHEDULE.findall(spec)}
+    method, options = tsd.parse_loss_spec(without_schedules(spec))
+    return method, {**options, **schedules}
+
+
+def without_schedules(spec: str) -> str:
+    """The loss spec of a run's spec: ``spec`` without its ``fade_by``/``ramp_by`` (`parse_run_spec`)."""
+    return SCHEDULE.sub('', spec).replace(',]', ']').replace('[]', '')
+
+
+def schedule_factor(done: float, fade_by: Optional[float], ramp_by: Optional[float]) -> float:
+    """The factor of the distill weight after the fraction ``done`` of a run's steps (`parse_run_spec`)."""
+    factor = 1.0 if fade_by is None else max(0.0, 1 - done / fade_by)
+    return factor if ramp_by is None else factor * min(1.0, done / ramp_by)
 
 
 def take_per_class(tr: np.ndarray, labels: np.ndarray, n: Optional[int]) -> np.ndarray:
@@ -405,7 +415,7 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
     options = dict(options)
     task_w = options.pop('task_loss_weight', None)
     distill_w = options.pop('distill_loss_weight', None)
-    fade_by = options.pop('fade_by', None)
+    fade_by, ramp_by = options.pop('fade_by', None), options.pop('ramp_by', None)
     if method == 'none':
         module, task = student, None
     else:
@@ -435,9 +445,10 @@ def run_student(setting: Setting, method: str, options: Dict, seed: int, cache: 
             else:
                 t_logits = bank.logits[v, idx]
                 t_feats = [bank.feats[j][v, idx] for j in t_indices]
-                if fade_by is not None:
+                if fade_by is not None or ramp_by is not None:
                     done = (epoch * steps_per_epoch + i) / (epochs * steps_per_epoch)
-                    task.distill_loss_weight = (1.0 if distill_w is None else distill_w) * max(0.0, 1 - done / fade_by)
+                    task.distill_loss_weight = ((1.0 if distill_w is None else distill_w)
+                                                * schedule_factor(done, fade_by, ramp_by))
                 loss = task.combine(*module(x, t_feats, t_logits, y), y)['loss']
                 gate_sum += float(task.distill_loss.reports().get('distill_gate', 1.0))
             optimizer.zero_grad(set_to_none=True)

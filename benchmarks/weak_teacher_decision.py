@@ -2,6 +2,9 @@
 
     python benchmarks/weak_teacher_decision.py --select --out benchmarks/results/weak-teacher/selection.md
     python benchmarks/weak_teacher_decision.py --out benchmarks/results/weak-teacher/decision.md
+    python benchmarks/weak_teacher_decision.py --round 2 --out benchmarks/results/weak-teacher/decision-round2.md
+
+``--round 2`` chooses among the second round's candidates (the rule's Amendment 2) and decides on that one.
 
 Both read the runs `benchmarks/sa_search.py` cached (``--cache``), and the second search's tuning runs
 (`results/sa-search-v2/tuning-*.csv`) for tuned KD and DIST on its six settings; nothing trains here. The decision
@@ -29,7 +32,13 @@ TUNING_SEEDS = {**sa_decision.TUNING_SEEDS, 'photos-weak': range(100, 106), 'pho
 POOLED = sa_decision.POOLED
 HELD_OUT_SEEDS = range(10)
 REFERENCE = 'sa'  # SA's defaults today
-MECHANISMS = ('sa[logit_weighting=teacher_correct]', 'sa[teacher_correction=swap]', 'sa[logit_loss=lskd,temperature=2.0]')
+# each round's candidates, in the order that breaks ties: the logit term's mechanisms (the rule), then those on the
+# whole distillation term (its Amendment 2; `fade_by` and `ramp_by` are sa_search's schedules of the distill weight)
+ROUNDS = {
+    1: ('sa[logit_weighting=teacher_correct]', 'sa[teacher_correction=swap]', 'sa[logit_loss=lskd,temperature=2.0]'),
+    2: ('sa[gate=while_ahead]', 'sa[gate=until_caught_up]', 'sa[fade_by=1.0]', 'sa[fade_by=0.5]', 'sa[ramp_by=0.5]',
+        'sa[gate=while_ahead,ramp_by=0.5]'),
+}
 BASELINES = ('kd', 'dist', 'lskd')  # the tuned ones, grids in sa_search.BASELINE_GRIDS
 MAX_COST = sa_decision.MAX_COST
 
@@ -71,21 +80,21 @@ def tuned(cache: str, method: str) -> Dict[str, str]:
     return {s: chosen.get(s, pooled) for s in SETTINGS}
 
 
-def chosen_mechanism(cache: str) -> Tuple[str, List[str]]:
-    """The mechanism of rule.md's choice and the table lines behind it (tuning runs only)."""
+def chosen_mechanism(cache: str, candidates: Sequence[str]) -> Tuple[str, List[str]]:
+    """The candidate of rule.md's choice and the table lines behind it (tuning runs only)."""
     def gain(spec: str, setting: str, reference: str) -> float:
         return sa_decision.paired(tuning_top1(cache, setting, spec), tuning_top1(cache, setting, reference))[0]
 
     scores = {m: (min(gain(m, s, 'none') for s in TUNING_SEEDS),
                   float(np.mean([gain(m, s, REFERENCE) for s in TUNING_SEEDS])) if m != REFERENCE else 0.0)
-              for m in (REFERENCE, *MECHANISMS)}
+              for m in (REFERENCE, *candidates)}
     lines = ['| configuration | ' + ' | '.join(f'{s} − none' for s in TUNING_SEEDS) + ' | worst | mean − `sa` |',
              '|---|' + '---|' * (len(TUNING_SEEDS) + 2)]
     for spec, (worst, over_sa) in scores.items():
         cells = [sa_decision.fmt(*sa_decision.paired(tuning_top1(cache, s, spec), tuning_top1(cache, s, 'none')))
                  for s in TUNING_SEEDS]
         lines.append(f'| `{spec}` | ' + ' | '.join(cells) + f' | {worst:+.2f} | {over_sa:+.2f} |')
-    return max(MECHANISMS, key=lambda m: (scores[m], -MECHANISMS.index(m))), lines
+    return max(candidates, key=lambda m: (scores[m], -candidates.index(m))), lines
 
 
 def held_out(cache: str, setting: str, spec: str) -> Dict[int, dict]:
@@ -231,9 +240,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument('--cache', default=os.path.join(ROOT, 'benchmarks', '.cache', 'sa_search'))
     ap.add_argument('--select', action='store_true', help='the tuned baselines and the mechanism only')
     ap.add_argument('--out', help='also write the result (markdown) here')
+    ap.add_argument('--round', type=int, choices=sorted(ROUNDS), default=1,
+                    help="the round of candidates: 1, the logit term's (rule.md); 2, the whole term's (Amendment 2)")
     args = ap.parse_args(argv)
     baselines = {b: tuned(args.cache, b) for b in BASELINES}
-    mechanism, table = chosen_mechanism(args.cache)
+    mechanism, table = chosen_mechanism(args.cache, ROUNDS[args.round])
     lines = ['## Selection (tuning runs only)', '', '| setting | tuning seeds | tuned KD | tuned DIST | tuned LSKD |',
              '|---|---|---|---|---|']
     for s in SETTINGS:
@@ -241,13 +252,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lines += ['', 'Mechanisms on the tuning seeds, paired against none (mean ± SE (wins/n)):', '', *table, '',
               f'**Chosen mechanism:** `{mechanism}`.']
     if not args.select:
-        lines += [''] + decide(args.cache, mechanism, baselines, sa_decision.costs([REFERENCE, mechanism]))
-        png = os.path.join(os.path.dirname(args.out), 'curves.png') if args.out else None
+        # a schedule of the distill weight adds no work to a step: the cost is that of the loss it schedules
+        cost = sa_decision.costs([REFERENCE, sa_search.without_schedules(mechanism)])
+        cost[mechanism] = cost[sa_search.without_schedules(mechanism)]
+        lines += [''] + decide(args.cache, mechanism, baselines, cost)
+        png = (os.path.join(os.path.dirname(args.out), 'curves.png' if args.round == 1 else f'curves-round{args.round}.png')
+               if args.out else None)
         lines += time_claim(args.cache, mechanism, baselines, png)
     text = '\n'.join(lines)
     print(text)
     if args.out:
         what, flag = ('selection', '--select ') if args.select else ('decision', '')
+        flag += f'--round {args.round} ' if args.round != 1 else ''
         with open(args.out, 'w') as f:
             f.write(f'# Weak-teacher search: the {what}\n\nMade by `python benchmarks/weak_teacher_decision.py {flag}'
                     f'--out {os.path.relpath(args.out, ROOT)}` from the cached runs of `benchmarks/sa_search.py`; the '

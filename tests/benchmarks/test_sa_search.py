@@ -146,11 +146,17 @@ def test_a_student_run_trains_through_the_task_on_banked_teacher_outputs(tmp_pat
     assert sa_search.cached_run('tiny', 'sa[cam_weight=1]', 0, cache, views=2, epochs=None) == sa
 
 
-def test_a_run_spec_may_hold_the_benchmarks_own_fade_beside_the_loss_options():
+def test_a_run_spec_may_hold_the_benchmarks_own_schedules_beside_the_loss_options():
     assert sa_search.parse_run_spec('sa[fade_by=0.5]') == ('sa', {'fade_by': 0.5})
     assert sa_search.parse_run_spec('sa[fade_by=1.0,gate=while_ahead]') == \
         sa_search.parse_run_spec('sa[gate=while_ahead,fade_by=1.0]') == ('sa', {'gate': 'while_ahead', 'fade_by': 1.0})
     assert sa_search.parse_run_spec('kd[temperature=2.0]') == tsd.parse_loss_spec('kd[temperature=2.0]')
+    assert sa_search.parse_run_spec('sa[ramp_by=0.5,fade_by=1.0]') == ('sa', {'ramp_by': 0.5, 'fade_by': 1.0})
+    # a fade by half the run, a ramp over half of it, and both: the factor of the distill weight
+    done = [0.0, 0.25, 0.5, 0.75]
+    assert [sa_search.schedule_factor(d, 0.5, None) for d in done] == [1.0, 0.5, 0.0, 0.0]
+    assert [sa_search.schedule_factor(d, None, 0.5) for d in done] == [0.0, 0.5, 1.0, 1.0]
+    assert [sa_search.schedule_factor(d, 1.0, 0.5) for d in done] == [0.0, 0.375, 0.5, 0.25]
     assert sa_search.gate_summary({'top1': 50.0}) == {}
     assert sa_search.gate_summary({'gate_open': [1.0, 0.6, 0.4, 1.0, 0.0]}) == {'gate_on': 0.6, 'gate_off_from': 3}
     assert sa_search.gate_summary({'gate_open': [1.0, 1.0]}) == {'gate_on': 1.0, 'gate_off_from': ''}

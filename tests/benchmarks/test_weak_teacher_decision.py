@@ -8,7 +8,7 @@ import pytest
 from benchmarks import sa_decision, sa_search
 from benchmarks import weak_teacher_decision as wtd
 
-M1, M2, M3 = wtd.MECHANISMS
+M1, M2, M3 = wtd.ROUNDS[1]
 KD_CELLS, DIST_CELLS, LSKD_CELLS = (sa_search.BASELINE_GRIDS[b] for b in wtd.BASELINES)
 
 
@@ -29,7 +29,7 @@ def fill_tuning(cache, value, monkeypatch):
     """Tuning runs of every grid cell and configuration; KD and DIST of the second search's settings go to its csv."""
     rows = []
     for setting, seeds in wtd.TUNING_SEEDS.items():
-        for spec in ('none', 'sa', *wtd.MECHANISMS, *KD_CELLS, *DIST_CELLS, *LSKD_CELLS):
+        for spec in ('none', 'sa', *wtd.ROUNDS[1], *wtd.ROUNDS[2], *KD_CELLS, *DIST_CELLS, *LSKD_CELLS):
             for seed in seeds:
                 top1 = value(setting, spec) + noise(seed, spec)
                 if spec.partition('[')[0] in ('kd', 'dist') and setting in sa_decision.TUNING_SEEDS:
@@ -61,9 +61,17 @@ def test_the_mechanism_is_the_best_worst_setting_gain_over_none_on_the_tuning_ru
     gain = {M1: {'photos-worse': -1.0}, M2: {'photos-worse': 0.5}, M3: {'photos-worse': 0.2}}
     fill_tuning(tmp_path, lambda s, spec: 90.0 + (spec != 'none') * gain.get(spec, {}).get(s, 2.0 if spec == M1 else 1.0),
                 monkeypatch)
-    mechanism, table = wtd.chosen_mechanism(str(tmp_path))
+    mechanism, table = wtd.chosen_mechanism(str(tmp_path), wtd.ROUNDS[1])
     assert mechanism == M2
     assert any(line.startswith(f'| `{M1}` |') and '| -1.00 |' in line for line in table)
+    # the second round chooses among its own candidates by the same criterion: the ramp's worst setting is the best
+    ramp = 'sa[ramp_by=0.5]'
+    worst = {spec: -3.0 for spec in wtd.ROUNDS[2]}
+    worst[ramp] = -1.0
+    fill_tuning(tmp_path, lambda s, spec: 90.0 + (spec != 'none') * (worst.get(spec, 0.0) if s == 'photos-worse'
+                                                                       else 1.0), monkeypatch)
+    mechanism, table = wtd.chosen_mechanism(str(tmp_path), wtd.ROUNDS[2])
+    assert mechanism == ramp and len(table) == 2 + 1 + len(wtd.ROUNDS[2])
 
 
 def fill_held_out(cache, value, curve=lambda s, spec, top1: None):
