@@ -15,7 +15,8 @@ and the gate multiplies the whole distillation term by
 A strong teacher stays ahead of the student on its own images all run long, and the gate never acts; a teacher at
 or below the student is caught up with early, and the student then trains on its labels alone. The step's gate is
 decided after the step's batch is counted, in training mode only; the running means and the gate are buffers, so a
-checkpoint resumes the gate where it was, and DDP's buffer broadcast gives every rank rank 0's.
+checkpoint resumes the gate where it was, and under DDP (which broadcasts buffers before each forward) every rank
+starts each step from rank 0's running means and counts its own batch in.
 """
 from typing import Literal
 
