@@ -21,7 +21,7 @@ from timm_sadistill.losses import _registry
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SA_FLAGS = ['--sa-tau', '--sa-p', '--sa-alpha', '--sa-beta', '--sa-kd-weight', '--sa-logit-loss', '--sa-logit-weighting',
             '--sa-teacher-correction', '--sa-gate', '--sa-connector', '--sa-backend',
-            '--sa-standardize', '--sa-warmup-steps', '--sa-cam-weight']
+            '--sa-standardize', '--sa-warmup-steps', '--sa-ramp-steps', '--sa-cam-weight']
 
 
 @pytest.fixture

@@ -302,7 +302,7 @@ def test_feature_losses_need_channels():
 # SA's measured defaults (docs/method.md#defaults): changing one is a decision, not a side effect
 SA_DEFAULTS = {'tau': 4.0, 'p': 2.0, 'alpha': 1.0, 'beta': 10.0, 'kd_weight': 1.0, 'temperature': 16.0, 'logit_loss': 'kd',
                'logit_weighting': 'none', 'teacher_correction': 'none', 'gate': 'none',
-               'connector': 'conv1x1', 'backend': 'auto', 'standardize': False, 'warmup_steps': 0,
+               'connector': 'conv1x1', 'backend': 'auto', 'standardize': False, 'warmup_steps': 0, 'ramp_steps': 0,
                'cam_weight': 1.0}
 
 

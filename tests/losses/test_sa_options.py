@@ -64,6 +64,26 @@ def test_warmup_ramps_the_feature_terms_linearly_and_counts_training_steps_only(
     assert int(ramped.state_dict()['steps']) == 6  # saved with the connectors, so a resume keeps its place
 
 
+def test_ramp_steps_ramps_every_term_and_composes_with_the_feature_warmup():
+    g = torch.Generator().manual_seed(2)
+    s, t = [torch.randn(2, 3, 4, 4, generator=g)], [torch.randn(2, 3, 4, 4, generator=g)]
+    logits_s, logits_t = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    reference = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity')(
+        s, t, logits_s, logits_t)
+    ramped = tsd.create_distill_loss('sa', student_channels=[3], teacher_channels=[3], connector='identity',
+                                     ramp_steps=5, warmup_steps=2)
+    ramped.eval()
+    assert all(v == 0 for v in ramped(s, t, logits_s, logits_t).values())  # evaluation does not advance it
+    ramped.train()
+    for step in range(7):
+        got = ramped(s, t, logits_s, logits_t)
+        whole, features = min(1.0, step / 5), min(1.0, step / 2)
+        torch.testing.assert_close(got['sa_kd'], whole * reference['sa_kd'])
+        for name in ('sa_dist', 'sa_att'):
+            torch.testing.assert_close(got[name], whole * features * reference[name])
+    assert int(ramped.state_dict()['steps']) == 7
+
+
 def test_cam_term_compares_normalised_class_activation_maps():
     student, teacher = _models()
     task = tsd.create_distill_task('sa', student, teacher, img_size=96, cam_weight=3.0, kd_weight=0, verbose=False)

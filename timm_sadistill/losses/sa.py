@@ -105,6 +105,7 @@ class SADistillLoss(DistillLoss):
         backend: fused ops: 'auto' (Triton on CUDA), 'triton' or 'torch'.
         standardize: z-score each (b, c) map over its positions before the spatial softmax.
         warmup_steps: ramp the feature terms linearly from 0 over this many training steps.
+        ramp_steps: ramp the whole loss, logit term included, linearly from 0 over this many training steps.
         cam_weight: weight of the class-activation-map term (CAT-KD) on the maps the heads take (off for token heads).
         head_maps: the last channel pair is the maps the two heads take, for the CAM term (not an option: a task
             that taps them sets it; a loss built on its own has no heads to run, so every pair is spatial).
@@ -145,6 +146,7 @@ class SADistillLoss(DistillLoss):
             backend: Annotated[Literal[ops.BACKENDS], HowNotWhat] = 'auto',
             standardize: bool = False,
             warmup_steps: Annotated[int, NonNegative] = 0,
+            ramp_steps: Annotated[int, NonNegative] = 0,
             cam_weight: Annotated[float, NonNegative] = 1.0,
             *,
             head_maps: bool = False,
@@ -164,6 +166,7 @@ class SADistillLoss(DistillLoss):
         self.backend = backend
         self.standardize = standardize
         self.warmup_steps = int(warmup_steps)
+        self.ramp_steps = int(ramp_steps)
         self.cam_weight = cam_weight
         if head_maps and not self.uses_final_pair(cam_weight=cam_weight):
             raise UsageError("head_maps=True reserves the last pair for the CAM term, but {option:0}; build the "
@@ -173,7 +176,7 @@ class SADistillLoss(DistillLoss):
         # the final pair (the maps the heads take) feeds the CAM term only; the SA terms take the others
         spatial = len(self.student_channels) - (1 if head_maps else 0)
         self.connectors = ConnectorList(connector, self.student_channels[:spatial], self.teacher_channels[:spatial])
-        self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
+        self.register_buffer('steps', torch.zeros((), dtype=torch.long))  # training steps seen, for the ramps
         # the teacher's classes that are the student's, set by bind for a teacher that knows more (None: the same)
         self.register_buffer('teacher_classes', None, persistent=False)
 
@@ -275,17 +278,17 @@ class SADistillLoss(DistillLoss):
         if self.head_maps:
             terms.update(self.cam_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
-            # a tensor, not a Python float: reading the step count back would sync the device every step
-            ramp = (self.steps.float() / self.warmup_steps).clamp(max=1.0)
-            terms = {k: v * ramp for k, v in terms.items()}
-            if self.training:
-                self.steps += 1
+            terms = {k: v * self.ramp(self.warmup_steps) for k, v in terms.items()}
         if self.kd_weight:
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"SA's logit term ({{option:{self.kd_weight}}}) needs student and teacher logits; "
                                  "pass them, or {option:0} to distil features only.", option='kd_weight',
                                  loss=self.loss_name)
             terms.update(self.logit_terms(student_logits, teacher_logits, target))
+        if self.ramp_steps:
+            terms = {k: v * self.ramp(self.ramp_steps) for k, v in terms.items()}
+        if self.training and (self.warmup_steps or self.ramp_steps):
+            self.steps += 1
         if self.teacher_lead is not None:
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"{{option:{self.gate!r}}} compares the student's and the teacher's top-1 on the "
@@ -294,6 +297,10 @@ class SADistillLoss(DistillLoss):
             gate = self.teacher_lead(student_logits, teacher_logits, self.needed_target(target, 'gate'))
             terms = {k: v * gate for k, v in terms.items()}
         return terms
+
+    def ramp(self, steps: int) -> torch.Tensor:
+        """min(1, training steps seen / ``steps``), a tensor: reading the count back would sync the device."""
+        return (self.steps.float() / steps).clamp(max=1.0)
 
     def logit_terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     target: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
