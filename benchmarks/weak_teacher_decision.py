@@ -30,7 +30,7 @@ SETTINGS = ('digits-homo', 'digits-hetero', 'digits-mobile', 'digits-weak', 'sha
             'photos-weak', 'photos-worse')
 TUNING_SEEDS = {**sa_decision.TUNING_SEEDS, 'photos-weak': range(100, 106), 'photos-worse': range(100, 106)}
 POOLED = sa_decision.POOLED
-HELD_OUT_SEEDS = range(10)
+HELD_OUT_SEEDS = {1: range(10), 2: range(10), 3: range(10, 20)}  # each round's; the third's are fresh (Amendment 3)
 REFERENCE = 'sa'  # SA's defaults today
 # each round's candidates, in the order that breaks ties: the logit term's mechanisms (the rule), then those on the
 # whole distillation term (its Amendment 2; `fade_by` and `ramp_by` are sa_search's schedules of the distill weight)
@@ -38,6 +38,7 @@ ROUNDS = {
     1: ('sa[logit_weighting=teacher_correct]', 'sa[teacher_correction=swap]', 'sa[logit_loss=lskd,temperature=2.0]'),
     2: ('sa[gate=while_ahead]', 'sa[gate=until_caught_up]', 'sa[fade_by=1.0]', 'sa[fade_by=0.5]', 'sa[ramp_by=0.5]',
         'sa[gate=while_ahead,ramp_by=0.5]'),
+    3: ('sa[ramp_by=0.75]', 'sa[ramp_by=1.0]'),
 }
 BASELINES = ('kd', 'dist', 'lskd')  # the tuned ones, grids in sa_search.BASELINE_GRIDS
 MAX_COST = sa_decision.MAX_COST
@@ -97,36 +98,37 @@ def chosen_mechanism(cache: str, candidates: Sequence[str]) -> Tuple[str, List[s
     return max(candidates, key=lambda m: (scores[m], -candidates.index(m))), lines
 
 
-def held_out(cache: str, setting: str, spec: str) -> Dict[int, dict]:
-    """seed -> the held-out run (refuses a missing one)."""
-    return sa_decision.every_run(cache, setting, spec, HELD_OUT_SEEDS)
+def held_out(cache: str, setting: str, spec: str, seeds: Sequence[int]) -> Dict[int, dict]:
+    """seed -> the held-out run of each of ``seeds`` (refuses a missing one)."""
+    return sa_decision.every_run(cache, setting, spec, seeds)
 
 
 def verdict(m: float, se: float) -> str:
     return 'tie' if abs(m) <= se else ('win' if m > 0 else 'loss')
 
 
-def decide(cache: str, mechanism: str, baselines: Dict[str, Dict[str, str]], cost: Dict[str, float]) -> List[str]:
+def decide(cache: str, mechanism: str, baselines: Dict[str, Dict[str, str]], cost: Dict[str, float],
+           seeds: Sequence[int] = HELD_OUT_SEEDS[1]) -> List[str]:
     """The held-out tables and the decision by rule.md."""
     configs = ('none', REFERENCE, mechanism)
-    acc = {(s, spec): {seed: run['top1'] for seed, run in held_out(cache, s, spec).items()}
+    acc = {(s, spec): {seed: run['top1'] for seed, run in held_out(cache, s, spec, seeds).items()}
            for s in SETTINGS for spec in {*configs, *(baselines[b][s] for b in BASELINES)}}
 
     def mean(s: str, spec: str) -> float:
         return float(np.mean(list(acc[s, spec].values())))
 
     best = {s: max((baselines[b][s] for b in BASELINES), key=lambda spec: mean(s, spec)) for s in SETTINGS}
-    lines = ['## Held-out runs (seeds 0-9): mean top-1', '',
+    lines = [f'## Held-out runs (seeds {sa_decision.seeds_cell(seeds)}): mean top-1', '',
              '| setting | teacher | none | `sa` | `' + mechanism + '` | tuned KD | tuned DIST | tuned LSKD |',
              '|---|---|---|---|---|---|---|---|']
     for s in SETTINGS:
-        teacher = next(iter(held_out(cache, s, 'none').values()))['teacher_top1']
+        teacher = next(iter(held_out(cache, s, 'none', seeds).values()))['teacher_top1']
         cells = [f'{mean(s, spec):.2f}' for spec in configs]
         cells += [f'{mean(s, baselines[b][s]):.2f}' + (' (best)' if baselines[b][s] == best[s] else '') for b in BASELINES]
         lines.append(f'| {s} | {teacher:.1f} | ' + ' | '.join(cells) + ' |')
     gains = {}
     for config in (REFERENCE, mechanism):
-        lines += ['', f'### `{config}`, paired differences (mean ± SE (wins/10), verdict)', '',
+        lines += ['', f'### `{config}`, paired differences (mean ± SE (wins/{len(seeds)}), verdict)', '',
                   '| setting | − none | − `sa` | − tuned KD | − tuned DIST | − tuned LSKD | − best tuned |',
                   '|---|---|---|---|---|---|---|']
         for s in SETTINGS:
@@ -178,11 +180,13 @@ def rule_lines(acc, mechanism: str, gains, cost: Dict[str, float]) -> List[str]:
     return lines
 
 
-def time_claim(cache: str, mechanism: str, baselines: Dict[str, Dict[str, str]], png: Optional[str]) -> List[str]:
+def time_claim(cache: str, mechanism: str, baselines: Dict[str, Dict[str, str]], png: Optional[str],
+               seeds: Sequence[int] = HELD_OUT_SEEDS[1]) -> List[str]:
     """Per setting: the epoch and the training seconds at which each configuration's mean curve first reaches tuned
     KD's final mean top-1, and its seconds per step as a ratio to tuned KD's; the curves as a plot."""
     lines = ['', '## Time to tuned KD\'s accuracy (held-out curves, validation every 5 epochs)', '',
-             "Epoch / training seconds at which the mean curve over seeds 0-9 first reaches tuned KD's final mean "
+             f"Epoch / training seconds at which the mean curve over seeds {sa_decision.seeds_cell(seeds)} first "
+             "reaches tuned KD's final mean "
              "top-1 ('never': not within the run); step time as a ratio to tuned KD's step on the same setting (this "
              "machine's CPU, two runs at a time).", '',
              '| setting | target | ' + ' | '.join(('`sa`', f'`{mechanism}`', 'tuned KD', 'tuned DIST', 'tuned LSKD',
@@ -190,7 +194,7 @@ def time_claim(cache: str, mechanism: str, baselines: Dict[str, Dict[str, str]],
     curves = {}
     for s in SETTINGS:
         specs = (REFERENCE, mechanism, *(baselines[b][s] for b in BASELINES), 'none')
-        mean_curves = {spec: mean_curve(held_out(cache, s, spec)) for spec in specs}
+        mean_curves = {spec: mean_curve(held_out(cache, s, spec, seeds)) for spec in specs}
         curves[s] = mean_curves
         kd = mean_curves[baselines['kd'][s]]
         target = kd[-1, 1]
@@ -241,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument('--select', action='store_true', help='the tuned baselines and the mechanism only')
     ap.add_argument('--out', help='also write the result (markdown) here')
     ap.add_argument('--round', type=int, choices=sorted(ROUNDS), default=1,
-                    help="the round of candidates: 1, the logit term's (rule.md); 2, the whole term's (Amendment 2)")
+                    help="the round of candidates: 1, the logit term's (rule.md); 2, the whole term's (Amendment 2); "
+                    "3, longer ramps on fresh held-out seeds (Amendment 3)")
     args = ap.parse_args(argv)
     baselines = {b: tuned(args.cache, b) for b in BASELINES}
     mechanism, table = chosen_mechanism(args.cache, ROUNDS[args.round])
@@ -255,10 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # a schedule of the distill weight adds no work to a step: the cost is that of the loss it schedules
         cost = sa_decision.costs([REFERENCE, sa_search.without_schedules(mechanism)])
         cost[mechanism] = cost[sa_search.without_schedules(mechanism)]
-        lines += [''] + decide(args.cache, mechanism, baselines, cost)
+        lines += [''] + decide(args.cache, mechanism, baselines, cost, HELD_OUT_SEEDS[args.round])
         png = (os.path.join(os.path.dirname(args.out), 'curves.png' if args.round == 1 else f'curves-round{args.round}.png')
                if args.out else None)
-        lines += time_claim(args.cache, mechanism, baselines, png)
+        lines += time_claim(args.cache, mechanism, baselines, png, HELD_OUT_SEEDS[args.round])
     text = '\n'.join(lines)
     print(text)
     if args.out:

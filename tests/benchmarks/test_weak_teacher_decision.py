@@ -77,7 +77,7 @@ def test_the_mechanism_is_the_best_worst_setting_gain_over_none_on_the_tuning_ru
 def fill_held_out(cache, value, curve=lambda s, spec, top1: None):
     for setting in wtd.SETTINGS:
         for spec in ('none', 'sa', M2, 'kd', 'dist', 'lskd'):
-            for seed in wtd.HELD_OUT_SEEDS:
+            for seed in wtd.HELD_OUT_SEEDS[1]:
                 top1 = value(setting, spec) + noise(seed, spec)
                 write(cache, setting, spec, seed, top1, curve(setting, spec, top1))
 
