@@ -4,7 +4,8 @@
     python benchmarks/weak_teacher_decision.py --out benchmarks/results/weak-teacher/decision.md
     python benchmarks/weak_teacher_decision.py --round 2 --out benchmarks/results/weak-teacher/decision-round2.md
 
-``--round 2`` chooses among the second round's candidates (the rule's Amendment 2) and decides on that one.
+``--round N`` chooses among round N's candidates (`ROUNDS`: 2 and 3 are the rule's Amendments 2 and 3) and decides on
+that one with the round's held-out seeds.
 
 Both read the runs `benchmarks/sa_search.py` cached (``--cache``), and the second search's tuning runs
 (`results/sa-search-v2/tuning-*.csv`) for tuned KD and DIST on its six settings; nothing trains here. The decision

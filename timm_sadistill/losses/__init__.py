@@ -1,5 +1,5 @@
 """Distillation losses and their registry; importing this package registers the built-in losses."""
-from .base import DistillLoss, label_indices
+from .base import DistillLoss, label_indices, top1_hits
 from ._loss_options import REQUIRED, Bound, HowNotWhat, LossOption, LossOptions, NonNegative, Positive
 from ._registry import (
     check_loss_options, create_distill_loss, default_distill_loss, get_distill_loss_class, list_distill_losses,
@@ -23,6 +23,6 @@ __all__ = [
     'default_distill_loss',
     'loss_options', 'LossOptions', 'LossOption', 'Bound', 'Positive', 'NonNegative', 'HowNotWhat', 'REQUIRED',
     'check_loss_options', 'load_loss_plugins', 'parse_loss_spec',
-    'kd_divergence', 'lskd_divergence', 'standardize_logits', 'dist_relations', 'label_indices',
+    'kd_divergence', 'lskd_divergence', 'standardize_logits', 'dist_relations', 'label_indices', 'top1_hits',
     'align_spatial', 'create_connector', 'list_connectors', 'ConnectorName',
 ]

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 
-__all__ = ['DistillLoss', 'TASK_FILLED', 'label_indices']
+__all__ = ['DistillLoss', 'TASK_FILLED', 'label_indices', 'top1_hits']
 
 # the keywords a task fills in from its taps (the channels of each stage pair, and whether the last pair is the maps
 # the heads take, for a loss that `uses_final_pair`): not options, so no flag, not recorded, not compared on resume
@@ -17,6 +17,11 @@ def label_indices(target: torch.Tensor) -> torch.Tensor:
     """(B,) class indices of a target: labels (B,) as they are, soft targets (B, K) (mixup, label smoothing) their top
     class."""
     return target.argmax(dim=-1) if target.dim() == 2 else target.long()
+
+
+def top1_hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) float: 1 where the top class of logits (B, K) is the sample's label (`label_indices`), else 0."""
+    return (logits.detach().argmax(dim=-1) == label_indices(target)).float()
 
 
 def _refuse_an_empty_batch(loss: 'DistillLoss', inputs: tuple) -> None:

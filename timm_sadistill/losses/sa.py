@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..features import head_layout
 from ._loss_options import HowNotWhat, NonNegative, Positive
 from ._registry import loss_options, register_distill_loss
-from .base import DistillLoss, label_indices
+from .base import DistillLoss, label_indices, top1_hits
 from .connectors import ConnectorList, ConnectorName
 from .dist import dist_relations
 from .kd import kd_divergence
@@ -278,7 +278,8 @@ class SADistillLoss(DistillLoss):
         if self.head_maps:
             terms.update(self.cam_terms(student_feats[-1], teacher_feats[-1]))
         if self.warmup_steps:
-            terms = {k: v * self.ramp(self.warmup_steps) for k, v in terms.items()}
+            ramp = self.ramp(self.warmup_steps)
+            terms = {k: v * ramp for k, v in terms.items()}
         if self.kd_weight:
             if student_logits is None or teacher_logits is None:
                 raise UsageError(f"SA's logit term ({{option:{self.kd_weight}}}) needs student and teacher logits; "
@@ -286,7 +287,8 @@ class SADistillLoss(DistillLoss):
                                  loss=self.loss_name)
             terms.update(self.logit_terms(student_logits, teacher_logits, target))
         if self.ramp_steps:
-            terms = {k: v * self.ramp(self.ramp_steps) for k, v in terms.items()}
+            ramp = self.ramp(self.ramp_steps)
+            terms = {k: v * ramp for k, v in terms.items()}
         if self.training and (self.warmup_steps or self.ramp_steps):
             self.steps += 1
         if self.teacher_lead is not None:
@@ -326,7 +328,7 @@ class SADistillLoss(DistillLoss):
             return None
         target = self.needed_target(target, 'logit_weighting')
         if self.logit_weighting == 'teacher_correct':
-            return (teacher_logits.detach().argmax(dim=-1) == label_indices(target)).float()
+            return top1_hits(teacher_logits, target)
         p_t = teacher_logits.detach().float().softmax(dim=-1)
         if target.dim() == 2:
             return (p_t * target.float()).sum(-1)

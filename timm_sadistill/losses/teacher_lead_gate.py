@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .base import label_indices
+from .base import top1_hits
 
 __all__ = ['GATES', 'TeacherLeadGate']
 
@@ -54,9 +54,7 @@ class TeacherLeadGate(nn.Module):
     @torch.no_grad()
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.training:
-            labels = label_indices(target)
-            batch = torch.stack([(teacher_logits.argmax(dim=-1) == labels).float().mean(),
-                                 (student_logits.argmax(dim=-1) == labels).float().mean()])
+            batch = torch.stack([top1_hits(teacher_logits, target).mean(), top1_hits(student_logits, target).mean()])
             first = (self.counted == 0).float()
             self.running.copy_(first * batch + (1 - first) * (MOMENTUM * self.running + (1 - MOMENTUM) * batch))
             self.counted += 1

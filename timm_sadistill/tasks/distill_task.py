@@ -13,7 +13,7 @@ from ..features import (
 from ..errors import UsageError
 from ..losses import (
     DistillLoss, check_loss_options, create_distill_loss, default_distill_loss, get_distill_loss_class,
-    label_indices, list_distill_losses,
+    list_distill_losses, top1_hits,
 )
 from .teacher import check_input_channels, resolve_teacher
 from .teacher_precision import resolve_teacher_amp_dtype
@@ -67,7 +67,7 @@ def teacher_top1(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     """The teacher's top-1 (%) on a training batch, logits (B, K) against labels (B,) or the top class of soft
     targets (B, K): a teacher from elsewhere is wrong on a share of the student's own images, and there every logit
     term teaches against the label (docs/results.md#the-weak-teacher-search); each epoch's mean is in summary.csv."""
-    return (teacher_logits.detach().argmax(dim=-1) == label_indices(target)).float().mean() * 100.0
+    return top1_hits(teacher_logits, target).mean() * 100.0
 
 
 def resolve_loss_weights(

@@ -96,7 +96,7 @@ def _distill_details(task: TrainingTask, args: argparse.Namespace) -> Dict[str, 
     return details
 
 
-def _teacher_on_training_batches(output_dir: str, epoch: int) -> Dict[str, Any]:
+def _training_batch_details(output_dir: str, epoch: int) -> Dict[str, Any]:
     """The teacher's top-1 on the training batches of the exported epoch, and what a gate on the distillation term
     decided then (the loss's ``distill_gate`` report), from its summary.csv row."""
     row = summary_row(output_dir, epoch)
@@ -127,7 +127,7 @@ def _model_card(
     if args.distill != 'none':
         details.update(_teacher_details(task, args, label_names))
         details.update(_distill_details(task, args))
-        details.update(_teacher_on_training_batches(output_dir, epoch))
+        details.update(_training_batch_details(output_dir, epoch))
         description = (f"A `{args.model}` student distilled from a `{args.teacher}` teacher with timm-sadistill "
                        f"(`--distill {args.distill}`).")
     else:
